@@ -1,0 +1,218 @@
+"""`zoo` command line: LightningCLI over ImageClassifier + ImageNetDataModule.
+
+    zoo fit                                   # embedded synthetic dataset, demo recipe
+    zoo fit --config launch/recipes/resnet50.yaml --data.root /data/imagenet
+    zoo validate --config ... --model.weights runs/.../checkpoints/last.ckpt
+    zoo models [PATTERN]                      # list registered architectures
+
+Every run writes under one run directory (``--run.root/<name>/<id>``): the resolved
+config, checkpoints and logs (W&B offline by default; ``wandb sync <dir>`` uploads later).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules.imagenet import DataError, ImageNetDataModule, count_classes
+from zoo.base import ImageClassifier
+from zoo.registry import UnknownModelError
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "demo.yaml"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from zoo.weights import WeightsError
+
+    return (DataError, UnknownModelError, WeightsError, FileNotFoundError)
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_id() -> str:
+    """One id shared by all ranks of a run.
+
+    Slurm and torchrun start every rank independently, so their job ids name the run; a
+    Lightning-spawned DDP child inherits ZOO_RUN_ID from rank 0's environment.
+    """
+    if os.environ.get("ZOO_RUN_ID"):
+        return os.environ["ZOO_RUN_ID"]
+    if os.environ.get("SLURM_JOB_ID"):
+        rid = f"slurm-{os.environ['SLURM_JOB_ID']}"
+    elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        rid = f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    else:
+        rid = time.strftime("%Y%m%d-%H%M%S")
+    os.environ["ZOO_RUN_ID"] = rid
+    return rid
+
+
+class ZooCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run.root", type=str, default="runs", help="parent of all run directories")
+        parser.add_argument("--run.name", type=Optional[str], default=None, help="default: the model's arch")
+        parser.add_argument(
+            "--run.logger",
+            type=str,
+            default="wandb",
+            choices=["wandb", "csv", "tensorboard", "none"],
+            help="wandb runs offline unless WANDB_MODE=online",
+        )
+        parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
+        parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
+        # Classes come from the data; preprocessing comes from the model (DESIGN.md).
+        parser.link_arguments("data.root", "model.num_classes", compute_fn=count_classes)
+        parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        run = cfg["run"]
+        arch = cfg["model"]["arch"]
+        name = run["name"] or arch.replace("/", "_")
+        run_dir = Path(run["root"]).expanduser().resolve() / name / run_id()
+        self.run_dir = run_dir
+        trainer_cfg = cfg["trainer"]
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if self.subcommand == "fit":
+            if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+                callbacks.append(
+                    ModelCheckpoint(
+                        dirpath=run_dir / "checkpoints",
+                        # no "/" in file names: the metric is val/acc1
+                        filename="epoch={epoch:03d}-val_acc1={val/acc1:.4f}",
+                        auto_insert_metric_name=False,
+                        monitor="val/acc1",
+                        mode="max",
+                        save_last=True,
+                        every_n_epochs=run["checkpoint_every_n_epochs"],
+                    )
+                )
+        logger = trainer_cfg.get("logger")
+        if logger in (None, True):
+            logger = self._make_logger(run["logger"], run_dir, name, run["project"])
+            if logger is not False and self.subcommand == "fit":
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
+        trainer_cfg["callbacks"] = callbacks
+        kwargs.setdefault("default_root_dir", str(run_dir))
+        kwargs.setdefault("logger", logger)
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.is_global_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            print(f"run directory: {run_dir}", flush=True)
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams({"git_rev": git_revision(), "run_dir": str(run_dir)})
+        return trainer
+
+    @staticmethod
+    def _make_logger(kind: str, run_dir: Path, name: str, project: str):
+        if kind == "none":
+            return False
+        if kind == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        if kind == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            return TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return WandbLogger(
+            save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline
+        )
+
+    def after_fit(self) -> None:
+        self._report()
+
+    def after_validate(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+    def _report(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        for key in ("val/acc1", "val/acc5", "test/acc1", "test/acc5"):
+            if key in metrics:
+                print(f"{key}: {float(metrics[key]):.4f}", flush=True)
+        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.subcommand == "fit" else ""
+        if ckpt:
+            print(f"best checkpoint: {ckpt}", flush=True)
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            if last:
+                print(f"last checkpoint: {last}", flush=True)
+        print(f"logs: {self.run_dir}", flush=True)
+        if isinstance(trainer.logger, object) and type(trainer.logger).__name__ == "WandbLogger":
+            print(f"W&B (offline): wandb sync {self.run_dir / 'wandb'} --sync-all", flush=True)
+
+
+def list_models_main(argv: list[str]) -> int:
+    from zoo import get_data_config, list_models
+
+    pattern = argv[0] if argv else None
+    for name in list_models(pattern):
+        dc = get_data_config(name)
+        print(f"{name:24s} input {dc.input_size}  crop_pct {dc.crop_pct:.3f}  {dc.interpolation}")
+    print("any timm architecture: timm/<name> (e.g. timm/efficientnet_b0)")
+    return 0
+
+
+def _with_default_recipe(argv: list[str]) -> list[str]:
+    """`zoo fit` with no --config trains the demo recipe on the embedded dataset."""
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
+            rank_zero_info(f"no --config given: using {DEFAULT_RECIPE.relative_to(RECIPES.parent.parent)}")
+            return [argv[0], "--config", str(DEFAULT_RECIPE), *argv[1:]]
+    return argv
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "models":
+        return list_models_main(argv[1:])
+    argv = _with_default_recipe(argv)
+    errors = _user_errors()
+    try:
+        ZooCLI(
+            ImageClassifier,
+            ImageNetDataModule,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "yaml"},
+        )
+    except errors as e:
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

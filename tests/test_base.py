@@ -1,0 +1,197 @@
+"""ImageClassifier: schedules, parameter groups, on-device normalisation, TTA, fine-tuning."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo import heads
+from zoo.augment import DeviceAugment, random_erase
+from zoo.base import ImageClassifier, lr_factor
+
+NUM_CLASSES = 4
+
+
+class TinyData(L.LightningDataModule):
+    """uint8 NCHW batches as the FFCV/torchvision backends give them; batch_size is global."""
+
+    def __init__(self, n=32, res=24, batch_size=8, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, generator=g)
+        self.y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+
+def trainer(**kw):
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    return L.Trainer(**{**defaults, **kw})
+
+
+def model(**kw):
+    return ImageClassifier(arch="convnet", num_classes=NUM_CLASSES, **kw)
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_cosine_warmup_then_decay_to_min():
+    f = lambda s: lr_factor(s, steps_per_epoch=10, max_epochs=10, schedule="cosine",
+                            warmup_epochs=2, warmup_start=0.1, min_factor=0.01)
+    assert f(0) == pytest.approx(0.1)
+    assert f(10) == pytest.approx(0.55)  # half-way through warmup
+    assert f(20) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine
+    assert f(100) == pytest.approx(0.01)
+    values = [f(s) for s in range(20, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_cyclic_is_ffcv_triangle():
+    # ffcv-imagenet: np.interp([epoch], [0, lr_peak_epoch, epochs], [1e-4 * lr, lr, 0])
+    import numpy as np
+
+    for step in range(0, 161, 7):
+        expected = np.interp(step / 10, [0, 2, 16], [1e-4, 1, 0])
+        got = lr_factor(step, steps_per_epoch=10, max_epochs=16, schedule="cyclic", peak_epoch=2)
+        assert got == pytest.approx(expected)
+
+
+def test_step_schedule_milestones():
+    f = lambda e: lr_factor(e * 5, steps_per_epoch=5, max_epochs=90, schedule="step",
+                            milestones=(30, 60, 80), gamma=0.1)
+    assert [f(0), f(29), f(30), f(61), f(85)] == pytest.approx([1, 1, 0.1, 0.01, 0.001])
+
+
+def test_unknown_schedule_is_one_clear_line():
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        lr_factor(1, steps_per_epoch=1, max_epochs=1, schedule="linear")
+
+
+# ----------------------------------------------------------------------------- optimizer groups
+def test_no_weight_decay_on_norm_and_bias_and_backbone_lr_scale():
+    m = model(weight_decay=1e-4, backbone_lr_scale=0.1, lr=1.0, lr_reference_batch=None)
+    groups = m.param_groups(lr=1.0)
+    head_ids = {id(p) for p in heads.get_classifier(m.net).parameters()}
+    n_params = 0
+    for g in groups:
+        for p in g["params"]:
+            n_params += 1
+            assert g["weight_decay"] == (0.0 if p.ndim <= 1 else 1e-4)
+            assert g["lr"] == (1.0 if id(p) in head_ids else pytest.approx(0.1))
+    assert n_params == len(list(m.net.parameters()))
+
+
+def test_lr_scales_with_global_batch():
+    m = model(lr=0.5, lr_reference_batch=256)
+    t = trainer(max_steps=1, limit_val_batches=0, accumulate_grad_batches=2)
+    dm = TinyData(batch_size=8)
+    t.fit(m, datamodule=dm)
+    assert m.effective_lr() == pytest.approx(0.5 * 16 / 256)
+
+
+# ----------------------------------------------------------------------------- data path
+def test_uint8_is_normalised_on_device_with_model_stats():
+    m = model(channels_last=True)
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    out = m.preprocess(x)
+    mean = torch.tensor(m.data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(m.data_config["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (x.float() / 255 - mean) / std, atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    images, labels = m.on_after_batch_transfer((x, torch.tensor([[1], [2]])))
+    assert images.dtype == torch.float32 and labels.tolist() == [1, 2]
+
+
+def test_preprocess_rejects_hwc_with_a_hint():
+    with pytest.raises(ValueError, match="permute"):
+        model().preprocess(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+
+
+def test_tta_flip_averages_image_and_mirror():
+    torch.manual_seed(0)
+    m = model(tta_flip=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = (m.net(x) + m.net(torch.flip(x, dims=[3]))) / 2
+        torch.testing.assert_close(m._eval_logits(x), expected)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def test_freeze_backbone_trains_only_the_head_and_keeps_bn_stats():
+    m = model(freeze_backbone=True, lr_reference_batch=None, lr=0.1)
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    head_prefix = heads.classifier_prefix(m.net)
+    trainer(max_steps=3, limit_val_batches=0).fit(m, datamodule=TinyData())
+    after = m.net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(head_prefix) for k in changed), changed
+
+
+# ----------------------------------------------------------------------------- loss guard
+def test_nonfinite_loss_names_the_fix():
+    m = model(lr=1e30, lr_reference_batch=None, schedule="constant")
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        trainer(max_steps=20, limit_val_batches=0).fit(m, datamodule=TinyData())
+
+
+# ----------------------------------------------------------------------------- augmentation
+def test_random_erase_p0_is_identity_and_p1_erases_a_bounded_box():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 3, 32, 32)
+    assert torch.equal(random_erase(x, 0.0), x)
+    out = random_erase(x, 1.0)
+    frac = (out != 0).any(dim=1).float().mean(dim=(1, 2))
+    assert (frac > 0.015).all() and (frac <= 1 / 3 + 0.05).all()
+
+
+def test_mixup_cutmix_give_soft_targets():
+    torch.manual_seed(0)
+    aug = DeviceAugment(num_classes=NUM_CLASSES, mixup_alpha=0.8, cutmix_alpha=1.0)
+    x, y = aug.post_normalise(torch.randn(8, 3, 16, 16), torch.arange(8) % NUM_CLASSES)
+    assert y.shape == (8, NUM_CLASSES)
+    torch.testing.assert_close(y.sum(1), torch.ones(8))
+
+
+def test_auto_augment_is_per_sample_on_uint8():
+    torch.manual_seed(0)
+    aug = DeviceAugment(num_classes=2, auto_augment="trivialaugment")
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(16, 1, 1, 1)
+    out = aug.pre_normalise(x)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    distinct = {tuple(o.flatten()[:64].tolist()) for o in out}
+    assert len(distinct) > 2  # different samples got different ops
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(mixup_alpha=-1), "mixup_alpha must be >= 0"),
+        (dict(random_erasing=2.0), "random_erasing is a probability"),
+        (dict(auto_augment="autoaugment"), "unknown auto_augment"),
+    ],
+)
+def test_bad_augment_args(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        DeviceAugment(num_classes=2, **kw)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_fit_with_all_device_augmentations_and_labels_smoothing():
+    m = model(
+        label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0, random_erasing=0.25,
+        auto_augment="randaugment", schedule="cosine", warmup_epochs=1, optimizer="adamw", lr=1e-3,
+    )
+    t = trainer(max_epochs=2)
+    t.fit(m, datamodule=TinyData())
+    assert math.isfinite(float(t.callback_metrics["train/loss"]))
+    assert 0.0 <= float(t.callback_metrics["val/acc1"]) <= 1.0

@@ -1,0 +1,352 @@
+"""ImageClassifier: the LightningModule every architecture of the zoo shares.
+
+The network comes from the registry by name (``arch``); this class owns what is common:
+the loss (cross-entropy with label smoothing, soft targets under mixup/cutmix), top-1/top-5
+per split, optimizer parameter groups (no weight decay on norm weights and biases), per-step
+LR schedules, on-device normalisation of uint8 batches with the model's own mean/std,
+channels_last, torch.compile, horizontal-flip test-time augmentation and fine-tuning options.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from . import heads, registry
+from .augment import DeviceAugment
+
+Schedule = Literal["cosine", "step", "cyclic", "constant"]
+
+
+def lr_factor(
+    step: int,
+    *,
+    steps_per_epoch: float,
+    max_epochs: float,
+    schedule: Schedule,
+    warmup_epochs: float = 0.0,
+    warmup_start: float = 0.0,
+    peak_epoch: float = 2.0,
+    milestones: Sequence[float] = (30, 60, 80),
+    gamma: float = 0.1,
+    min_factor: float = 0.0,
+) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (per-step, fractional epochs).
+
+    - ``cosine``: linear warmup from ``warmup_start`` to 1 over ``warmup_epochs``, then a
+      half cosine down to ``min_factor`` at ``max_epochs`` (Loshchilov & Hutter 2017).
+    - ``step``: warmup, then ``gamma`` per milestone epoch passed (He et al. 2016: /10 at 30, 60, 80).
+    - ``cyclic``: ffcv-imagenet's triangle: linear 1e-4 -> 1 at ``peak_epoch``, linear -> 0
+      at ``max_epochs``, interpolated per step (get_cyclic_lr: np.interp([epoch],
+      [0, lr_peak_epoch, epochs], [1e-4 * lr, lr, 0]) in libffcv/ffcv-imagenet train_imagenet.py).
+    - ``constant``: warmup, then 1.
+    """
+    epoch = step / max(steps_per_epoch, 1e-12)
+    if schedule == "cyclic":
+        # starts at 1e-4 of the peak, as ffcv-imagenet's get_cyclic_lr
+        if epoch <= peak_epoch:
+            return 1e-4 + (1.0 - 1e-4) * epoch / peak_epoch if peak_epoch > 0 else 1.0
+        return max(0.0, (max_epochs - epoch) / max(max_epochs - peak_epoch, 1e-12))
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return warmup_start + (1.0 - warmup_start) * epoch / warmup_epochs
+    if schedule == "cosine":
+        span = max(max_epochs - warmup_epochs, 1e-12)
+        progress = min(1.0, (epoch - warmup_epochs) / span)
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return gamma ** sum(epoch >= m for m in milestones)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; choose cosine, step, cyclic or constant")
+
+
+class ImageClassifier(L.LightningModule):
+    """A classifier over any registered architecture.
+
+    Args:
+        arch: registry name (``zoo models`` lists them; ``timm/<name>`` for any timm model).
+        num_classes: output classes; the CLI fills it from the data.
+        arch_args: architecture arguments passed to the builder (e.g. ``{"depth": 3}``).
+        weights: checkpoint / state_dict / safetensors / hub id to initialise from.
+        optimizer: ``sgd`` (momentum, optional Nesterov) or ``adamw``.
+        lr: peak learning rate at ``lr_reference_batch`` images per step; scaled linearly with
+            the real global batch (Goyal et al. 2017). ``None`` reference: used as given.
+        weight_decay: decay of weights with ndim > 1; norm weights and biases get
+            ``norm_weight_decay`` (0: no decay on BN/LN, as ffcv-imagenet and torchvision's recipes).
+        schedule, warmup_epochs, warmup_start, peak_epoch, milestones, gamma, min_lr_ratio:
+            per-step LR schedule, see :func:`lr_factor`.
+        label_smoothing: cross-entropy label smoothing (Szegedy et al. 2016: 0.1).
+        mixup_alpha, cutmix_alpha, random_erasing, auto_augment, auto_augment_magnitude:
+            train-time augmentation applied on the device after transfer (any backend).
+        channels_last: NHWC memory format for model and inputs (faster convs on tensor cores).
+        compile: wrap the network with ``torch.compile``.
+        tta_flip: evaluate on the image and its mirror and average the logits (ffcv-imagenet's
+            ``lr_tta``).
+        freeze_backbone: train only the classifier head (linear probe); backbone norm layers
+            stay in eval mode.
+        backbone_lr_scale: LR multiplier for everything but the head when fine-tuning.
+    """
+
+    def __init__(
+        self,
+        arch: str = "convnet",
+        num_classes: int = 1000,
+        arch_args: Optional[dict] = None,
+        weights: Optional[str] = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        lr_reference_batch: Optional[int] = 256,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 5e-5,
+        norm_weight_decay: float = 0.0,
+        schedule: Schedule = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_start: float = 0.0,
+        peak_epoch: float = 2.0,
+        milestones: Sequence[float] = (30, 60, 80),
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        random_erasing: float = 0.0,
+        auto_augment: Optional[Literal["randaugment", "trivialaugment"]] = None,
+        auto_augment_magnitude: int = 9,
+        channels_last: bool = False,
+        compile: bool = False,
+        tta_flip: bool = False,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose 'sgd' or 'adamw'")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.save_hyperparameters()
+        entry = registry.get_entry(arch)
+        self.net = entry.builder(num_classes=num_classes, **(arch_args or {}))
+        self.data_config: dict = entry.data_config.as_dict()
+        # uint8 -> normalised float on the device: x/255 then (x - mean)/std, folded into one
+        # affine map with mean and std in 0..255 units.
+        mean = torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.data_config["std"]).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+        self.augment = DeviceAugment(
+            num_classes=num_classes,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            random_erasing=random_erasing,
+            auto_augment=auto_augment,
+            magnitude=auto_augment_magnitude,
+        )
+        k5 = min(5, num_classes)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=k5, average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=k5, average="micro")
+        if weights:
+            from .weights import load_weights
+
+            report = load_weights(self.net, weights, arch=arch)
+            rank_zero_info(f"loaded weights from {weights}: {report}")
+        if freeze_backbone:
+            head = heads.get_classifier(self.net)
+            for p in self.net.parameters():
+                p.requires_grad_(False)
+            for p in head.parameters():
+                p.requires_grad_(True)
+            self.train()  # Lightning keeps the module's mode as built: set the probe's now
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self._compiled = None
+        self._epoch_t0 = None
+        self._epoch_images = 0
+
+    # ----------------------------------------------------------------- forward path
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a normalised float batch (use :meth:`preprocess` on uint8 images)."""
+        if self.hparams.compile and self._compiled is None:
+            # Not assigned as a submodule: its parameters would appear twice in state_dict
+            # under `_orig_mod.` keys.
+            object.__setattr__(self, "_compiled", torch.compile(self.net))
+        net = self._compiled if self._compiled is not None else self.net
+        return net(x)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or 0..255 float) NCHW images -> normalised float, channels_last if set."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}; "
+                "convert HWC arrays with .permute(0, 3, 1, 2)"
+            )
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        if isinstance(batch, torch.Tensor):  # predict on bare images
+            return self.preprocess(batch) if batch.dtype == torch.uint8 else batch
+        images, labels = batch[0], batch[1]
+        labels = labels.reshape(-1).long()
+        if self._trainer is not None and self._trainer.training and images.dtype == torch.uint8:
+            images = self.augment.pre_normalise(images)
+        if images.dtype == torch.uint8:
+            images = self.preprocess(images)
+        return images, labels
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.hparams.freeze_backbone:
+            # Linear probe: backbone BN keeps its running statistics (eval mode).
+            self.net.eval()
+            heads.get_classifier(self.net).train()
+        return self
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx: int):
+        x, y = batch
+        x, targets = self.augment.post_normalise(x, y)
+        logits = self(x)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step}; "
+                "lower the learning rate or enable warmup (--model.warmup_epochs)"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
+        if targets.ndim == 1:  # hard labels: accuracy is meaningful
+            self.train_acc1(logits.detach(), y)
+            self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
+        self._epoch_images += x.shape[0]
+        return loss
+
+    def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self(x)
+        if self.hparams.tta_flip:
+            logits = (logits + self(torch.flip(x, dims=[3]))) / 2
+        return logits
+
+    def _eval_step(self, batch, split: str):
+        x, y = batch
+        logits = self._eval_logits(x)
+        loss = F.cross_entropy(logits, y)
+        acc1, acc5 = getattr(self, f"{split}_acc1"), getattr(self, f"{split}_acc5")
+        acc1(logits, y)
+        acc5(logits, y)
+        self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
+        self.log(f"{split}/acc1", acc1, prog_bar=True)
+        self.log(f"{split}/acc5", acc5)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int):
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int):
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self._eval_logits(x).softmax(dim=-1)
+
+    # ----------------------------------------------------------------- throughput
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.freeze_backbone:
+            self.train()
+        self._epoch_t0, self._epoch_images = time.perf_counter(), 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_t0 is not None and self._epoch_images:
+            dt = time.perf_counter() - self._epoch_t0
+            # per process; the dashboard sums over ranks for the global figure
+            self.log("train/img_per_s", self._epoch_images / dt)
+
+    # ----------------------------------------------------------------- optimisation
+    def global_batch_size(self) -> Optional[int]:
+        """Images per optimizer step over all processes, from the datamodule if it says."""
+        dm = getattr(self.trainer, "datamodule", None)
+        bs = getattr(dm, "batch_size", None)  # the DataModule's batch_size is global
+        if not isinstance(bs, int):
+            return None
+        return bs * self.trainer.accumulate_grad_batches
+
+    def effective_lr(self) -> float:
+        lr, ref = self.hparams.lr, self.hparams.lr_reference_batch
+        gb = self.global_batch_size() if self._trainer is not None else None
+        if ref and gb:
+            return lr * gb / ref
+        return lr
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Decay / no-decay x backbone / head groups; frozen parameters are left out."""
+        head_ids = {id(p) for p in heads.get_classifier(self.net).parameters()}
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = p.ndim <= 1  # biases, BN/LN weights, layer-scale gammas
+            groups.setdefault((no_decay, id(p) in head_ids), []).append(p)
+        out = []
+        for (no_decay, is_head), params in sorted(groups.items()):
+            scale = 1.0 if is_head else self.hparams.backbone_lr_scale
+            out.append(
+                {
+                    "params": params,
+                    "weight_decay": self.hparams.norm_weight_decay if no_decay else self.hparams.weight_decay,
+                    "lr": lr * scale,
+                }
+            )
+        return out
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = self.effective_lr()
+        gb = self.global_batch_size()
+        rank_zero_info(
+            f"optimizer {hp.optimizer}: peak lr {lr:.4g}"
+            + (f" (= {hp.lr} x {gb}/{hp.lr_reference_batch} global batch)" if hp.lr_reference_batch and gb else "")
+        )
+        groups = self.param_groups(lr)
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        steps_per_epoch = total / max_epochs
+        if hp.schedule == "cyclic" and hp.peak_epoch >= max_epochs:
+            rank_zero_warn(
+                f"peak_epoch {hp.peak_epoch} >= max_epochs {max_epochs}: the cyclic LR never comes down"
+            )
+
+        def fn(step: int) -> float:
+            return lr_factor(
+                step,
+                steps_per_epoch=steps_per_epoch,
+                max_epochs=max_epochs,
+                schedule=hp.schedule,
+                warmup_epochs=hp.warmup_epochs,
+                warmup_start=hp.warmup_start,
+                peak_epoch=hp.peak_epoch,
+                milestones=hp.milestones,
+                gamma=hp.gamma,
+                min_factor=hp.min_lr_ratio,
+            )
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
