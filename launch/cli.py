@@ -87,8 +87,9 @@ class ZooCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        run = cfg["run"]
-        arch = cfg["model"]["arch"]
+        raw = self.config[self.subcommand] if self.subcommand else self.config
+        run = raw["run"]
+        arch = raw["model"]["arch"]
         name = run["name"] or arch.replace("/", "_")
         run_dir = Path(run["root"]).expanduser().resolve() / name / run_id()
         self.run_dir = run_dir
@@ -193,16 +194,19 @@ def _with_default_recipe(argv: list[str]) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "models":
         return list_models_main(argv[1:])
     argv = _with_default_recipe(argv)
+    if from_shell:  # LightningCLI warns when given both args= and a different sys.argv
+        sys.argv[1:] = argv
     errors = _user_errors()
     try:
         ZooCLI(
             ImageClassifier,
             ImageNetDataModule,
-            args=argv,
+            args=None if from_shell else argv,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "yaml"},
         )

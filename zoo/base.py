@@ -138,7 +138,15 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters()
         entry = registry.get_entry(arch)
         self.net = entry.builder(num_classes=num_classes, **(arch_args or {}))
-        self.data_config: dict = entry.data_config.as_dict()
+        data_config = entry.data_config
+        if weights:
+            from .weights import load_weights
+
+            report = load_weights(self.net, weights, arch=arch)
+            rank_zero_info(f"loaded weights from {weights}: {report}")
+            # preprocessing travels with the weights (a timm/HF tag may differ from the entry)
+            data_config = report.data_config or data_config
+        self.data_config: dict = data_config.as_dict()
         # uint8 -> normalised float on the device: x/255 then (x - mean)/std, folded into one
         # affine map with mean and std in 0..255 units.
         mean = torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1) * 255.0
@@ -159,11 +167,6 @@ class ImageClassifier(L.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=k5, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=k5, average="micro")
-        if weights:
-            from .weights import load_weights
-
-            report = load_weights(self.net, weights, arch=arch)
-            rank_zero_info(f"loaded weights from {weights}: {report}")
         if freeze_backbone:
             head = heads.get_classifier(self.net)
             for p in self.net.parameters():
@@ -176,6 +179,22 @@ class ImageClassifier(L.LightningModule):
         self._compiled = None
         self._epoch_t0 = None
         self._epoch_images = 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The state_dict holds the trained weights: rebuilding from this checkpoint must not
+        # re-read the initial weights (the file may have moved, the hub may be offline).
+        hp = checkpoint.get("hyper_parameters")
+        if hp and hp.get("weights"):
+            checkpoint["zoo_init_weights"] = hp["weights"]
+            hp["weights"] = None
+        checkpoint["zoo_data_config"] = dict(self.data_config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        dc = checkpoint.get("zoo_data_config")
+        if dc:
+            self.data_config = dict(dc)
+            self.pixel_mean.copy_(torch.tensor(dc["mean"]).view(1, 3, 1, 1) * 255.0)
+            self.pixel_std.copy_(torch.tensor(dc["std"]).view(1, 3, 1, 1) * 255.0)
 
     # ----------------------------------------------------------------- forward path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
