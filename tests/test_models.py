@@ -320,3 +320,28 @@ def test_heads_through_compile_wrapper():
     assert heads.get_classifier(compiled) is net.fc
     assert heads.classifier_prefix(compiled) == "_orig_mod.fc"
     assert "_orig_mod.fc.weight" in compiled.state_dict()
+
+
+def test_blurpool_keeps_keys_and_params_and_blurs_strided_convs():
+    from zoo.resnet import BlurConv2d
+
+    torch.manual_seed(0)
+    plain = registry.create_network("resnet18", num_classes=10)
+    blur = registry.create_network("resnet18", num_classes=10, blurpool=True)
+    assert list(plain.state_dict()) == list(blur.state_dict())
+    blur.load_state_dict(plain.state_dict())  # torchvision weights load into the blurpool net
+    swapped = [m for m in blur.modules() if isinstance(m, BlurConv2d)]
+    # ffcv-imagenet's rule (stride > 1, >= 16 input channels): layer2-4's first 3x3 conv and
+    # downsample 1x1 conv; the stem (3 input channels) is left alone.
+    assert len(swapped) == 6 and all(max(m.stride) > 1 and m.in_channels >= 16 for m in swapped)
+    x = torch.randn(2, 3, 64, 64)
+    plain.eval(), blur.eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), blur(x))
+        # a constant image is unchanged by the low-pass filter away from the zero padding
+        conv = swapped[0]
+        c = torch.ones(1, conv.in_channels, 8, 8)
+        torch.testing.assert_close(
+            conv(c)[..., 1:-1, 1:-1],
+            torch.nn.functional.conv2d(c, conv.weight, conv.bias, conv.stride, conv.padding)[..., 1:-1, 1:-1],
+        )

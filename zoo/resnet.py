@@ -8,19 +8,68 @@ Order as in timm: builder, data config, registered entry points.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
 from .registry import DataConfig, register_model
 
 
-def _create(variant: str, *, num_classes: int = 1000, zero_init_residual: bool = False) -> nn.Module:
+class BlurConv2d(nn.Conv2d):
+    """A strided convolution preceded by a 3x3 binomial low-pass filter per channel.
+
+    Anti-aliased downsampling (Zhang 2019, "Making Convolutional Networks Shift-Invariant
+    Again"), as ffcv-imagenet's BlurPoolConv2d (filter [1 2 1]^T [1 2 1] / 16, stride-1 blur,
+    then the conv). A subclass of Conv2d with a non-persistent filter, so state_dict keys and
+    parameter counts are those of the plain network: torchvision weights load either way.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("blur", (k[:, None] * k[None, :] / 16).view(1, 1, 3, 3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        x = F.conv2d(x, self.blur.to(x.dtype).expand(c, 1, 3, 3), padding=1, groups=c)
+        return super().forward(x)
+
+
+def apply_blurpool(module: nn.Module) -> int:
+    """Swap every strided conv with >= 16 input channels for a BlurConv2d sharing its weights
+    (ffcv-imagenet's rule: np.max(stride) > 1 and in_channels >= 16). Returns how many."""
+    n = 0
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d and max(child.stride) > 1 and child.in_channels >= 16:
+            blur = BlurConv2d(
+                child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                padding=child.padding, dilation=child.dilation, groups=child.groups,
+                bias=child.bias is not None, device=child.weight.device, dtype=child.weight.dtype,
+            )
+            blur.weight = child.weight
+            if child.bias is not None:
+                blur.bias = child.bias
+            setattr(module, name, blur)
+            n += 1
+        else:
+            n += apply_blurpool(child)
+    return n
+
+
+def _create(
+    variant: str, *, num_classes: int = 1000, zero_init_residual: bool = False, blurpool: bool = False
+) -> nn.Module:
     """torchvision ``variant`` with random weights.
 
     zero_init_residual: start each residual block's last BN with gamma = 0, so every block
         is the identity at init (Goyal et al. 2017, "Accurate, Large Minibatch SGD", 5.1).
+    blurpool: anti-aliased strided convs (ffcv-imagenet's ``use_blurpool: 1``), see BlurConv2d.
     """
-    return getattr(tvm, variant)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    net = getattr(tvm, variant)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    if blurpool:
+        apply_blurpool(net)
+    return net
 
 
 # torchvision's IMAGENET1K_V1 eval transforms: ImageClassification(crop_size=224) = resize 256
