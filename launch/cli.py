@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -68,6 +69,15 @@ def run_id() -> str:
     return rid
 
 
+def _num_classes_or_placeholder(root: Optional[str]) -> int:
+    # jsonargparse wraps a link's exception in a usage dump: a bad root gets its one-line
+    # DataError from the DataModule instead, which validates the folder again.
+    try:
+        return count_classes(root)
+    except DataError:
+        return 2  # the smallest a classifier takes; never trained: the DataModule raises
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run.root", type=str, default="runs", help="parent of all run directories")
@@ -82,7 +92,7 @@ class ZooCLI(LightningCLI):
         parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
         parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
-        parser.link_arguments("data.root", "model.num_classes", compute_fn=count_classes)
+        parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs):
@@ -202,6 +212,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if from_shell:  # LightningCLI warns when given both args= and a different sys.argv
         sys.argv[1:] = argv
     errors = _user_errors()
+    # in-process callers (tests, notebooks) pass args= while sys.argv is their own
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
         ZooCLI(
             ImageClassifier,
