@@ -1,0 +1,455 @@
+"""FFCV I/O: write .beton files (atomic, parameters recorded), build pipelines and Loaders.
+
+Facts about ffcv 1.0.2 this module relies on (read in its source):
+
+- ``DatasetWriter`` runs ``num_workers`` forked processes and its progress loop waits until all
+  samples are counted: a worker that raises (unreadable image, sample bigger than a page) makes
+  it wait forever. So sources here never raise; failures are recorded and reported afterwards.
+  (Don't call ``cv2.setNumThreads`` in those children: after the parent used OpenCV's thread
+  pool it deadlocks in the fork; plain cv2 calls are fine.)
+- A pipeline op is "jitted" when its ``declare_state_and_memory`` returns ``State.jit_mode=True``
+  (decoders always are); ``Graph.group_operations`` loops forever on jitted -> not jitted ->
+  jitted (libffcv/ffcv#396). :func:`assert_pipeline_safe` checks this before every Loader.
+- Memory is allocated per epoch from the decoder's ``output_size`` and the compiled code takes
+  the shape from its buffers, so changing ``decoder.output_size`` on a built Loader takes effect
+  at the next epoch without recompiling (ffcv-imagenet's progressive resizing does this).
+- ``Loader`` pops the decoder out of each pipeline list it is given (``PipelineSpec``): pass
+  copies, and keep a reference to the decoder to change it later.
+- Batches are views into a ring of ``batches_ahead + 2`` preallocated buffers: clone a batch
+  if you keep it longer than that. ``ToTorchImage()`` returns NCHW in channels_last memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Literal
+from unittest import mock
+
+import numpy as np
+from PIL import Image
+
+from .folder import DataError, atomic_write_json, corrupt_error, find_classes, load_rgb, read_json, scan_split, umask_mode
+
+# ffcv-imagenet README, "Dataset setup": ResNet-50 betons are written with 500 px max side,
+# 50% JPEG / 50% raw pixels, JPEG quality 90 (write_imagenet.sh 500 0.50 90); ResNet-18 with
+# 400 px, 10% JPEG. Raw pixels decode fastest but take ~10x the disk of JPEG.
+DEFAULT_MAX_RESOLUTION = 500
+DEFAULT_COMPRESS_PROBABILITY = 0.5
+DEFAULT_JPEG_QUALITY = 90
+SIDECAR_FORMAT = "lightning-zoo/beton-v1"  # bump when the sidecar's meaning changes
+MIN_PAGE_SIZE = 1 << 23  # ffcv DatasetWriter default page (4 x 2 MiB); one sample must fit a page
+
+OrderName = Literal["random", "quasi_random", "sequential"]
+
+
+@dataclass(frozen=True)
+class WriteParams:
+    """How a .beton's images were stored (``RGBImageField(write_mode='proportion', ...)``)."""
+
+    max_resolution: int = DEFAULT_MAX_RESOLUTION
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    compress_probability: float = DEFAULT_COMPRESS_PROBABILITY
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.max_resolution <= 65535:  # ffcv stores width/height as uint16
+            raise DataError(f"max_resolution={self.max_resolution} is out of range: use 16..65535 px (ffcv-imagenet: 500)")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise DataError(f"jpeg_quality={self.jpeg_quality} is out of range: use 1..100 (ffcv-imagenet: 90)")
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise DataError(
+                f"compress_probability={self.compress_probability} is out of range: use 0..1 "
+                "(fraction of images stored as JPEG; ffcv-imagenet: 0.5)"
+            )
+
+    def file_name(self, split: str) -> str:
+        """``train_500_0.50_90.beton``: ffcv-imagenet's naming, so a cache key is visible."""
+        return f"{split}_{self.max_resolution}_{self.compress_probability:.2f}_{self.jpeg_quality}.beton"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "write_mode": "proportion"}
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """``<path>.json``: the write parameters, sample count and classes of a .beton."""
+    return Path(f"{os.fspath(path)}.json")
+
+
+def read_sidecar(path: str | os.PathLike) -> dict | None:
+    return read_json(sidecar_path(path))
+
+
+class _Source:
+    """Indexable (RGB uint8 HWC array, int) source for DatasetWriter that never raises.
+
+    An unreadable sample becomes an 8x8 black image and its ``(index, path, reason)`` is
+    appended to ``error_log`` (one JSON line; O_APPEND writes are atomic across processes).
+    """
+
+    def __init__(self, dataset: Any, samples: list[tuple[str, int]] | None, error_log: str):
+        self.dataset, self.samples, self.error_log = dataset, samples, error_log
+
+    def __len__(self) -> int:
+        return len(self.samples) if self.samples is not None else len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        name = self.samples[i][0] if self.samples is not None else f"dataset[{i}]"
+        try:
+            if self.samples is not None:
+                image, label = load_rgb(self.samples[i][0]), self.samples[i][1]
+            else:
+                image, label = self.dataset[i]
+            if isinstance(image, Image.Image):
+                image = image.convert("RGB")
+            arr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+            if arr.ndim == 2:
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+            if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+                raise ValueError(f"expected an RGB image, got an array of shape {arr.shape}")
+            return arr, int(label)
+        except Exception as e:
+            cause = e.__cause__ if isinstance(e, DataError) and e.__cause__ else e
+            with open(self.error_log, "a") as f:  # i is a numpy int from ffcv
+                f.write(json.dumps([int(i), str(name), f"{type(cause).__name__}: {cause}"]) + "\n")
+            return np.zeros((8, 8, 3), np.uint8), 0
+
+
+def _page_size(max_resolution: int) -> int:
+    # A raw image takes H*W*3 bytes; a JPEG of noise can exceed that, so allow 2x, then round
+    # up to the power of two ffcv requires.
+    need = 2 * max_resolution * max_resolution * 3
+    return max(MIN_PAGE_SIZE, 1 << (need - 1).bit_length())
+
+
+def write_beton(
+    dataset_or_folder: Any,
+    path: str | os.PathLike,
+    *,
+    max_resolution: int = DEFAULT_MAX_RESOLUTION,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+    compress_probability: float = DEFAULT_COMPRESS_PROBABILITY,
+    num_workers: int = 2,
+    progress: bool = True,
+    skip_corrupt: bool = False,
+    classes: list[str] | None = None,
+) -> dict:
+    """Write a class folder (``<dir>/<class>/<image>``) or a ``(image, label)`` dataset to ``path``.
+
+    Atomic: written to a temporary file in the same folder, then ``os.replace``d; the sidecar
+    ``<path>.json`` follows. Unreadable images raise DataError naming the file, or with
+    ``skip_corrupt`` are left out and listed in the sidecar's ``skipped``. Returns the sidecar.
+    """
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    import ffcv.writer
+    from tqdm import tqdm
+
+    params = WriteParams(max_resolution, jpeg_quality, compress_probability)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = None
+    if isinstance(dataset_or_folder, (str, os.PathLike)):
+        folder = Path(dataset_or_folder)
+        classes = classes or find_classes(folder)
+        samples = scan_split(folder, classes)
+        source_name: str = str(folder.resolve())
+    else:
+        classes = classes or list(getattr(dataset_or_folder, "classes", []) or [])
+        source_name = type(dataset_or_folder).__name__
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    error_log = tmp + ".errors"
+    source = _Source(dataset_or_folder if samples is None else None, samples, error_log)
+    fields = {
+        "image": RGBImageField(
+            write_mode="proportion", max_resolution=params.max_resolution,
+            jpeg_quality=params.jpeg_quality, compress_probability=params.compress_probability,
+        ),
+        "label": IntField(),
+    }
+    bar = functools.partial(tqdm, desc=f"writing {path.name}", unit="img", disable=not progress)
+    try:
+        indices = list(range(len(source)))
+        if not indices:
+            raise DataError(f"{source_name} has no samples: nothing to write to {path}")
+        skipped: list[tuple[str, str]] = []
+        for _attempt in range(2):  # a second pass only to leave out unreadable samples
+            writer = DatasetWriter(tmp, fields, page_size=_page_size(params.max_resolution), num_workers=max(1, num_workers))
+            # ffcv has no switch for its bar; its progress loop sleeps 0.1 s between polls.
+            with mock.patch.object(ffcv.writer, "tqdm", bar), mock.patch.object(ffcv.writer, "sleep", _Watchdog()):
+                writer.from_indexed_dataset(source, indices=np.array(indices))
+            errors = _read_errors(error_log)
+            if not errors:
+                break
+            if not skip_corrupt:
+                raise corrupt_error([(name, reason) for _, name, reason in errors])
+            skipped += [(name, reason) for _, name, reason in errors]
+            bad = {i for i, _, _ in errors}
+            indices = [i for i in indices if i not in bad]
+            Path(error_log).unlink()
+            if not indices:
+                raise DataError(f"no readable image in {source_name}: check the files, e.g. {skipped[0][0]}")
+        else:
+            raise DataError(f"images of {source_name} failed while rewriting without unreadable ones, e.g. {errors[0][1]}")
+        os.chmod(tmp, umask_mode())
+        sidecar_path(path).unlink(missing_ok=True)  # a .beton without sidecar is never taken as ready
+        os.replace(tmp, path)
+        meta = {
+            "format": SIDECAR_FORMAT,
+            "params": params.as_dict(),
+            "num_samples": len(indices),
+            "classes": list(classes),
+            "source": source_name,
+            "skipped": skipped,
+            "file_size": path.stat().st_size,
+            "ffcv_version": version("ffcv"),  # ffcv.__version__ says 0.0.3rc1 in 1.0.2
+        }
+        atomic_write_json(sidecar_path(path), meta)
+        return meta
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        Path(error_log).unlink(missing_ok=True)
+
+
+class _Watchdog:
+    """Replaces the ``sleep`` of DatasetWriter's progress loop: raise once no worker is alive.
+
+    Without it a crashed worker (killed for memory, a bug in a Field) makes ffcv wait forever.
+    """
+
+    GRACE = 5.0  # seconds without live workers before giving up: the last count may lag a poll
+
+    def __init__(self) -> None:
+        self.idle = 0.0
+
+    def __call__(self, seconds: float) -> None:
+        import multiprocessing
+        import time
+
+        time.sleep(seconds)
+        if multiprocessing.active_children():
+            self.idle = 0.0
+            return
+        self.idle += seconds
+        if self.idle > self.GRACE:
+            raise DataError("ffcv DatasetWriter workers exited before writing every sample (see a worker's traceback above)")
+
+
+def _read_errors(error_log: str) -> list[list]:
+    try:
+        with open(error_log) as f:
+            return sorted(json.loads(line) for line in f if line.strip())
+    except FileNotFoundError:
+        return []
+
+
+def check_beton(path: str | os.PathLike, params: WriteParams | Mapping[str, Any]) -> dict | None:
+    """The sidecar of ``path`` after checking it was written with ``params``.
+
+    Returns None if the file has no sidecar (written by another tool: nothing to check).
+    Raises DataError if the file is missing, changed since it was written, or was written
+    with other parameters.
+    """
+    path = Path(path)
+    want = params.as_dict() if isinstance(params, WriteParams) else dict(params)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: let prepare_data() write it, or point data.root to where it is")
+    meta = read_sidecar(path)
+    if meta is None:
+        return None
+    if meta.get("format") != SIDECAR_FORMAT:
+        raise DataError(f"{sidecar_path(path)} is not a {SIDECAR_FORMAT} sidecar: delete {path} and its .json to rewrite it")
+    diff = {k: (meta["params"].get(k), v) for k, v in want.items() if meta["params"].get(k) != v}
+    if diff:
+        was = ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
+        asked = ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+        raise DataError(
+            f"{path} was written with {was} but the data options ask for {asked}: "
+            f"set data.{'/'.join(diff)} to the written values to use it, or delete it (and its .json) to rewrite it"
+        )
+    size = path.stat().st_size
+    if size != meta.get("file_size"):
+        raise DataError(f"{path} has {size} bytes but was written with {meta.get('file_size')}: delete it (and its .json) to rewrite it")
+    return meta
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def train_image_pipeline(res: int, scale: tuple[float, float], ratio: tuple[float, float]) -> list:
+    """RandomResizedCrop decode -> flip -> uint8 NCHW tensor (normalisation happens on the device)."""
+    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    return [
+        RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio)),
+        RandomHorizontalFlip(),
+        ToTensor(),
+        ToTorchImage(),
+    ]
+
+
+def val_image_pipeline(res: int, crop_ratio: float) -> list:
+    """Center crop of ``crop_ratio`` x the short side, resized to ``res`` -> uint8 NCHW tensor."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    return [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio), ToTensor(), ToTorchImage()]
+
+
+def label_pipeline() -> list:
+    """int64 labels of shape (B,). ``Squeeze(1)``: a bare Squeeze() makes a batch of 1 a 0-d tensor."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze(1)]
+
+
+def _dummy_image_metadata() -> np.ndarray:
+    from ffcv.fields import RGBImageField
+
+    meta = np.zeros(1, dtype=RGBImageField().metadata_type)
+    meta["width"], meta["height"] = 1, 1
+    return meta
+
+
+def pipeline_jit_modes(pipeline: Sequence[Any], metadata: np.ndarray | None = None) -> list[bool]:
+    """Whether ffcv runs each op jitted (numba) or not, computed as ffcv's Graph does.
+
+    ``pipeline[0]`` is the decoder (always jitted, ``DecoderNode.is_jitted``); each later op is
+    jitted when its ``declare_state_and_memory(previous_state)`` returns ``jit_mode=True``
+    (``Graph.collect_requirements`` copies that to ``TransformNode.jitted``). ``metadata`` is
+    the field's metadata from the .beton (decoders read image sizes from it); a one-row
+    stand-in is used without it.
+    """
+    from ffcv.pipeline.graph import INITIAL_STATE
+    from ffcv.transforms import ModuleWrapper
+    import torch
+
+    meta = _dummy_image_metadata() if metadata is None else metadata
+    state, modes = INITIAL_STATE, []
+    for i, op in enumerate(pipeline):
+        if isinstance(op, torch.nn.Module):
+            op = ModuleWrapper(op)  # what PipelineSpec.accept_decoder does
+        op.accept_globals(meta, None)  # the Loader sets these again before use
+        state, _ = op.declare_state_and_memory(state)
+        modes.append(True if i == 0 else bool(state.jit_mode))
+    return modes
+
+
+def assert_pipeline_safe(pipeline: Sequence[Any], metadata: np.ndarray | None = None, name: str = "image") -> None:
+    """Raise DataError if ``pipeline`` goes jitted -> not jitted -> jitted (ffcv#396 hangs on it)."""
+    modes = pipeline_jit_modes(pipeline, metadata)
+    seen_unjitted = None
+    for op, jitted in zip(pipeline, modes):
+        if not jitted and seen_unjitted is None:
+            seen_unjitted = op
+        elif jitted and seen_unjitted is not None:
+            raise DataError(
+                f"ffcv pipeline {name!r} runs {type(op).__name__} (numba-jitted) after {type(seen_unjitted).__name__} "
+                f"(not jitted): ffcv 1.0.2 hangs building such a Loader (libffcv/ffcv#396, jitted -> not jitted -> jitted); "
+                f"put jitted ops before ToTensor(), or normalise on the device (ImageClassifier does)"
+            )
+
+
+_ORDERS = {"random": "RANDOM", "quasi_random": "QUASI_RANDOM", "sequential": "SEQUENTIAL"}
+
+
+class ClosingLoader:
+    """An ffcv Loader whose epochs end their decoding thread when abandoned.
+
+    ffcv's ``iter(loader)`` starts a thread that fills ``batches_ahead`` buffers and then waits
+    for a reader forever: an epoch that is not run to the end (Lightning's ``iter()`` check of
+    every dataloader, the sanity check, ``limit_*_batches``) leaks the thread and its buffers,
+    and advances the epoch counter. Here ``iter()`` is a generator: the ffcv epoch starts at the
+    first ``next()``, and closing or dropping the generator stops it.
+    """
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return self._epoch()
+
+    def _epoch(self):
+        it = iter(self.loader)
+        try:
+            yield from it
+        finally:
+            it.close()  # idempotent in ffcv 1.0.2: sets terminate_event, exits the memory context
+
+    @property
+    def batch_size(self) -> int:
+        return self.loader.batch_size
+
+    @property
+    def next_epoch(self) -> int:
+        """The epoch number ffcv seeds the next order with (``seed + epoch``)."""
+        return self.loader.next_epoch
+
+    @next_epoch.setter
+    def next_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+
+def make_loader(
+    path: str | os.PathLike,
+    pipelines: Mapping[str, Sequence[Any]],
+    *,
+    batch_size: int,
+    num_workers: int,
+    order: OrderName = "random",
+    distributed: bool = False,
+    seed: int = 0,
+    drop_last: bool = True,
+    os_cache: bool = True,
+    batches_ahead: int = 3,
+) -> ClosingLoader:
+    """An ffcv Loader over ``path``, checked by :func:`assert_pipeline_safe`, in a :class:`ClosingLoader`.
+
+    ``num_workers`` numba threads decode in this process; ffcv also sets
+    ``torch.set_num_threads(num_workers)`` at every epoch, so decoding and CPU compute share cores.
+    """
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+
+    if order == "quasi_random" and (distributed or os_cache):
+        raise DataError(
+            "order='quasi_random' needs os_cache=False and no distributed training (ffcv 1.0.2): "
+            "use order='random' or set os_cache=false on one device"
+        )
+    reader = Reader(os.fspath(path))
+    for name, ops in pipelines.items():
+        if name not in reader.handlers:
+            raise DataError(f"{path} has no field {name!r} (fields: {', '.join(reader.handlers)})")
+        ix = list(reader.handlers).index(name)
+        if ops:
+            assert_pipeline_safe(ops, reader.metadata[f"f{ix}"], name)
+    return ClosingLoader(Loader(
+        os.fspath(path), batch_size=batch_size, num_workers=num_workers,
+        order=getattr(OrderOption, _ORDERS[order]), distributed=distributed, seed=seed,
+        # list copies: ffcv's PipelineSpec pops the decoder out of the list it is given
+        pipelines={k: list(v) if v is not None else None for k, v in pipelines.items()},
+        drop_last=drop_last, os_cache=os_cache, batches_ahead=batches_ahead,
+    ))
+
+
+def beton_info(path: str | os.PathLike) -> dict:
+    """Sample count and label range read from a .beton's header and metadata (cheap)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(os.fspath(path))
+    info: dict[str, Any] = {"num_samples": int(reader.num_samples), "fields": list(reader.handlers)}
+    if "label" in reader.handlers:
+        labels = reader.metadata[f"f{list(reader.handlers).index('label')}"]
+        info["num_classes"] = int(labels.max()) + 1 if len(labels) else 0
+    return info
