@@ -195,3 +195,9 @@ def test_fit_with_all_device_augmentations_and_labels_smoothing():
     t.fit(m, datamodule=TinyData())
     assert math.isfinite(float(t.callback_metrics["train/loss"]))
     assert 0.0 <= float(t.callback_metrics["val/acc1"]) <= 1.0
+
+
+def test_fixed_input_nets_carry_their_input_size_to_the_data():
+    m = ImageClassifier(arch="mlp", num_classes=3, arch_args={"input_size": 32, "width": 16})
+    assert m.data_config["input_size"] == 32
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)

@@ -9,6 +9,7 @@ channels_last, torch.compile, horizontal-flip test-time augmentation and fine-tu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Literal, Optional, Sequence
@@ -139,6 +140,8 @@ class ImageClassifier(L.LightningModule):
         entry = registry.get_entry(arch)
         self.net = entry.builder(num_classes=num_classes, **(arch_args or {}))
         data_config = entry.data_config
+        if "input_size" in (arch_args or {}):  # fixed-input nets (logreg, mlp) set their own size
+            data_config = dataclasses.replace(data_config, input_size=int(arch_args["input_size"]))
         if weights:
             from .weights import load_weights
 
