@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from .init import init_fan_in_, init_norm_
+from .init import FcHead, init_fan_in_, init_norm_
 from .registry import DataConfig, register_model
 
 
@@ -33,7 +33,7 @@ class ConvBNAct(nn.Module):
         return a + x if self.skip else a
 
 
-class ConvNet(nn.Module):
+class ConvNet(FcHead, nn.Module):
     def __init__(
         self,
         *,
@@ -85,18 +85,6 @@ class ConvNet(nn.Module):
                 init_norm_(m)
         if isinstance(self.fc, nn.Linear):
             init_fan_in_(self.fc, "linear")
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        ref = next(self.parameters(), None)
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            init_fan_in_(self.fc, "linear")
-            if ref is not None:
-                self.fc.to(device=ref.device, dtype=ref.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.stages(x)), 1)

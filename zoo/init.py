@@ -61,3 +61,24 @@ def init_norm_(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
     if getattr(module, "bias", None) is not None:
         nn.init.zeros_(module.bias)
+
+
+class FcHead:
+    """Mixin: ``get_classifier`` / ``reset_classifier`` for the zoo's own nets, whose logits come
+    from ``self.fc`` over ``self.num_features`` features (timm's head API, which zoo.heads uses)."""
+
+    fc: nn.Module
+    num_features: int
+    num_classes: int
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        ref = next(self.parameters(), None)  # type: ignore[attr-defined]
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            init_fan_in_(self.fc, "linear")  # logits: no activation follows (gain 1)
+            if ref is not None:
+                self.fc.to(device=ref.device, dtype=ref.dtype)

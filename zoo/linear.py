@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .init import init_fan_in_
+from .init import FcHead, init_fan_in_
 from .registry import DataConfig, register_model
 
 
-class LogisticRegression(nn.Module):
+class LogisticRegression(FcHead, nn.Module):
     """Logits = W vec(x) + b for images of a fixed size ``in_chans x input_size x input_size``."""
 
     def __init__(self, *, num_classes: int = 1000, input_size: int = 224, in_chans: int = 3) -> None:
@@ -26,18 +26,6 @@ class LogisticRegression(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             init_fan_in_(self.fc, "linear")  # no activation after the logits: gain 1 (LeCun)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        ref = next(self.parameters(), None)
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            init_fan_in_(self.fc, "linear")
-            if ref is not None:
-                self.fc.to(device=ref.device, dtype=ref.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.input_shape, "logreg")

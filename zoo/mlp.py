@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import init_fan_in_, init_norm_
+from .init import FcHead, init_fan_in_, init_norm_
 from .linear import _check_input
 from .registry import DataConfig, register_model
 
@@ -81,7 +81,7 @@ class MLPBlock(nn.Module):
         return a + x if self.skip else a
 
 
-class MLP(nn.Module):
+class MLP(FcHead, nn.Module):
     """``depth`` hidden layers of ``width`` units on ``in_chans x input_size x input_size`` images."""
 
     def __init__(
@@ -133,18 +133,6 @@ class MLP(nn.Module):
                 init_norm_(block.norm)
         if isinstance(self.fc, nn.Linear):
             init_fan_in_(self.fc, "linear")  # logits: no activation follows
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        ref = next(self.parameters(), None)
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            init_fan_in_(self.fc, "linear")
-            if ref is not None:
-                self.fc.to(device=ref.device, dtype=ref.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.input_shape, "mlp")
