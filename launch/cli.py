@@ -107,18 +107,21 @@ class ZooCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if self.subcommand == "fit":
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-                callbacks.append(
-                    ModelCheckpoint(
+                every = run["checkpoint_every_n_epochs"]
+                callbacks += [
+                    ModelCheckpoint(  # the best epoch by val/acc1
                         dirpath=run_dir / "checkpoints",
                         # no "/" in file names: the metric is val/acc1
                         filename="epoch={epoch:03d}-val_acc1={val/acc1:.4f}",
                         auto_insert_metric_name=False,
                         monitor="val/acc1",
                         mode="max",
-                        save_last=True,
-                        every_n_epochs=run["checkpoint_every_n_epochs"],
-                    )
-                )
+                        every_n_epochs=every,
+                    ),
+                    # The newest epoch, to resume from. Not save_last=True: Lightning 2.6 writes
+                    # last.ckpt only when the monitored checkpoint is saved, i.e. on improvement.
+                    ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=every),
+                ]
         logger = trainer_cfg.get("logger")
         if logger in (None, True):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
@@ -172,12 +175,11 @@ class ZooCLI(LightningCLI):
         for key in ("val/acc1", "val/acc5", "test/acc1", "test/acc5"):
             if key in metrics:
                 print(f"{key}: {float(metrics[key]):.4f}", flush=True)
-        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.subcommand == "fit" else ""
-        if ckpt:
-            print(f"best checkpoint: {ckpt}", flush=True)
-            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-            if last:
-                print(f"last checkpoint: {last}", flush=True)
+        if self.subcommand == "fit":
+            for cb in trainer.checkpoint_callbacks:
+                if cb.best_model_path:
+                    kind = "best" if cb.monitor else "last"
+                    print(f"{kind} checkpoint: {cb.best_model_path}", flush=True)
         print(f"logs: {self.run_dir}", flush=True)
         if isinstance(trainer.logger, object) and type(trainer.logger).__name__ == "WandbLogger":
             print(f"W&B (offline): wandb sync {self.run_dir / 'wandb'} --sync-all", flush=True)

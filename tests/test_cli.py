@@ -68,6 +68,23 @@ def test_fast_dev_run_through_cli_in_process(tiny_imagenet, tmp_path, capsys):
     assert "run directory:" in capsys.readouterr().out
 
 
+def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_path, capsys):
+    import torch
+
+    # lr ~ 0: val/acc1 hardly moves, so the best epoch is usually an early one
+    rc = main(["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
+               "--trainer.max_epochs", "3", "--model.lr", "1e-12", "--model.weight_decay", "0",
+               "--run.root", str(tmp_path), "--run.logger", "none"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    best = Path(out.split("best checkpoint: ")[1].splitlines()[0])
+    last = Path(out.split("last checkpoint: ")[1].splitlines()[0])
+    assert last.name == "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
+    # (BN statistics still move at lr ~ 0, so which epoch is best is not asserted)
+    assert best.parent == last.parent and best != last
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
