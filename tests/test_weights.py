@@ -534,3 +534,16 @@ def test_real_lightning_checkpoint_with_weight_ema(base, tmp_path):
     raw = zoo.load(weights=tmp_path / "last.ckpt", use_ema=False)
     for k, v in model.net.state_dict().items():
         torch.testing.assert_close(raw.net.state_dict()[k], v, atol=0, rtol=0)
+
+
+def test_torch_hub_load_from_a_local_checkout(base, tmp_path):
+    """torch.hub.load(<repo dir>, name, source="local") goes through hubconf.py and zoo.load."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = registry.create_network("convnet", num_classes=3)
+    torch.save(src.state_dict(), tmp_path / "c.pth")
+    model = torch.hub.load(str(repo), "convnet", source="local", weights=str(tmp_path / "c.pth"), num_classes=3)
+    assert isinstance(model, base.ImageClassifier)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(model.net.state_dict()[k], v)
