@@ -175,6 +175,11 @@ class ImageNetDataModule(L.LightningDataModule):
         return Path(r).expanduser() if r is not None else synthetic.default_root()
 
     @property
+    def batch_size(self) -> int:
+        """The global batch (all processes); ImageClassifier scales its LR with it."""
+        return int(self.hparams.batch_size)
+
+    @property
     def classes(self) -> list[str]:
         return _classes_of(self.hparams.root)
 

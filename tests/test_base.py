@@ -201,3 +201,14 @@ def test_fixed_input_nets_carry_their_input_size_to_the_data():
     m = ImageClassifier(arch="mlp", num_classes=3, arch_args={"input_size": 32, "width": 16})
     assert m.data_config["input_size"] == 32
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_lr_scales_with_the_imagenet_datamodules_global_batch(tiny_imagenet):
+    from datamodules.imagenet import ImageNetDataModule
+
+    dm = ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=8, num_workers=0,
+                            train_res=16, val_res=16)
+    m = ImageClassifier(arch="convnet", num_classes=dm.num_classes, lr=0.4, lr_reference_batch=256)
+    trainer(max_steps=1, limit_val_batches=0).fit(m, datamodule=dm)
+    assert m.effective_lr() == pytest.approx(0.4 * 8 / 256)
+    assert m.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.4 * 8 / 256)
