@@ -399,6 +399,9 @@ class ImageNetDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self._loader("val")  # ImageNet's labelled test split is val
 
+    def predict_dataloader(self):
+        return self._loader("val")  # `zoo predict`: class probabilities for the val images, in order
+
     def teardown(self, stage: str) -> None:
         # torchvision: end the persistent worker processes. ffcv loaders hold no processes and
         # are kept: rebuilding one costs a numba compile (~10-20 s).

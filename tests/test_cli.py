@@ -68,6 +68,21 @@ def test_fast_dev_run_through_cli_in_process(tiny_imagenet, tmp_path, capsys):
     assert "run directory:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluate_subcommands_with_weights(subcommand, tiny_imagenet, tmp_path, capsys):
+    import torch
+
+    from zoo import create_network
+
+    torch.save(create_network("convnet", num_classes=3).state_dict(), tmp_path / "w.pth")
+    rc = main([subcommand, "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
+               "--model.weights", str(tmp_path / "w.pth"), "--run.root", str(tmp_path), "--run.logger", "none"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    if subcommand != "predict":
+        assert f"{'val' if subcommand == 'validate' else 'test'}/acc1: " in out
+
+
 def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_path, capsys):
     import torch
 
