@@ -181,7 +181,7 @@ class ZooCLI(LightningCLI):
                     kind = "best" if cb.monitor else "last"
                     print(f"{kind} checkpoint: {cb.best_model_path}", flush=True)
         print(f"logs: {self.run_dir}", flush=True)
-        if isinstance(trainer.logger, object) and type(trainer.logger).__name__ == "WandbLogger":
+        if type(trainer.logger).__name__ == "WandbLogger":  # no wandb import for other loggers
             print(f"W&B (offline): wandb sync {self.run_dir / 'wandb'} --sync-all", flush=True)
 
 

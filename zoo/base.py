@@ -149,13 +149,9 @@ class ImageClassifier(L.LightningModule):
             rank_zero_info(f"loaded weights from {weights}: {report}")
             # preprocessing travels with the weights (a timm/HF tag may differ from the entry)
             data_config = report.data_config or data_config
-        self.data_config: dict = data_config.as_dict()
-        # uint8 -> normalised float on the device: x/255 then (x - mean)/std, folded into one
-        # affine map with mean and std in 0..255 units.
-        mean = torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.data_config["std"]).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
+        self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1), persistent=False)
+        self._set_data_config(data_config.as_dict())
         self.augment = DeviceAugment(
             num_classes=num_classes,
             mixup_alpha=mixup_alpha,
@@ -193,11 +189,15 @@ class ImageClassifier(L.LightningModule):
         checkpoint["zoo_data_config"] = dict(self.data_config)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        dc = checkpoint.get("zoo_data_config")
-        if dc:
-            self.data_config = dict(dc)
-            self.pixel_mean.copy_(torch.tensor(dc["mean"]).view(1, 3, 1, 1) * 255.0)
-            self.pixel_std.copy_(torch.tensor(dc["std"]).view(1, 3, 1, 1) * 255.0)
+        if checkpoint.get("zoo_data_config"):
+            self._set_data_config(checkpoint["zoo_data_config"])
+
+    def _set_data_config(self, data_config: dict) -> None:
+        self.data_config = dict(data_config)
+        # uint8 -> normalised float on the device: x/255 then (x - mean)/std, folded into one
+        # affine map with mean and std in 0..255 units.
+        self.pixel_mean.copy_(torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255.0)
+        self.pixel_std.copy_(torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255.0)
 
     # ----------------------------------------------------------------- forward path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
