@@ -205,11 +205,26 @@ def _with_default_recipe(argv: list[str]) -> list[str]:
     return argv
 
 
+# Commands that are not LightningCLI subcommands: name -> "module:function" taking argv
+# (the words after the command) and returning an exit code. Imported on use, so `zoo models`
+# stays fast. Add a command by adding one line here.
+PLAIN_COMMANDS: dict[str, str] = {
+    "models": "launch.cli:list_models_main",
+}
+
+
+def _plain_command(name: str):
+    import importlib
+
+    module, _, func = PLAIN_COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "models":
-        return list_models_main(argv[1:])
+    if argv and argv[0] in PLAIN_COMMANDS:
+        return _plain_command(argv[0])(argv[1:])
     argv = _with_default_recipe(argv)
     if from_shell:  # LightningCLI warns when given both args= and a different sys.argv
         sys.argv[1:] = argv
