@@ -210,6 +210,11 @@ class ImageClassifier(L.LightningModule):
         if hp and hp.get("weights"):
             checkpoint["zoo_init_weights"] = hp["weights"]
             hp["weights"] = None
+        if hp:
+            # a choice of the loader, not a property of the model: LightningCLI parses a
+            # checkpoint's hyper_parameters over the command line, which would undo
+            # `zoo validate --ckpt_path X --model.use_ema false`
+            hp.pop("use_ema", None)
         checkpoint["zoo_data_config"] = dict(self.data_config)
         # Say plainly which weights this file holds (callbacks' state is already in it).
         found = ema_state_dict(checkpoint)
