@@ -83,6 +83,38 @@ def test_evaluate_subcommands_with_weights(subcommand, tiny_imagenet, tmp_path, 
         assert f"{'val' if subcommand == 'validate' else 'test'}/acc1: " in out
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_weights_of_another_class_count_is_an_error(subcommand, tiny_imagenet, tmp_path, capsys):
+    """Not a silently reset head (the accuracy of a random classifier): one line, both counts."""
+    import torch
+
+    from zoo import create_network
+
+    torch.save(create_network("convnet", num_classes=10).state_dict(), tmp_path / "w10.pth")
+    rc = main([subcommand, "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
+               "--model.weights", str(tmp_path / "w10.pth"), "--run.root", str(tmp_path), "--run.logger", "none"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(err) == 1, err
+    assert "have 10 classes but the data has 3" in err[0] and "zoo fit --model.weights" in err[0]
+
+
+def test_fine_tuning_resets_the_head_and_says_so_once(tiny_imagenet, tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from zoo import create_network
+
+    torch.save(create_network("convnet", num_classes=10).state_dict(), tmp_path / "w10.pth")
+    caplog.set_level(logging.INFO)
+    rc = main(["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
+               "--model.weights", str(tmp_path / "w10.pth"), "--trainer.fast_dev_run", "1",
+               "--run.root", str(tmp_path), "--run.logger", "none"])
+    assert rc == 0
+    said = [r.getMessage() for r in caplog.records if "head not loaded" in r.getMessage()]
+    assert len(said) == 1 and "weights have 10 classes, model 3 (kept its new head)" in said[0], said
+
+
 def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_path, capsys):
     import torch
 

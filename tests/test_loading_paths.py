@@ -276,3 +276,55 @@ if __name__ == "__main__":  # the table of the closing note
                 except AssertionError as e:
                     cells.append("DIFFERS: " + str(e).splitlines()[0][:60])
             print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+# ----------------------------------------------------------------------------- EMA vs resume
+
+
+def test_checkpoint_says_which_weights_it_holds(sources):
+    ckpt = torch.load(sources["ckpt (EMA)"].path, map_location="cpu", weights_only=True)
+    said = ckpt["zoo_weights"]
+    assert said["state_dict"].startswith("trained weights")
+    assert "WeightEMA" in said["ema"] and said["evaluated_with"].startswith("ema")
+    assert "use_ema" not in ckpt["hyper_parameters"]  # a loader's choice: the command line decides
+
+
+def test_load_report_names_ema_weights(sources):
+    import zoo
+
+    model = zoo.load(weights=sources["ckpt (EMA)"].path)
+    assert model.weights_report.ema and "EMA weights" in str(model.weights_report)
+    assert not zoo.load(weights=sources["ckpt (EMA)"].path, use_ema=False).weights_report.ema
+
+
+def test_fit_resume_keeps_the_trained_weights(sources, tmp_path):
+    """`zoo fit --ckpt_path` (Trainer.fit(ckpt_path=...)) restores the trained weights, not the EMA."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks.ema import WeightEMA
+    from zoo.base import ImageClassifier
+
+    s = sources["ckpt use_ema=False"]  # logits of the trained weights
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.logits = logits_of(pl_module.net)
+            pl_module.net.train()
+
+    seen = AtStart()
+    model = ImageClassifier(arch="convnet", num_classes=NUM_CLASSES, arch_args=CONVNET_ARGS, lr=0.05, lr_reference_batch=None)
+    data = TensorDataset(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.randint(0, NUM_CLASSES, (8,)))
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[WeightEMA(decay=0.5), seen],
+                        default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(data, batch_size=4), ckpt_path=s.path)
+    torch.testing.assert_close(seen.logits, s.logits, atol=1e-6, rtol=0)
+    assert model.data_config == CUSTOM_DC.as_dict()
+
+
+def test_checkpoint_of_another_class_count_is_one_clear_error(sources):
+    from zoo.base import ImageClassifier
+    from zoo.weights import WeightsError
+
+    with pytest.raises(WeightsError, match=r"classifier has 3 classes but the model/data has 5"):
+        ImageClassifier.load_from_checkpoint(sources["ckpt (EMA)"].path, map_location="cpu", num_classes=5)
