@@ -212,3 +212,54 @@ def test_lr_scales_with_the_imagenet_datamodules_global_batch(tiny_imagenet):
     trainer(max_steps=1, limit_val_batches=0).fit(m, datamodule=dm)
     assert m.effective_lr() == pytest.approx(0.4 * 8 / 256)
     assert m.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.4 * 8 / 256)
+
+
+class RecordLR(L.Callback):
+    """Per rank: the optimizer's peak LR and the global batch the model read from the trainer."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module):
+        import json
+        from pathlib import Path
+
+        lrs = sorted({g["initial_lr"] for g in trainer.optimizers[0].param_groups})
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(
+            json.dumps({"lrs": lrs, "global_batch": pl_module.global_batch_size(), "world": trainer.world_size}))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_lr_scales_with_the_global_batch_under_two_process_ddp(tiny_imagenet, tmp_path):
+    """2 processes x 3 images (ImageNetDataModule batch_size=6 is global) x 2 accumulated = 12 per step."""
+    import json
+
+    from datamodules.imagenet import ImageNetDataModule
+
+    dm = ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=6, num_workers=0,
+                            train_res=16, val_res=16)
+    m = ImageClassifier(arch="convnet", num_classes=dm.num_classes, lr=0.4, lr_reference_batch=256)
+    t = trainer(devices=2, strategy="ddp_spawn", max_steps=1, limit_val_batches=0, accumulate_grad_batches=2,
+                callbacks=[RecordLR(str(tmp_path))])
+    t.fit(m, datamodule=dm)
+    for r in (0, 1):
+        seen = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert seen["world"] == 2 and seen["global_batch"] == 12
+        assert seen["lrs"] == [pytest.approx(0.4 * 12 / 256)]
+
+
+def test_lr_scaling_reads_the_loader_not_the_datamodules_batch_size():
+    """A DataModule whose batch_size means something else (or is absent) does not change the LR."""
+
+    class PerDeviceData(TinyData):
+        def __init__(self):
+            super().__init__(batch_size=8)
+            self.batch_size = 999  # e.g. a dataset-level attribute with another meaning
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=True)
+
+    m = model(lr=0.5, lr_reference_batch=256)
+    trainer(max_steps=1, limit_val_batches=0).fit(m, datamodule=PerDeviceData())
+    assert m.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.5 * 8 / 256)

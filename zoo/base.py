@@ -69,6 +69,16 @@ def lr_factor(
     raise ValueError(f"unknown schedule {schedule!r}; choose cosine, step, cyclic or constant")
 
 
+def _loader_batch_size(loader) -> Optional[int]:
+    """Per-device batch size of a train dataloader (torch DataLoader, FFCV Loader, ...)."""
+    if isinstance(loader, (list, tuple)) and len(loader) == 1:
+        loader = loader[0]
+    bs = getattr(loader, "batch_size", None)
+    if bs is None:  # DataLoader(batch_sampler=...) reports batch_size=None
+        bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(bs) if isinstance(bs, int) and bs > 0 else None
+
+
 class ImageClassifier(L.LightningModule):
     """A classifier over any registered architecture.
 
@@ -84,8 +94,11 @@ class ImageClassifier(L.LightningModule):
             validate/test/predict --ckpt_path``); ``False``: its trained weights. Resuming
             ``fit`` always restores the trained weights.
         optimizer: ``sgd`` (momentum, optional Nesterov) or ``adamw``.
-        lr: peak learning rate at ``lr_reference_batch`` images per step; scaled linearly with
-            the real global batch (Goyal et al. 2017). ``None`` reference: used as given.
+        lr: peak learning rate at ``lr_reference_batch`` images per optimizer step; scaled
+            linearly with the real global batch (Goyal et al. 2017), which is read from the
+            trainer: per-device batch of the train dataloader x world size x
+            accumulate_grad_batches (any DataModule, whatever its ``batch_size`` means).
+            ``None`` reference: used as given.
         weight_decay: decay of weights with ndim > 1; norm weights and biases get
             ``norm_weight_decay`` (0: no decay on BN/LN, as ffcv-imagenet and torchvision's recipes).
         schedule, warmup_epochs, warmup_start, peak_epoch, milestones, gamma, min_lr_ratio:
@@ -179,6 +192,7 @@ class ImageClassifier(L.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self._compiled = None
+        self._global_batch: Optional[int] = None  # set in configure_optimizers
         self._epoch_t0 = None
         self._epoch_images = 0
 
@@ -362,18 +376,34 @@ class ImageClassifier(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> Optional[int]:
-        """Images per optimizer step over all processes, from the datamodule if it says."""
-        dm = getattr(self.trainer, "datamodule", None)
-        bs = getattr(dm, "batch_size", None)  # the DataModule's batch_size is global
-        if not isinstance(bs, int):
+        """Images per optimizer step over all processes, read from the trainer.
+
+        Per-device batch of the train dataloader x ``trainer.world_size`` (devices x nodes) x
+        ``accumulate_grad_batches``: right for any DataModule, whether its own ``batch_size``
+        means the global batch (this project's) or the per-device one (Lightning's
+        convention). ``None`` when the loader does not say its batch size.
+        """
+        if self._global_batch is not None:
+            return self._global_batch
+        trainer = self._trainer
+        if trainer is None:
             return None
-        return bs * self.trainer.accumulate_grad_batches
+        per_device = _loader_batch_size(trainer.train_dataloader)
+        if per_device is None:
+            return None
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
     def effective_lr(self) -> float:
+        """``lr x global batch / lr_reference_batch`` (Goyal et al. 2017); ``lr`` when no reference."""
         lr, ref = self.hparams.lr, self.hparams.lr_reference_batch
-        gb = self.global_batch_size() if self._trainer is not None else None
+        gb = self.global_batch_size() if ref else None
         if ref and gb:
             return lr * gb / ref
+        if ref and self._trainer is not None:
+            rank_zero_warn(
+                f"cannot read the batch size of the train dataloader: lr {lr} is used as given, not scaled "
+                f"from lr_reference_batch={ref}; set model.lr_reference_batch=null to say so"
+            )
         return lr
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -399,8 +429,12 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        # first: it sets up the train dataloader, whose batch size the LR scaling reads
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        self._global_batch = None
+        self._global_batch = self.global_batch_size()  # kept: the loader may be gone after fit
         lr = self.effective_lr()
-        gb = self.global_batch_size()
+        gb = self._global_batch
         rank_zero_info(
             f"optimizer {hp.optimizer}: peak lr {lr:.4g}"
             + (f" (= {hp.lr} x {gb}/{hp.lr_reference_batch} global batch)" if hp.lr_reference_batch and gb else "")
@@ -410,7 +444,6 @@ class ImageClassifier(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
             opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps_per_epoch = total / max_epochs
         if hp.schedule == "cyclic" and hp.peak_epoch >= max_epochs:
