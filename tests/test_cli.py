@@ -116,20 +116,28 @@ def test_fine_tuning_resets_the_head_and_says_so_once(tiny_imagenet, tmp_path, c
 
 
 def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_path, capsys):
+    import csv
+
     import torch
 
     # lr ~ 0: val/acc1 hardly moves, so the best epoch is usually an early one
     rc = main(["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
                "--trainer.max_epochs", "3", "--model.lr", "1e-12", "--model.weight_decay", "0",
-               "--run.root", str(tmp_path), "--run.logger", "none"])
+               "--run.root", str(tmp_path), "--run.logger", "csv"])
     assert rc == 0
     out = capsys.readouterr().out
     best = Path(out.split("best checkpoint: ")[1].splitlines()[0])
     last = Path(out.split("last checkpoint: ")[1].splitlines()[0])
-    assert last.name == "last.ckpt"
+    assert last.name == "last.ckpt" and best.parent == last.parent
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
-    # (BN statistics still move at lr ~ 0, so which epoch is best is not asserted)
-    assert best.parent == last.parent and best != last
+    # the best file is the epoch with the highest val/acc1 as logged (the first one on ties)
+    run_dir = Path(out.split("run directory: ")[1].splitlines()[0])
+    rows = [r for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if r.get("val/acc1")]
+    accs = {int(r["epoch"]): float(r["val/acc1"]) for r in rows}
+    assert sorted(accs) == [0, 1, 2]
+    best_epoch = max(accs, key=lambda e: (accs[e], -e))
+    assert torch.load(best, map_location="cpu", weights_only=True)["epoch"] == best_epoch
+    assert best.name == f"epoch={best_epoch:03d}-val_acc1={accs[best_epoch]:.4f}.ckpt"
 
 
 @pytest.mark.parametrize(
