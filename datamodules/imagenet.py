@@ -16,7 +16,8 @@ import lightning as L
 
 from . import synthetic
 from .backends import BACKENDS, Backend, eval_indices, get_backend
-from .folder import DataError, SampleList, cache_dir_for, scan_split, validate_root
+from .folder import DataError, SampleList, cache_dir_for
+from .layouts import Layout, detect
 from .ffcv_io import (
     DEFAULT_COMPRESS_PROBABILITY,
     DEFAULT_JPEG_QUALITY,
@@ -25,7 +26,7 @@ from .ffcv_io import (
     read_sidecar,
 )
 
-__all__ = ["DataError", "ImageNetDataModule", "count_classes"]
+__all__ = ["DataError", "ImageNetDataModule", "count_classes", "is_photo_folder"]
 
 DEFAULT_VAL_RES = 224  # He et al. 2016 / torchvision references: evaluate 224 px center crops
 DEFAULT_CROP_RATIO = 224 / 256  # resize to 256, center-crop 224 (He et al. 2016; ffcv-imagenet DEFAULT_CROP_RATIO)
@@ -47,7 +48,19 @@ def _classes_of(root: str | os.PathLike | None) -> list[str]:
         from .ffcv_io import beton_info
 
         return [str(i) for i in range(beton_info(root / "train.beton")["num_classes"])]
-    return validate_root(root)
+    layout = detect(root)
+    if layout.kind == "flat":
+        raise DataError(f"{root} holds images without class folders: only `zoo predict` reads such a folder "
+                        "(with --model.weights); to train or validate use train/<class>/ and val/<class>/")
+    return layout.classes
+
+
+def is_photo_folder(root: str | os.PathLike) -> bool:
+    """A folder of images without class folders (only `zoo predict` reads it)."""
+    try:
+        return detect(Path(root).expanduser()).kind == "flat"
+    except DataError:
+        return False
 
 
 def count_classes(root: str | None) -> int:
@@ -157,6 +170,7 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"val_crop_ratio={self.val_crop} must be in (0, 1] (224/256 = 0.875 is standard)")
         self.per_device_batch_size = batch_size
         self._loaders: dict[str, Any] = {}
+        self._layout: Layout | None = None
 
     # ------------------------------------------------------------------ what the data is
     @property
@@ -170,8 +184,34 @@ class ImageNetDataModule(L.LightningDataModule):
         return int(self.hparams.batch_size)
 
     @property
+    def layout(self) -> Layout | None:
+        """How ``root`` is organised (None for a folder of .beton files); detected once."""
+        if self._layout is None and not self.is_beton_root:
+            if self.hparams.root is None and not self.root.exists():
+                return Layout("folder", self.root, list(synthetic.CLASSES), None, images=self.root)
+            self._layout = detect(self.root)
+        return self._layout
+
+    @property
+    def is_flat(self) -> bool:
+        """A folder of images without classes (a user's photos): predict only."""
+        return self.layout is not None and self.layout.kind == "flat"
+
+    @property
     def classes(self) -> list[str]:
+        """Class ids in label order (folder names, ImageNet wnids)."""
+        if self.layout is not None and not self.is_flat:
+            return list(self.layout.classes)
         return _classes_of(self.hparams.root)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Human-readable class names (from the devkit / synset mapping), else the class ids; None for photos."""
+        if self.is_flat:
+            return None
+        if self.layout is not None and self.layout.class_names:
+            return list(self.layout.class_names)
+        return self.classes
 
     @property
     def num_classes(self) -> int:
@@ -197,10 +237,12 @@ class ImageNetDataModule(L.LightningDataModule):
         """``(image path, label)`` of ``split`` in dataset order (the order evaluation reports)."""
         if self.is_beton_root:
             raise DataError(f"{self.root} holds only .beton files: use data.backend=ffcv, or point data.root to the image folders")
-        return scan_split(self.root / split, self.classes)
+        if self.is_flat and split != "predict":
+            self.classes  # noqa: B018 - raises the flat folder's one-line error
+        return self.layout.samples(split)
 
     def sample_list(self, split: str) -> SampleList:
-        return SampleList(self.samples(split), self.classes, str(self.root / split))
+        return SampleList(self.samples(split), self.classes, f"{self.layout.images or self.root}/{split}")
 
     # ------------------------------------------------------------------ preparation
     def _ensure_root(self) -> Path:
@@ -211,7 +253,11 @@ class ImageNetDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the synthetic dataset if needed; validate; let the backend write its files (rank 0)."""
         self._ensure_root()
+        if self.is_flat:
+            return  # photos to predict: read as they are
         self.classes  # noqa: B018 - validates the folder with one clear line
+        if self.layout is not None:
+            self.layout.prepare()  # the official archives: extracted once
         self.backend.prepare()
 
     # ------------------------------------------------------------------ setup
@@ -237,7 +283,12 @@ class ImageNetDataModule(L.LightningDataModule):
             self._loaders.clear()  # built for another world size
         self.per_device_batch_size = bs // ws
         root = self.root
-        if (self.hparams.root is None and not (root / synthetic.MANIFEST).exists()) or not self.backend.is_prepared():
+        if self.is_flat:
+            if stage not in ("predict", None):
+                self.classes  # noqa: B018 - raises: only predict reads a folder without classes
+            return
+        prepared = self.backend.is_prepared() and (self.layout is None or self.layout.is_prepared())
+        if (self.hparams.root is None and not (root / synthetic.MANIFEST).exists()) or not prepared:
             if ws > 1:
                 raise DataError(
                     f"prepared data for {root} is missing on this node: prepare_data() runs on local rank 0 only; "
@@ -265,6 +316,18 @@ class ImageNetDataModule(L.LightningDataModule):
         n = len(self.samples(split)) if not self.is_beton_root else _beton_len(self.beton_path(split))
         return list(eval_indices(n, self._rank(), self._world_size()))
 
+    # what callbacks.prediction_writer.PredictionWriter asks (duck-typed: callbacks don't import datamodules)
+    def _predict_split(self) -> str:
+        return "predict" if self.is_flat else "val"
+
+    def predict_indices(self) -> list[int]:
+        """The dataset indices this process predicts, in order (every image once across processes)."""
+        return self.eval_indices(self._predict_split())
+
+    def predict_paths(self) -> list[str] | None:
+        """Every predicted image's path in dataset order (None for a .beton root: no paths stored)."""
+        return None if self.is_beton_root else [p for p, _ in self.samples(self._predict_split())]
+
     def train_dataloader(self):
         loader = self._loader("train", train=True)
         trainer = getattr(self, "trainer", None)
@@ -279,7 +342,14 @@ class ImageNetDataModule(L.LightningDataModule):
         return self._loader("val")  # ImageNet's labelled test split is val
 
     def predict_dataloader(self):
-        return self._loader("val")  # `zoo predict`: class probabilities for the val images, in order
+        """`zoo predict`: the val images (eval crops, no augmentation), or a folder of photos, in order."""
+        if self.is_flat:  # read with PIL whatever the backend: no .beton for a one-off pass
+            if "predict" not in self._loaders:
+                from .torchvision_backend import photo_loader
+
+                self._loaders["predict"] = photo_loader(self, rank=self._rank(), world_size=self._world_size())
+            return self._loaders["predict"]
+        return self._loader("val")
 
     def teardown(self, stage: str) -> None:
         self.backend.teardown(stage)

@@ -185,3 +185,14 @@ class TorchvisionBackend(Backend):
     def teardown(self, stage: str) -> None:
         if stage == "fit":  # the DataModule drops its loaders: their persistent workers end
             self._train_transform = None
+
+
+def photo_loader(dm, *, rank: int, world_size: int) -> DataLoader:
+    """Eval crops of a folder of photos (labels -1), each once across ``world_size`` processes."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    tf = val_transform(dm.val_resolution, dm.val_crop, dm.interpolation)
+    dataset = ImageFolderDataset(dm.samples("predict"), tf, dm.hparams.skip_corrupt)
+    sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False) if world_size > 1 else None
+    return make_dataloader(dataset, batch_size=dm.per_device_batch_size, num_workers=dm.hparams.num_workers,
+                           shuffle=False, drop_last=False, sampler=sampler)
