@@ -22,7 +22,7 @@ from .folder import DataError, corrupt_error
 class FFCVBackend(Backend):
     name = "ffcv"
     requires = ("ffcv", "cv2")
-    install_hint = "pip install 'lightning-zoo[ffcv]' (see README: Install), or set data.backend=torchvision"
+    install_hint = "pip install 'lightning-zoo[ffcv]' (it builds against libturbojpeg and OpenCV), or set data.backend=torchvision"
 
     def __init__(self, dm) -> None:
         super().__init__(dm)
