@@ -161,7 +161,8 @@ def write_beton(
         source_name: str = str(folder.resolve())
     else:
         classes = classes or list(getattr(dataset_or_folder, "classes", []) or [])
-        source_name = type(dataset_or_folder).__name__
+        source_name = str(getattr(dataset_or_folder, "source", None) or type(dataset_or_folder).__name__)
+        samples = getattr(dataset_or_folder, "samples", None)  # (path, label) lists: errors name the file
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     error_log = tmp + ".errors"
@@ -282,14 +283,14 @@ def check_beton(path: str | os.PathLike, params: WriteParams | Mapping[str, Any]
 # --------------------------------------------------------------------------- pipelines
 
 
-def train_image_pipeline(res: int, scale: tuple[float, float], ratio: tuple[float, float]) -> list:
+def train_image_pipeline(res: int, scale: tuple[float, float], ratio: tuple[float, float], flip: float = 0.5) -> list:
     """RandomResizedCrop decode -> flip -> uint8 NCHW tensor (normalisation happens on the device)."""
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 
     return [
         RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio)),
-        RandomHorizontalFlip(),
+        RandomHorizontalFlip(flip_prob=flip),
         ToTensor(),
         ToTorchImage(),
     ]
@@ -413,11 +414,13 @@ def make_loader(
     drop_last: bool = True,
     os_cache: bool = True,
     batches_ahead: int = 3,
+    indices: Sequence[int] | None = None,
 ) -> ClosingLoader:
     """An ffcv Loader over ``path``, checked by :func:`assert_pipeline_safe`, in a :class:`ClosingLoader`.
 
     ``num_workers`` numba threads decode in this process; ffcv also sets
     ``torch.set_num_threads(num_workers)`` at every epoch, so decoding and CPU compute share cores.
+    ``indices``: read only these samples (in this order with ``order='sequential'``).
     """
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
@@ -440,6 +443,7 @@ def make_loader(
         # list copies: ffcv's PipelineSpec pops the decoder out of the list it is given
         pipelines={k: list(v) if v is not None else None for k, v in pipelines.items()},
         drop_last=drop_last, os_cache=os_cache, batches_ahead=batches_ahead,
+        indices=None if indices is None else np.asarray(indices, dtype=np.int64),
     ))
 
 

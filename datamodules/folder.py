@@ -168,3 +168,21 @@ def check_headers(samples: Iterable[tuple[str, int]], num_threads: int = 8) -> l
 
     with ThreadPoolExecutor(max(1, num_threads)) as pool:  # file opens are I/O bound
         return [r for r in pool.map(check, (p for p, _ in samples)) if r is not None]
+
+
+class SampleList:
+    """``(path, label)`` samples as an indexable ``(PIL RGB image, label)`` dataset.
+
+    What :func:`~datamodules.ffcv_io.write_beton` writes from, whatever the folder layout was;
+    ``source`` names the samples' origin in messages and sidecars.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], source: str):
+        self.samples, self.classes, self.source = samples, classes, source
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        return load_rgb(path), label

@@ -7,27 +7,17 @@ normalises on the device. ``batch_size`` is global: each of the ``world_size`` p
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
-import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import synthetic
-from .folder import (
-    DataError,
-    atomic_write_json,
-    cache_dir_for,
-    check_headers,
-    corrupt_error,
-    read_json,
-    scan_split,
-    validate_root,
-)
+from .backends import BACKENDS, Backend, eval_indices, get_backend
+from .folder import DataError, SampleList, cache_dir_for
+from .layouts import Layout, detect
 from .ffcv_io import (
     DEFAULT_COMPRESS_PROBABILITY,
     DEFAULT_JPEG_QUALITY,
@@ -36,11 +26,10 @@ from .ffcv_io import (
     read_sidecar,
 )
 
-__all__ = ["DataError", "ImageNetDataModule", "count_classes"]
+__all__ = ["DataError", "ImageNetDataModule", "count_classes", "is_photo_folder"]
 
 DEFAULT_VAL_RES = 224  # He et al. 2016 / torchvision references: evaluate 224 px center crops
 DEFAULT_CROP_RATIO = 224 / 256  # resize to 256, center-crop 224 (He et al. 2016; ffcv-imagenet DEFAULT_CROP_RATIO)
-HEADER_CHECK = "headers-v1"  # marker format for the torchvision backend's one-time file check
 
 
 def _is_beton_root(root: Path) -> bool:
@@ -59,7 +48,19 @@ def _classes_of(root: str | os.PathLike | None) -> list[str]:
         from .ffcv_io import beton_info
 
         return [str(i) for i in range(beton_info(root / "train.beton")["num_classes"])]
-    return validate_root(root)
+    layout = detect(root)
+    if layout.kind == "flat":
+        raise DataError(f"{root} holds images without class folders: only `zoo predict` reads such a folder "
+                        "(with --model.weights); to train or validate use train/<class>/ and val/<class>/")
+    return layout.classes
+
+
+def is_photo_folder(root: str | os.PathLike) -> bool:
+    """A folder of images without class folders (only `zoo predict` reads it)."""
+    try:
+        return detect(Path(root).expanduser()).kind == "flat"
+    except DataError:
+        return False
 
 
 def count_classes(root: str | None) -> int:
@@ -85,7 +86,7 @@ class ImageNetDataModule(L.LightningDataModule):
             ``synthetic.default_root()``). A folder holding ``train.beton``/``val.beton`` is used
             as is (their write parameters must match the options below).
         backend: ``ffcv`` (JPEG decode + crop in numba threads) or ``torchvision`` (PIL in
-            DataLoader worker processes).
+            DataLoader worker processes); any name in ``datamodules.backends.BACKENDS``.
         batch_size: global batch; must divide by the number of processes.
         num_workers: ffcv: decoding threads per process; torchvision: worker processes per process.
         train_res: train crop size; None: the model's ``input_size`` (else 224).
@@ -94,6 +95,8 @@ class ImageNetDataModule(L.LightningDataModule):
             (else 224/256).
         scale, ratio: RandomResizedCrop area and aspect ranges (Szegedy et al. 2015 / torchvision
             defaults).
+        flip: probability of a horizontal flip in training; 0 for data where a mirror image is
+            another class (digits, text, some medical images).
         max_resolution, jpeg_quality, compress_probability: how the .beton stores images (max side
             in px, JPEG quality, fraction stored as JPEG; the rest raw). Defaults: ffcv-imagenet's
             ResNet-50 betons (500 px, 50% JPEG, q90).
@@ -114,7 +117,7 @@ class ImageNetDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str | None = None,
-        backend: Literal["ffcv", "torchvision"] = "ffcv",
+        backend: str = "ffcv",
         batch_size: int = 256,  # He et al. 2016 / Goyal et al. 2017 reference batch
         num_workers: int = 2,  # a laptop's share; on a GPU node use (cores / GPUs) - 1
         train_res: int | None = None,
@@ -122,6 +125,7 @@ class ImageNetDataModule(L.LightningDataModule):
         val_crop_ratio: float | None = None,
         scale: tuple[float, float] = (0.08, 1.0),  # Inception crop (Szegedy et al. 2015), torchvision default
         ratio: tuple[float, float] = (3 / 4, 4 / 3),  # same source
+        flip: float = 0.5,  # RandomHorizontalFlip probability (torchvision/ffcv default); 0: never flip
         max_resolution: int = DEFAULT_MAX_RESOLUTION,
         jpeg_quality: int = DEFAULT_JPEG_QUALITY,
         compress_probability: float = DEFAULT_COMPRESS_PROBABILITY,
@@ -130,17 +134,15 @@ class ImageNetDataModule(L.LightningDataModule):
         data_config: dict | None = None,
         drop_last: bool = True,  # as ffcv-imagenet's train loader (equal steps on every rank)
         os_cache: bool = True,  # ffcv's default (FFCV_DEFAULT_CACHE_PROCESS unset)
-        order: Literal["random", "quasi_random"] = "random",
+        order: str = "random",
         batches_ahead: int = 3,  # ffcv Loader default
         seed: int = 0,
         progress: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if backend not in ("ffcv", "torchvision"):
-            raise DataError(f"backend={backend!r} is unknown: use 'ffcv' or 'torchvision'")
-        if backend == "ffcv" and importlib.util.find_spec("ffcv") is None:
-            raise DataError("backend='ffcv' but ffcv is not installed: pip install 'lightning-zoo[ffcv]' or set data.backend=torchvision")
+        self.backend: Backend = get_backend(backend)(self)
+        self.backend.check_installed()
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be >= 1")
         if num_workers < 0:
@@ -149,6 +151,10 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"scale={tuple(scale)} must satisfy 0 < min <= max <= 1 (fractions of the image area)")
         if not (0 < ratio[0] <= ratio[1]):
             raise DataError(f"ratio={tuple(ratio)} must satisfy 0 < min <= max (crop width / height)")
+        if not 0.0 <= flip <= 1.0:
+            raise DataError(f"flip={flip} must be a probability in [0, 1] (0 turns horizontal flips off)")
+        if order not in ("random", "quasi_random"):
+            raise DataError(f"order={order!r} is unknown: use 'random' or 'quasi_random'")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
@@ -164,9 +170,7 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"val_crop_ratio={self.val_crop} must be in (0, 1] (224/256 = 0.875 is standard)")
         self.per_device_batch_size = batch_size
         self._loaders: dict[str, Any] = {}
-        self._train_decoder: Any = None  # ffcv RandomResizedCrop decoder of the train loader
-        self._train_transform: Any = None  # torchvision TrainTransform
-        self._samples: dict[str, list[tuple[str, int]]] = {}
+        self._layout: Layout | None = None
 
     # ------------------------------------------------------------------ what the data is
     @property
@@ -180,8 +184,34 @@ class ImageNetDataModule(L.LightningDataModule):
         return int(self.hparams.batch_size)
 
     @property
+    def layout(self) -> Layout | None:
+        """How ``root`` is organised (None for a folder of .beton files); detected once."""
+        if self._layout is None and not self.is_beton_root:
+            if self.hparams.root is None and not self.root.exists():
+                return Layout("folder", self.root, list(synthetic.CLASSES), None, images=self.root)
+            self._layout = detect(self.root)
+        return self._layout
+
+    @property
+    def is_flat(self) -> bool:
+        """A folder of images without classes (a user's photos): predict only."""
+        return self.layout is not None and self.layout.kind == "flat"
+
+    @property
     def classes(self) -> list[str]:
+        """Class ids in label order (folder names, ImageNet wnids)."""
+        if self.layout is not None and not self.is_flat:
+            return list(self.layout.classes)
         return _classes_of(self.hparams.root)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Human-readable class names (from the devkit / synset mapping), else the class ids; None for photos."""
+        if self.is_flat:
+            return None
+        if self.layout is not None and self.layout.class_names:
+            return list(self.layout.class_names)
+        return self.classes
 
     @property
     def num_classes(self) -> int:
@@ -193,11 +223,26 @@ class ImageNetDataModule(L.LightningDataModule):
             return Path(self.hparams.beton_dir).expanduser()
         return cache_dir_for(self.root) / "beton"
 
+    @property
+    def is_beton_root(self) -> bool:
+        return self.root.is_dir() and _is_beton_root(self.root)
+
     def beton_path(self, split: str) -> Path:
         """The .beton a split is read from (a given one in a beton root, else the cache's)."""
-        if self.root.is_dir() and _is_beton_root(self.root):
+        if self.is_beton_root:
             return self.root / f"{split}.beton"
         return self.beton_dir / self.write_params.file_name(split)
+
+    def samples(self, split: str) -> list[tuple[str, int]]:
+        """``(image path, label)`` of ``split`` in dataset order (the order evaluation reports)."""
+        if self.is_beton_root:
+            raise DataError(f"{self.root} holds only .beton files: use data.backend=ffcv, or point data.root to the image folders")
+        if self.is_flat and split != "predict":
+            self.classes  # noqa: B018 - raises the flat folder's one-line error
+        return self.layout.samples(split)
+
+    def sample_list(self, split: str) -> SampleList:
+        return SampleList(self.samples(split), self.classes, f"{self.layout.images or self.root}/{split}")
 
     # ------------------------------------------------------------------ preparation
     def _ensure_root(self) -> Path:
@@ -206,65 +251,23 @@ class ImageNetDataModule(L.LightningDataModule):
         return self.root
 
     def prepare_data(self) -> None:
-        """Generate the synthetic dataset if needed; validate; write each .beton once (rank 0)."""
-        root = self._ensure_root()
-        if self.hparams.backend == "ffcv":
-            self._prepare_betons(root)
-        else:
-            self._prepare_headers(root)
-
-    def _prepare_betons(self, root: Path) -> None:
-        from .ffcv_io import check_beton, write_beton
-
-        if root.is_dir() and _is_beton_root(root):
-            for split in ("train", "val"):
-                if check_beton(root / f"{split}.beton", self.write_params) is None:
-                    rank_zero_warn(f"{root / f'{split}.beton'} has no .json sidecar: its write parameters cannot be checked")
-            return
-        classes = validate_root(root)
-        for split in ("train", "val"):
-            path = self.beton_path(split)
-            if self._cached_beton(path, classes):
-                continue
-            rank_zero_info(f"writing {path} from {root / split} ({self.write_params})")
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            write_beton(
-                root / split, path, **{k: v for k, v in self.write_params.as_dict().items() if k != "write_mode"},
-                num_workers=workers, progress=self.hparams.progress, skip_corrupt=self.hparams.skip_corrupt, classes=classes,
-            )
-
-    def _cached_beton(self, path: Path, classes: list[str]) -> bool:
-        """True if the cache's ``path`` is complete and was written from this dataset's classes."""
-        from .ffcv_io import check_beton
-
-        if not path.is_file():
-            return False
-        try:
-            meta = check_beton(path, self.write_params)
-        except DataError:
-            return False  # our own cache: a changed or foreign file is rewritten
-        if meta is None or meta.get("classes") != classes:
-            return False
-        # Written with skip_corrupt: rewrite now that unreadable files must fail (or were fixed).
-        return not (meta.get("skipped") and not self.hparams.skip_corrupt)
-
-    def _header_marker(self, split: str) -> Path:
-        return cache_dir_for(self.root) / f"{split}.{HEADER_CHECK}.json"
-
-    def _prepare_headers(self, root: Path) -> None:
-        classes = validate_root(root)
-        for split in ("train", "val"):
-            samples = scan_split(root / split, classes)
-            marker = read_json(self._header_marker(split))
-            if marker and marker.get("num_files") == len(samples):
-                continue
-            bad = check_headers(samples)
-            atomic_write_json(self._header_marker(split), {"num_files": len(samples), "bad": bad})
+        """Generate the synthetic dataset if needed; validate; let the backend write its files (rank 0)."""
+        self._ensure_root()
+        if self.is_flat:
+            return  # photos to predict: read as they are
+        self.classes  # noqa: B018 - validates the folder with one clear line
+        if self.layout is not None:
+            self.layout.prepare()  # the official archives: extracted once
+        self.backend.prepare()
 
     # ------------------------------------------------------------------ setup
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.world_size) if trainer is not None else 1
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
         """Check the batch split and the prepared files on every process; loaders are built lazily."""
@@ -280,48 +283,19 @@ class ImageNetDataModule(L.LightningDataModule):
             self._loaders.clear()  # built for another world size
         self.per_device_batch_size = bs // ws
         root = self.root
-        if (self.hparams.root is None and not (root / synthetic.MANIFEST).exists()) or self._missing_files():
+        if self.is_flat:
+            if stage not in ("predict", None):
+                self.classes  # noqa: B018 - raises: only predict reads a folder without classes
+            return
+        prepared = self.backend.is_prepared() and (self.layout is None or self.layout.is_prepared())
+        if (self.hparams.root is None and not (root / synthetic.MANIFEST).exists()) or not prepared:
             if ws > 1:
                 raise DataError(
                     f"prepared data for {root} is missing on this node: prepare_data() runs on local rank 0 only; "
                     "use a beton_dir/ZOO_DATA_DIR that every node can read, or prepare_data_per_node"
                 )
             self.prepare_data()
-        if self.hparams.backend == "ffcv":
-            self._check_betons()
-        else:
-            self._load_samples()
-
-    def _missing_files(self) -> bool:
-        if self.hparams.backend == "ffcv":
-            return not all(self.beton_path(s).is_file() for s in ("train", "val"))
-        return not all(self._header_marker(s).is_file() for s in ("train", "val"))
-
-    def _check_betons(self) -> None:
-        from .ffcv_io import check_beton
-
-        for split in ("train", "val"):
-            meta = check_beton(self.beton_path(split), self.write_params)
-            if meta and meta.get("skipped"):
-                if not self.hparams.skip_corrupt:
-                    raise corrupt_error([tuple(s) for s in meta["skipped"]])
-                rank_zero_warn(
-                    f"{split}: skipped {len(meta['skipped'])} unreadable images (e.g. {meta['skipped'][0][0]})"
-                )
-
-    def _load_samples(self) -> None:
-        root = self.root
-        classes = validate_root(root)
-        for split in ("train", "val"):
-            samples = scan_split(root / split, classes)
-            bad = (read_json(self._header_marker(split)) or {}).get("bad") or []
-            if bad:
-                if not self.hparams.skip_corrupt:
-                    raise corrupt_error([tuple(b) for b in bad])
-                rank_zero_warn(f"{split}: skipping {len(bad)} unreadable images (e.g. {bad[0][0]})")
-                bad_paths = {b[0] for b in bad}
-                samples = [s for s in samples if s[0] not in bad_paths]
-            self._samples[split] = samples
+        self.backend.setup()
 
     # ------------------------------------------------------------------ loaders
     def set_train_resolution(self, res: int) -> None:
@@ -329,68 +303,36 @@ class ImageNetDataModule(L.LightningDataModule):
         if res < 8:
             raise DataError(f"train resolution {res} is too small: use at least 8 px")
         self.train_resolution = int(res)
-        if self._train_decoder is not None:
-            # ffcv allocates buffers from output_size at every epoch and its compiled code reads
-            # shapes from the buffers: no rebuild or recompile needed (as ffcv-imagenet does).
-            self._train_decoder.output_size = (res, res)
-        if self._train_transform is not None:
-            self._train_transform.set_resolution(res)
+        self.backend.set_train_resolution(int(res))
 
-    def _distributed(self) -> bool:
-        if self._world_size() <= 1:
-            return False
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise DataError("ffcv distributed loading needs the process group first: request dataloaders after Trainer setup")
-        return True
+    def _loader(self, split: str, train: bool = False):
+        key = f"{split}:{'train' if train else 'eval'}"
+        if key not in self._loaders:
+            self._loaders[key] = self.backend.loader(split, train=train, rank=self._rank(), world_size=self._world_size())
+        return self._loaders[key]
 
-    def _ffcv_loader(self, split: str):
-        from .ffcv_io import label_pipeline, make_loader, train_image_pipeline, val_image_pipeline
+    def eval_indices(self, split: str = "val") -> list[int]:
+        """Indices (into :meth:`samples`) this process evaluates or predicts, in the order it does."""
+        n = len(self.samples(split)) if not self.is_beton_root else _beton_len(self.beton_path(split))
+        return list(eval_indices(n, self._rank(), self._world_size()))
 
-        hp = self.hparams
-        train = split == "train"
-        image = (
-            train_image_pipeline(self.train_resolution, hp.scale, hp.ratio) if train
-            else val_image_pipeline(self.val_resolution, self.val_crop)
-        )
-        loader = make_loader(
-            self.beton_path(split), {"image": image, "label": label_pipeline()},
-            batch_size=self.per_device_batch_size, num_workers=max(1, hp.num_workers),
-            order=hp.order if train else "sequential", distributed=self._distributed(), seed=hp.seed,
-            drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,
-        )
-        if train:
-            self._train_decoder = image[0]  # the same object the Loader decodes with
-        return loader
+    # what callbacks.prediction_writer.PredictionWriter asks (duck-typed: callbacks don't import datamodules)
+    def _predict_split(self) -> str:
+        return "predict" if self.is_flat else "val"
 
-    def _torch_loader(self, split: str):
-        from .torchvision_backend import ImageFolderDataset, TrainTransform, make_dataloader, val_transform
+    def predict_indices(self) -> list[int]:
+        """The dataset indices this process predicts, in order (every image once across processes)."""
+        return self.eval_indices(self._predict_split())
 
-        hp = self.hparams
-        if split not in self._samples:
-            self._load_samples()
-        train = split == "train"
-        if train:
-            self._train_transform = TrainTransform(self.train_resolution, hp.scale, hp.ratio, self.interpolation)
-            tf = self._train_transform
-        else:
-            tf = val_transform(self.val_resolution, self.val_crop, self.interpolation)
-        return make_dataloader(
-            ImageFolderDataset(self._samples[split], tf, hp.skip_corrupt),
-            batch_size=self.per_device_batch_size, num_workers=hp.num_workers,
-            shuffle=train, drop_last=hp.drop_last if train else False, seed=hp.seed,
-        )
-
-    def _loader(self, split: str):
-        if split not in self._loaders:
-            build = self._ffcv_loader if self.hparams.backend == "ffcv" else self._torch_loader
-            self._loaders[split] = build(split)
-        return self._loaders[split]
+    def predict_paths(self) -> list[str] | None:
+        """Every predicted image's path in dataset order (None for a .beton root: no paths stored)."""
+        return None if self.is_beton_root else [p for p, _ in self.samples(self._predict_split())]
 
     def train_dataloader(self):
-        loader = self._loader("train")
+        loader = self._loader("train", train=True)
         trainer = getattr(self, "trainer", None)
-        if self.hparams.backend == "ffcv" and trainer is not None:
-            loader.next_epoch = trainer.current_epoch  # ffcv's order is seed + epoch: same order after a resume
+        if trainer is not None:
+            self.backend.on_train_epoch(loader, trainer.current_epoch)
         return loader
 
     def val_dataloader(self):
@@ -400,14 +342,19 @@ class ImageNetDataModule(L.LightningDataModule):
         return self._loader("val")  # ImageNet's labelled test split is val
 
     def predict_dataloader(self):
-        return self._loader("val")  # `zoo predict`: class probabilities for the val images, in order
+        """`zoo predict`: the val images (eval crops, no augmentation), or a folder of photos, in order."""
+        if self.is_flat:  # read with PIL whatever the backend: no .beton for a one-off pass
+            if "predict" not in self._loaders:
+                from .torchvision_backend import photo_loader
+
+                self._loaders["predict"] = photo_loader(self, rank=self._rank(), world_size=self._world_size())
+            return self._loaders["predict"]
+        return self._loader("val")
 
     def teardown(self, stage: str) -> None:
-        # torchvision: end the persistent worker processes. ffcv loaders hold no processes and
-        # are kept: rebuilding one costs a numba compile (~10-20 s).
-        if stage == "fit" and self.hparams.backend == "torchvision":
+        self.backend.teardown(stage)
+        if stage == "fit" and not self.backend.keeps_loaders:
             self._loaders.clear()
-            self._train_transform = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_resolution": self.train_resolution}
@@ -415,3 +362,9 @@ class ImageNetDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_resolution" in state_dict:
             self.set_train_resolution(int(state_dict["train_resolution"]))
+
+
+def _beton_len(path: Path) -> int:
+    from .ffcv_io import beton_info
+
+    return int(beton_info(path)["num_samples"])

@@ -8,6 +8,11 @@ central part of the image), colour alone gives only 2 of 10 classes, shape alone
 
 ``make_synthetic_imagenet(default_root())`` writes ~3,500 JPEGs in ~15 s on 2 cores
 (measured on a 2-core AMD EPYC VM).
+
+Drawn with OpenCV (anti-aliased, installed with the ``[ffcv]`` extra) when it can be imported,
+else with PIL (same shapes, sizes and colours from the same random draws; edges not
+anti-aliased), so that the torchvision fallback works on a machine without OpenCV. The
+manifest records which one drew a dataset.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from .folder import DataError, atomic_write_json, cache_root, read_json, umask_mode
@@ -41,14 +45,25 @@ def default_root() -> Path:
     return cache_root() / NAME
 
 
+def renderer() -> str:
+    """``cv2`` when OpenCV can be imported, else ``pil``."""
+    import importlib.util
+
+    return "cv2" if importlib.util.find_spec("cv2") is not None else "pil"
+
+
 def _hsv_to_bgr(h_deg: float, s: float, v: float) -> np.ndarray:
     """One colour as a uint8 BGR triple (cv2 HSV: H in [0, 180), S and V in [0, 255])."""
+    import cv2
+
     hsv = np.array([[[(h_deg % 360) / 2, s * 255, v * 255]]], dtype=np.float32).clip(0, 255).astype(np.uint8)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A random low-saturation colour field with blotches, lines and pixel noise (BGR uint8)."""
+    import cv2
+
     gh, gw = rng.integers(2, 6, size=2)
     hsv = np.stack(
         [
@@ -82,6 +97,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.nda
 
 def draw_image(class_index: int, rng: np.random.Generator, size_range: tuple[int, int] = SIZE_RANGE) -> np.ndarray:
     """One synthetic image of class ``CLASSES[class_index]`` as an RGB uint8 array."""
+    if renderer() == "pil":
+        return _draw_image_pil(class_index, rng, size_range)
+    import cv2
+
     colour, shape = CLASSES[class_index].split("_")
     w = int(rng.integers(size_range[0], size_range[1] + 1))
     h = int(round(w / np.exp(rng.uniform(*np.log(ASPECT_RANGE)))))
@@ -112,6 +131,68 @@ def draw_image(class_index: int, rng: np.random.Generator, size_range: tuple[int
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _draw_image_pil(class_index: int, rng: np.random.Generator, size_range: tuple[int, int]) -> np.ndarray:
+    """:func:`draw_image` with PIL: the same random draws in the same order, so the same geometry."""
+    import colorsys
+
+    from PIL import Image, ImageDraw
+
+    def rgb(h_deg: float, s: float, v: float) -> tuple[int, int, int]:
+        r, g, b = colorsys.hsv_to_rgb((h_deg % 360) / 360, min(max(s, 0), 1), min(max(v, 0), 1))
+        return int(r * 255), int(g * 255), int(b * 255)
+
+    colour, shape = CLASSES[class_index].split("_")
+    w = int(rng.integers(size_range[0], size_range[1] + 1))
+    h = int(round(w / np.exp(rng.uniform(*np.log(ASPECT_RANGE)))))
+    gh, gw = rng.integers(2, 6, size=2)
+    hsv = np.stack([rng.uniform(0, 180, (gh, gw)) * 255 / 180, rng.uniform(0, 0.25 * 255, (gh, gw)),
+                    rng.uniform(0.25 * 255, 0.95 * 255, (gh, gw))], axis=-1).astype(np.uint8)
+    img = Image.fromarray(hsv, "HSV").convert("RGB").resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(2, 6)):
+        p1 = tuple(int(v) for v in rng.integers(0, (w, h)))
+        p2 = tuple(int(v) for v in rng.integers(0, (w, h)))
+        fill = rgb(rng.uniform(0, 360), 0.2, rng.uniform(0.2, 0.9))
+        draw.line([p1, p2], fill=fill, width=int(rng.integers(1, 4)))
+    short = min(h, w)
+    for _ in range(rng.integers(0, 4)):
+        cx0, cy0 = (int(v) for v in rng.integers(0, (w, h)))
+        rad = int(rng.uniform(0.03, 0.06) * short)
+        draw.ellipse([cx0 - rad, cy0 - rad, cx0 + rad, cy0 + rad],
+                     fill=rgb(rng.uniform(0, 360), rng.uniform(0.5, 1), rng.uniform(0.5, 1)))
+    r = rng.uniform(0.55, 0.85) * short / 2
+    cx = w / 2 + rng.uniform(-0.1, 0.1) * w
+    cy = h / 2 + rng.uniform(-0.1, 0.1) * h
+    fill = rgb(COLOURS[colour] + rng.uniform(-15, 15), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
+    if shape in ("circle", "ring"):
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            width = rng.uniform(0.35, 0.5) * r  # PIL strokes inward from the box: outer radius r, as cv2's
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(1, int(width)))
+    else:
+        poly = _polygon(shape, cx, cy, r, rng.uniform(0, 2 * np.pi))
+        draw.polygon([tuple(map(float, p)) for p in poly], fill=fill)
+    noise = rng.integers(-12, 13, size=(h, w, 3), dtype=np.int16)
+    return np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    if renderer() == "pil":
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    import cv2
+
+    ok, buf = cv2.imencode(".JPEG", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok, "cv2.imencode failed"
+    return buf.tobytes()
+
+
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -121,10 +202,8 @@ def _write_one(job: tuple[str, str, int, int, int, tuple[int, int], int]) -> Non
     # on the number of worker processes or their scheduling.
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], class_index, i])
     rgb = draw_image(class_index, rng, size_range)
-    ok, buf = cv2.imencode(".JPEG", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok, "cv2.imencode failed"
     name = CLASSES[class_index]
-    Path(out_dir, split, name, f"{name}_{i:05d}.JPEG").write_bytes(buf.tobytes())
+    Path(out_dir, split, name, f"{name}_{i:05d}.JPEG").write_bytes(_encode_jpeg(rgb, quality))
 
 
 def make_synthetic_imagenet(
@@ -171,7 +250,7 @@ def make_synthetic_imagenet(
         else:
             for job in jobs:
                 _write_one(job)
-        manifest = {"params": params, "classes": CLASSES[:num_classes], "num_images": len(jobs),
+        manifest = {"params": params, "classes": CLASSES[:num_classes], "num_images": len(jobs), "renderer": renderer(),
                     "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_json(tmp / MANIFEST, manifest)
         os.chmod(tmp, umask_mode(directory=True))

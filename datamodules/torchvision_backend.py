@@ -1,6 +1,6 @@
 """The same augmentations as the FFCV pipelines with torchvision, where FFCV cannot be installed.
 
-Train: RandomResizedCrop(res, scale, ratio) + RandomHorizontalFlip; val: Resize(res / crop_ratio)
+Train: RandomResizedCrop(res, scale, ratio) + RandomHorizontalFlip(flip); val: Resize(res / crop_ratio)
 + CenterCrop(res) (the same region as ffcv's CenterCropRGBImageDecoder). Both give uint8 NCHW
 batches; normalisation happens on the device, as with FFCV. Resizing uses PIL with the model's
 interpolation (ffcv uses OpenCV INTER_AREA).
@@ -12,11 +12,16 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from .folder import DataError, load_rgb
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .backends import Backend
+from .folder import DataError, atomic_write_json, cache_dir_for, check_headers, corrupt_error, load_rgb, read_json
+
+HEADER_CHECK = "headers-v1"  # marker format for the one-time file check
 
 
 class TrainTransform:
@@ -26,8 +31,12 @@ class TrainTransform:
     ones) see :meth:`set_resolution` from the next sample on: call it between epochs.
     """
 
-    def __init__(self, res: int, scale: tuple[float, float], ratio: tuple[float, float], interpolation: str = "bilinear"):
+    def __init__(
+        self, res: int, scale: tuple[float, float], ratio: tuple[float, float], interpolation: str = "bilinear",
+        flip: float = 0.5,
+    ):
         self.res = torch.tensor([res], dtype=torch.int64).share_memory_()
+        self.flip = float(flip)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.interpolation = InterpolationMode(interpolation)
         self._built: tuple[int, Callable] | None = None
@@ -40,7 +49,7 @@ class TrainTransform:
         if self._built is None or self._built[0] != res:
             self._built = (res, v2.Compose([
                 v2.RandomResizedCrop(res, scale=self.scale, ratio=self.ratio, interpolation=self.interpolation, antialias=True),
-                v2.RandomHorizontalFlip(),
+                *([v2.RandomHorizontalFlip(self.flip)] if self.flip > 0 else []),
                 v2.PILToTensor(),  # uint8 CHW, no float conversion
             ]))
         return self._built[1](image)
@@ -90,15 +99,100 @@ def make_dataloader(
     shuffle: bool,
     drop_last: bool,
     seed: int = 0,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """A torch DataLoader; Lightning swaps in a DistributedSampler under DDP (use_distributed_sampler)."""
+    """A torch DataLoader. Train: Lightning swaps in a DistributedSampler under DDP
+    (use_distributed_sampler); a given ``sampler`` that is a DistributedSampler is kept."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),  # page-locked host memory for async host->device copies
         persistent_workers=num_workers > 0,  # keep worker processes (and their file handles) across epochs
         drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
     )
+
+
+class TorchvisionBackend(Backend):
+    """PIL decoding in DataLoader worker processes; files are checked once (headers) and remembered.
+
+    Under DDP, Lightning gives the train loader a DistributedSampler; evaluation loaders get
+    Lightning's UnrepeatedDistributedSampler (rank ``r`` reads ``r::world_size``, no padding),
+    which Lightning keeps because it is a DistributedSampler.
+    """
+
+    name = "torchvision"
+    keeps_loaders = False  # dropping them ends their persistent worker processes
+
+    def __init__(self, dm) -> None:
+        super().__init__(dm)
+        self._train_transform: TrainTransform | None = None
+        self._samples: dict[str, list[tuple[str, int]]] = {}
+
+    def _marker(self, split: str):
+        return cache_dir_for(self.dm.root) / f"{split}.{HEADER_CHECK}.json"
+
+    def prepare(self) -> None:
+        for split in ("train", "val"):
+            samples = self.dm.samples(split)
+            marker = read_json(self._marker(split))
+            if marker and marker.get("num_files") == len(samples):
+                continue
+            atomic_write_json(self._marker(split), {"num_files": len(samples), "bad": check_headers(samples)})
+
+    def is_prepared(self) -> bool:
+        return all(self._marker(s).is_file() for s in ("train", "val"))
+
+    def setup(self) -> None:
+        for split in ("train", "val"):
+            samples = self.dm.samples(split)
+            bad = (read_json(self._marker(split)) or {}).get("bad") or []
+            if bad:
+                if not self.dm.hparams.skip_corrupt:
+                    raise corrupt_error([tuple(b) for b in bad])
+                rank_zero_warn(f"{split}: skipping {len(bad)} unreadable images (e.g. {bad[0][0]})")
+                bad_paths = {b[0] for b in bad}
+                samples = [s for s in samples if s[0] not in bad_paths]
+            self._samples[split] = samples
+
+    def loader(self, split: str, *, train: bool, rank: int, world_size: int) -> DataLoader:
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        dm, hp = self.dm, self.dm.hparams
+        if split not in self._samples:
+            self.setup()
+        if train:
+            self._train_transform = TrainTransform(dm.train_resolution, hp.scale, hp.ratio, dm.interpolation, flip=hp.flip)
+            tf: Callable = self._train_transform
+        else:
+            tf = val_transform(dm.val_resolution, dm.val_crop, dm.interpolation)
+        dataset = ImageFolderDataset(self._samples[split], tf, hp.skip_corrupt)
+        sampler = None
+        if not train and world_size > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return make_dataloader(
+            dataset, batch_size=dm.per_device_batch_size, num_workers=hp.num_workers,
+            shuffle=train, drop_last=hp.drop_last if train else False, seed=hp.seed, sampler=sampler,
+        )
+
+    def set_train_resolution(self, res: int) -> None:
+        if self._train_transform is not None:
+            self._train_transform.set_resolution(res)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":  # the DataModule drops its loaders: their persistent workers end
+            self._train_transform = None
+
+
+def photo_loader(dm, *, rank: int, world_size: int) -> DataLoader:
+    """Eval crops of a folder of photos (labels -1), each once across ``world_size`` processes."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    tf = val_transform(dm.val_resolution, dm.val_crop, dm.interpolation)
+    dataset = ImageFolderDataset(dm.samples("predict"), tf, dm.hparams.skip_corrupt)
+    sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False) if world_size > 1 else None
+    return make_dataloader(dataset, batch_size=dm.per_device_batch_size, num_workers=dm.hparams.num_workers,
+                           shuffle=False, drop_last=False, sampler=sampler)

@@ -464,3 +464,19 @@ def test_write_beton_from_a_dataset(tmp_path):
     assert meta["num_samples"] == 4 and meta["classes"] == ["x", "y"] and len(meta["skipped"]) == 1
     assert ffcv_io.beton_info(tmp_path / "d.beton") == {"num_samples": 4, "fields": ["image", "label"], "num_classes": 2}
     assert os.stat(tmp_path / "d.beton").st_mode & 0o777 == umask_mode()  # not mkstemp's 0600
+
+
+# --------------------------------------------------------------------------- flip
+
+
+@pytest.mark.parametrize("backend", [pytest.param("ffcv", marks=needs_ffcv), "torchvision"])
+def test_flip_zero_never_flips(tiny_imagenet, tmp_path, backend):
+    dm = ImageNetDataModule(root=str(tiny_imagenet), backend=backend, batch_size=6, num_workers=1 if backend == "ffcv" else 0,
+                            train_res=RES, val_res=RES, max_resolution=100, beton_dir=str(tmp_path), progress=False,
+                            drop_last=False, flip=0.0, scale=(0.5, 1.0))
+    dm.prepare_data()
+    dm.setup("fit")
+    signs = torch.cat([_lr_sign(_epoch(dm.train_dataloader())[0]) for _ in range(3)])
+    assert (signs > 0).all(), f"flip=0 flipped {(signs < 0).sum().item()} of {len(signs)} crops"
+    with pytest.raises(DataError, match=r"flip=1.5 must be a probability"):
+        ImageNetDataModule(root=str(tiny_imagenet), backend=backend, flip=1.5)

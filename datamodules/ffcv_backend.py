@@ -1,0 +1,120 @@
+"""FFCV backend: each split is written once to a .beton, then decoded by numba threads.
+
+Train: RandomResizedCrop decode + flip (``ffcv_io.train_image_pipeline``); eval: center crop.
+Under DDP, train uses ffcv's ``distributed=True`` order; evaluation reads each rank's share
+``rank::world_size`` in order with ``distributed=False``, because ffcv's distributed order pads
+the last batch with duplicates that would be counted twice in the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from .backends import Backend, eval_indices
+from .folder import DataError, corrupt_error
+
+
+class FFCVBackend(Backend):
+    name = "ffcv"
+    requires = ("ffcv", "cv2")
+    install_hint = "pip install 'lightning-zoo[ffcv]' (it builds against libturbojpeg and OpenCV), or set data.backend=torchvision"
+
+    def __init__(self, dm) -> None:
+        super().__init__(dm)
+        self._train_decoder: Any = None  # RandomResizedCrop decoder of the built train loader
+
+    # ------------------------------------------------------------------ files
+    def prepare(self) -> None:
+        from .ffcv_io import check_beton, write_beton
+
+        dm = self.dm
+        if dm.is_beton_root:
+            for split in ("train", "val"):
+                path = dm.beton_path(split)
+                if check_beton(path, dm.write_params) is None:
+                    rank_zero_warn(f"{path} has no .json sidecar: its write parameters cannot be checked")
+            return
+        classes = dm.classes
+        for split in ("train", "val"):
+            path = dm.beton_path(split)
+            if self._cached_beton(path, classes):
+                continue
+            source = dm.sample_list(split)
+            rank_zero_info(f"writing {path} from {source.source} ({dm.write_params})")
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            write_beton(
+                source, path, **{k: v for k, v in dm.write_params.as_dict().items() if k != "write_mode"},
+                num_workers=workers, progress=dm.hparams.progress, skip_corrupt=dm.hparams.skip_corrupt, classes=classes,
+            )
+
+    def _cached_beton(self, path: Path, classes: list[str]) -> bool:
+        """True if the cache's ``path`` is complete and was written from this dataset's classes."""
+        from .ffcv_io import check_beton
+
+        if not path.is_file():
+            return False
+        try:
+            meta = check_beton(path, self.dm.write_params)
+        except DataError:
+            return False  # our own cache: a changed or foreign file is rewritten
+        if meta is None or meta.get("classes") != classes:
+            return False
+        # Written with skip_corrupt: rewrite now that unreadable files must fail (or were fixed).
+        return not (meta.get("skipped") and not self.dm.hparams.skip_corrupt)
+
+    def is_prepared(self) -> bool:
+        return all(self.dm.beton_path(s).is_file() for s in ("train", "val"))
+
+    def setup(self) -> None:
+        from .ffcv_io import check_beton
+
+        for split in ("train", "val"):
+            meta = check_beton(self.dm.beton_path(split), self.dm.write_params)
+            if meta and meta.get("skipped"):
+                if not self.dm.hparams.skip_corrupt:
+                    raise corrupt_error([tuple(s) for s in meta["skipped"]])
+                rank_zero_warn(f"{split}: skipped {len(meta['skipped'])} unreadable images (e.g. {meta['skipped'][0][0]})")
+
+    # ------------------------------------------------------------------ loaders
+    def loader(self, split: str, *, train: bool, rank: int, world_size: int):
+        from .ffcv_io import beton_info, label_pipeline, make_loader, train_image_pipeline, val_image_pipeline
+
+        dm, hp = self.dm, self.dm.hparams
+        path = dm.beton_path(split)
+        if train:
+            image = train_image_pipeline(dm.train_resolution, hp.scale, hp.ratio, hp.flip)
+        else:
+            image = val_image_pipeline(dm.val_resolution, dm.val_crop)
+        distributed = train and world_size > 1
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise DataError("ffcv distributed loading needs the process group first: request dataloaders after Trainer setup")
+        indices = None
+        if not train and world_size > 1:
+            indices = list(eval_indices(beton_info(path)["num_samples"], rank, world_size))
+        loader = make_loader(
+            path, {"image": image, "label": label_pipeline()},
+            batch_size=dm.per_device_batch_size, num_workers=max(1, hp.num_workers),
+            order=hp.order if train else "sequential", distributed=distributed, seed=hp.seed,
+            drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,
+            indices=indices,
+        )
+        if train:
+            self._train_decoder = image[0]  # the same object the Loader decodes with
+        return loader
+
+    def set_train_resolution(self, res: int) -> None:
+        if self._train_decoder is not None:
+            # ffcv allocates buffers from output_size at every epoch and its compiled code reads
+            # shapes from the buffers: no rebuild or recompile needed (as ffcv-imagenet does).
+            self._train_decoder.output_size = (res, res)
+
+    def on_train_epoch(self, loader, epoch: int) -> None:
+        loader.next_epoch = epoch  # ffcv's order is seed + epoch: the same order after a resume
+
+    # teardown: ffcv loaders hold no processes and are kept; rebuilding one costs a numba
+    # compile (~10-20 s).
