@@ -91,6 +91,10 @@ class ZooCLI(LightningCLI):
         )
         parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
         parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
+        parser.add_argument(
+            "--run.monitor", type=str, default="val/acc1",
+            help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
+        )
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
@@ -108,13 +112,14 @@ class ZooCLI(LightningCLI):
         if self.subcommand == "fit":
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 every = run["checkpoint_every_n_epochs"]
+                monitor = run.get("monitor") or "val/acc1"
                 callbacks += [
-                    ModelCheckpoint(  # the best epoch by val/acc1
+                    ModelCheckpoint(  # the best epoch by the monitored metric (val/acc1)
                         dirpath=run_dir / "checkpoints",
                         # no "/" in file names: the metric is val/acc1
-                        filename="epoch={epoch:03d}-val_acc1={val/acc1:.4f}",
+                        filename=f"epoch={{epoch:03d}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}",
                         auto_insert_metric_name=False,
-                        monitor="val/acc1",
+                        monitor=monitor,
                         mode="max",
                         every_n_epochs=every,
                     ),
