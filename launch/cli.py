@@ -132,6 +132,13 @@ class ZooCLI(LightningCLI):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
             if logger is not False and self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
+            from callbacks.bn_stats import BNBufferSync
+
+            if not any(isinstance(c, BNBufferSync) for c in callbacks):
+                # DDP without SyncBN: average BN buffers across ranks before validation and saving
+                # (timm's --dist-bn reduce default); a no-op on one process
+                callbacks.append(BNBufferSync())
         trainer_cfg["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(run_dir))
         kwargs.setdefault("logger", logger)

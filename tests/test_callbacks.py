@@ -1,5 +1,6 @@
 """WeightEMA: the average is right, evaluation uses it, checkpoints keep both, resume restores it."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -168,3 +169,47 @@ def test_validation_logs_trained_and_ema_accuracy():
             hits += (net(m.preprocess(x)).argmax(-1) == y).sum().item()
             n += y.numel()
     assert float(metrics["val_ema/acc1"]) == pytest.approx(hits / n)
+
+
+class OrderedData(TinyData):
+    """No shuffling: a resumed run sees the same batches as an uninterrupted one."""
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(L.Callback):
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Crash("killed")
+
+
+def test_ema_kill_then_resume_matches_uninterrupted(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(callbacks, ckpt=None, max_epochs=3):
+        torch.manual_seed(0)
+        m = model(arch_args={"widths": [8, 16]}, lr=0.05, lr_reference_batch=None)
+        ema = WeightEMA(decay=0.8, warmup="tf", evaluate_with_ema=False)
+        t = trainer(max_epochs=max_epochs, callbacks=[ema, *callbacks], limit_val_batches=0,
+                    enable_checkpointing=True, accumulate_grad_batches=2, default_root_dir=tmp_path)
+        t.fit(m, datamodule=OrderedData(), ckpt_path=ckpt)
+        return ema
+
+    full = run([])
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", filename="last", every_n_epochs=1)
+    with pytest.raises(Crash):
+        run([ck, CrashAt(epoch=2, batch=1)])
+    resumed = run([ModelCheckpoint(dirpath=tmp_path / "ck2")], ckpt=str(tmp_path / "ck" / "last.ckpt"))
+    assert (resumed.num_updates, resumed.last_step) == (full.num_updates, full.last_step) == (6, 6)
+    for k, v in full.ema.items():
+        torch.testing.assert_close(resumed.ema[k], v)
