@@ -46,6 +46,8 @@ from ._batches import all_reduce, as_list, distributed, iterate, train_loader, w
 
 # pycls config NUM_SAMPLES_PRECISE = 8192 (pycls/core/config.py, "Rethinking 'Batch' in BatchNorm")
 NUM_SAMPLES_PRECISE = 8192
+HELDOUT_SIZE = 64  # images in check 4's held-out batch (a common per-GPU batch size)
+HELDOUT_PER_BATCH = 8
 
 
 def bn_layers(net: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -374,8 +376,9 @@ class BNStatsCheck(L.Callback):
        (see :func:`estimate_population_stats`): per layer mean over channels of
        |mu_run - mu_pop| / sigma_pop and |log(var_run / var_pop)|; val accuracy on up to
        ``val_samples`` images with the running and with the recomputed statistics.
-    4. Train/eval gap on one held-out (val) batch: accuracy and relative logit difference
-       with batch statistics vs running statistics.
+    4. Train/eval gap on one held-out batch (64 val images, a few from every val batch of
+       check 3, so classes mix): accuracy and relative logit difference with batch
+       statistics vs running statistics.
     5. Under DDP: the largest difference of each BN buffer across ranks.
 
     Summary scalars ``bn/*`` go to the logger each time; the per-layer table to a W&B table
@@ -416,6 +419,7 @@ class BNStatsCheck(L.Callback):
         self.last_findings: list[str] = []
         self.last_summary: dict[str, float] = {}
         self.last_rows: list[dict] = []
+        self._heldout: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def _once(self, key: str, msg: str) -> None:
         if key not in self._said:
@@ -562,23 +566,33 @@ class BNStatsCheck(L.Callback):
             return None
         net = pl_module.net
         hits = torch.zeros(3, device=pl_module.device)  # running, recomputed, count
+        picks_x, picks_y = [], []
         for x, y in iterate(loader, pl_module, max_samples=math.ceil(self.val_samples / world_size())):
             if y is None:
                 return None
+            # the held-out batch of check 4: a few images from every val batch, so that it
+            # mixes classes (a sequential val loader gives one class per batch)
+            picks_x.append(x[:HELDOUT_PER_BATCH])
+            picks_y.append(y[:HELDOUT_PER_BATCH])
             a = net(x).argmax(-1) == y
             with using_stats(net, stats):
                 b = net(x).argmax(-1) == y
             hits += torch.stack([a.sum().float(), b.sum().float(), torch.full((), float(y.numel()), device=hits.device)])
         all_reduce(hits, "sum")
+        if picks_x:
+            xs, ys = torch.cat(picks_x), torch.cat(picks_y)
+            keep = torch.linspace(0, len(ys) - 1, min(HELDOUT_SIZE, len(ys)), device=ys.device).round().long()
+            self._heldout = (xs[keep], ys[keep])
         n = max(float(hits[2]), 1.0)
         return float(hits[0]) / n, float(hits[1]) / n
 
     @torch.no_grad()
     def _train_eval_gap(self, trainer, pl_module) -> Optional[tuple[float, float, float]]:
-        loader = self._val_loader(trainer)
-        if loader is None:
-            return None
-        batch = next(iterate(loader, pl_module, max_batches=1), None)
+        batch = self._heldout
+        self._heldout = None
+        if batch is None:  # check 3 did not run: the first val batch
+            loader = self._val_loader(trainer)
+            batch = next(iterate(loader, pl_module, max_batches=1), None) if loader is not None else None
         if batch is None or batch[1] is None or batch[0].shape[0] < 2:
             return None
         x, y = batch
