@@ -99,6 +99,10 @@ class ZooCLI(LightningCLI):
         )
         parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
         parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
+        parser.add_argument(
+            "--run.monitor", type=str, default="val/acc1",
+            help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
+        )
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         parser.link_arguments(("data.root", "model.weights", "model.arch"), "model.num_classes",
                               compute_fn=_num_classes_or_placeholder)
@@ -166,13 +170,14 @@ class ZooCLI(LightningCLI):
         if self.subcommand == "fit":
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 every = run["checkpoint_every_n_epochs"]
+                monitor = run.get("monitor") or "val/acc1"
                 callbacks += [
-                    ModelCheckpoint(  # the best epoch by val/acc1
+                    ModelCheckpoint(  # the best epoch by the monitored metric (val/acc1)
                         dirpath=run_dir / "checkpoints",
                         # no "/" in file names: the metric is val/acc1
-                        filename="epoch={epoch:03d}-val_acc1={val/acc1:.4f}",
+                        filename=f"epoch={{epoch:03d}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}",
                         auto_insert_metric_name=False,
-                        monitor="val/acc1",
+                        monitor=monitor,
                         mode="max",
                         every_n_epochs=every,
                     ),
@@ -189,6 +194,13 @@ class ZooCLI(LightningCLI):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
             if logger is not False and self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
+            from callbacks.bn_stats import BNBufferSync
+
+            if not any(isinstance(c, BNBufferSync) for c in callbacks):
+                # DDP without SyncBN: average BN buffers across ranks before validation and saving
+                # (timm's --dist-bn reduce default); a no-op on one process
+                callbacks.append(BNBufferSync())
         trainer_cfg["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(run_dir))
         kwargs.setdefault("logger", logger)
@@ -272,6 +284,7 @@ def _with_default_recipe(argv: list[str]) -> list[str]:
 # stays fast. Add a command by adding one line here.
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
+    "ensemble": "launch.ensemble:main",
 }
 
 
