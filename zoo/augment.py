@@ -192,13 +192,17 @@ class BatchedAutoAugment(nn.Module):
         return self.apply(images, layers)
 
     def apply(self, images: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Apply given per-sample ``(ops, args)`` layers (CPU tensors, as :meth:`sample` draws)."""
-        x = images.float()
-        for ops, arg in layers:
-            x = self._apply_layer(x, ops.long(), arg.float())
-        return x.to(torch.uint8)  # values are already rounded and clamped to 0..255
+        """Apply given per-sample ``(ops, args)`` layers (CPU tensors, as :meth:`sample` draws).
 
-    def _apply_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+        The batch stays uint8 between layers, as PIL's and torchvision's ops return uint8; only
+        the samples an op acts on are converted to float, and written back in place.
+        """
+        x = images.clone()
+        for ops, arg in layers:
+            self._apply_layer(x, ops.long(), arg.float())
+        return x
+
+    def _apply_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor) -> None:
         order = torch.argsort(ops, stable=True)  # CPU: group the samples by op
         sorted_ops = ops[order]
         counts = torch.bincount(sorted_ops.clamp(max=IDENTITY + 1), minlength=IDENTITY + 2).tolist()
@@ -207,22 +211,27 @@ class BatchedAutoAugment(nn.Module):
             bounds.append(bounds[-1] + c)
         active = bounds[IDENTITY]  # samples with a real op come first (Identity and SKIP last)
         if active == 0:
-            return x
+            return
         dev = x.device
         idx = order[:active].to(dev, non_blocking=True)
         a = arg[order[:active]].to(dev, non_blocking=True)
-        xs = x.index_select(0, idx)
-        pieces = []
+        xs = x.index_select(0, idx)  # uint8, sorted by op; each op rewrites its slice
         na = bounds[N_AFFINE]  # geometric ops: one grid_sample for all of them
         if na:
             theta = self._theta(sorted_ops[:na], arg[order[:na]], x.shape[-2], x.shape[-1]).to(dev, non_blocking=True)
-            pieces.append(self._warp(xs[:na], theta))
+            xs[:na] = _to_uint8(self._warp(xs[:na].float(), theta))
         for op in range(N_AFFINE, IDENTITY):
             lo, hi = bounds[op], bounds[op + 1]
-            if hi > lo:
-                pieces.append(self._colour(op, xs[lo:hi], a[lo:hi].view(-1, 1, 1, 1)))
-        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        return x.index_copy(0, idx, out.round_().clamp_(0, 255))
+            if hi <= lo:
+                continue
+            ai = a[lo:hi].view(-1, 1, 1, 1)
+            if op in _UINT8_OPS:  # integer ops: no float round trip
+                xs[lo:hi] = self._integer(op, xs[lo:hi], ai)
+            else:
+                f = xs[lo:hi].float()
+                self._colour_(op, f, ai)
+                xs[lo:hi] = _to_uint8(f)
+        x.index_copy_(0, idx, xs)
 
     @staticmethod
     def _theta(ops: torch.Tensor, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -257,54 +266,68 @@ class BatchedAutoAugment(nn.Module):
         return theta
 
     def _warp(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Resample with the fill colour outside: ``grid_sample(x - fill) + fill``.
+
+        The interpolation weights sum to 1 and zero padding drops the outside taps, so this is
+        ``inside + (1 - mask) * fill`` with one 3-channel resample (torchvision resamples a 4th
+        "ones" channel for the mask; its blend also scales the inside part by the mask).
+        """
         n, _, h, w = x.shape
         grid = F.affine_grid(theta.to(x.dtype), [n, 1, h, w], align_corners=False)
-        ones = torch.ones_like(x[:, :1])
-        y = F.grid_sample(torch.cat([x, ones], 1), grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
-        img, mask = y[:, :3], y[:, 3:]
-        fill = self.fill.to(img.dtype)
-        if self.interpolation == "nearest":
-            return torch.where(mask < 0.5, fill, img)
-        mask = mask.clamp(0, 1)  # bicubic overshoots
-        return img * mask + (1 - mask) * fill  # torchvision's fill blend (_apply_grid_transform)
+        if not self.fill.any():  # torchvision's fill 0: nothing to shift
+            return F.grid_sample(x, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
+        fill = self.fill.to(x.dtype)
+        out = F.grid_sample(x - fill, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
+        return out.add_(fill)
 
     @staticmethod
-    def _colour(op: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def _colour_(op: int, x: torch.Tensor, a: torch.Tensor) -> None:
+        """Apply colour op ``op`` with per-sample arguments ``a`` (N, 1, 1, 1) to float ``x`` in place."""
         if op == BRIGHTNESS:  # blend with black
-            return x * a
-        if op == COLOR:  # blend with the grey image (ITU-R 601-2 luma, PIL's "L")
-            grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).round()
-            return grey + a * (x - grey)
-        if op == CONTRAST:  # blend with the mean grey level of each image
+            x.mul_(a)
+        elif op == COLOR:  # blend with the grey image (ITU-R 601-2 luma, PIL's "L")
+            grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).round_()
+            x.sub_(grey).mul_(a).add_(grey)
+        elif op == CONTRAST:  # blend with the mean grey level of each image
             grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-            mean = grey.mean(dim=(2, 3), keepdim=True).round()
-            return mean + a * (x - mean)
-        if op == SHARPNESS:  # blend with PIL's SMOOTH kernel, border pixels unchanged
-            k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device, dtype=x.dtype) / 13
-            blur = F.conv2d(x, k.expand(3, 1, 3, 3), groups=3).round()
-            out = x.clone()
-            inner = out[..., 1:-1, 1:-1]
-            inner.copy_(blur + a * (inner - blur))
-            return out
-        if op == POSTERIZE:  # keep the top `bits` bits
-            step = torch.exp2(8 - a)
-            return torch.floor(x / step) * step
-        if op == SOLARIZE:  # invert pixels >= threshold
-            return torch.where(x >= a, 255 - x, x)
-        if op == SOLARIZE_ADD:  # timm: add to pixels < 128, clipped at 255
-            return torch.where(x < 128, (x + a).clamp(max=255), x)
-        if op == AUTOCONTRAST:  # per channel: min -> 0, max -> 255 (unchanged if flat)
+            mean = grey.mean(dim=(2, 3), keepdim=True).round_()
+            x.sub_(mean).mul_(a).add_(mean)
+        elif op == SHARPNESS:  # blend with PIL's SMOOTH kernel (1s around a 5, / 13), border unchanged
+            inner = x[..., 1:-1, 1:-1]
+            # 3x3 box sum (a separable pool, much cheaper than a depthwise conv on CPU) + 4 x centre
+            blur = F.avg_pool2d(x, 3, stride=1).mul_(9).add_(inner, alpha=4).div_(13).round_()
+            inner.sub_(blur).mul_(a).add_(blur)
+        elif op == AUTOCONTRAST:  # per channel: min -> 0, max -> 255 (unchanged if flat)
             lo = x.amin(dim=(2, 3), keepdim=True)
             hi = x.amax(dim=(2, 3), keepdim=True)
             flat = hi <= lo
             scale = torch.where(flat, torch.ones_like(hi), 255.0 / (hi - lo).clamp(min=1))
-            out = torch.floor((x - lo) * scale)  # PIL's lut: int(ix * scale + offset)
-            return torch.where(flat, x, out)
+            x.sub_(torch.where(flat, torch.zeros_like(lo), lo)).mul_(scale).floor_()  # PIL: int(ix * scale + offset)
+        else:
+            raise AssertionError(op)
+
+    @staticmethod
+    def _integer(op: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Ops that map uint8 to uint8 exactly, computed on uint8 (or int16) tensors."""
+        if op == POSTERIZE:  # keep the top `bits` bits (PIL: img & ~(2**(8 - bits) - 1))
+            mask = (256 - torch.exp2(8 - a)).to(torch.uint8)
+            return x & mask
+        if op == SOLARIZE:  # invert pixels >= threshold (threshold 256: none)
+            return torch.where(x >= a.ceil().to(torch.int16), 255 - x, x)
+        if op == SOLARIZE_ADD:  # timm: add to pixels < 128, clipped at 255
+            return torch.where(x < 128, (x.to(torch.int16) + a.to(torch.int16)).clamp_(max=255).to(torch.uint8), x)
         if op == EQUALIZE:  # torchvision's batched histogram equalisation (PIL's algorithm)
-            return TF.equalize(x.to(torch.uint8)).float()
+            return TF.equalize(x)
         if op == INVERT:
             return 255 - x
         raise AssertionError(op)
+
+
+_UINT8_OPS = frozenset({POSTERIZE, SOLARIZE, SOLARIZE_ADD, EQUALIZE, INVERT})
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class DeviceAugment(nn.Module):
