@@ -35,7 +35,7 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
-from .folder import DataError, atomic_write_json, corrupt_error, find_classes, load_rgb, read_json, scan_split, umask_mode
+from .folder import DataError, atomic_write_json, corrupt_error, find_classes, load_rgb, read_json, scan_split, to_rgb, umask_mode
 
 # ffcv-imagenet README, "Dataset setup": ResNet-50 betons are written with 500 px max side,
 # 50% JPEG / 50% raw pixels, JPEG quality 90 (write_imagenet.sh 500 0.50 90); ResNet-18 with
@@ -106,7 +106,7 @@ class _Source:
             else:
                 image, label = self.dataset[i]
             if isinstance(image, Image.Image):
-                image = image.convert("RGB")
+                image = to_rgb(image)
             arr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
             if arr.ndim == 2:
                 arr = np.repeat(arr[:, :, None], 3, axis=2)

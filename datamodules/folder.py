@@ -105,11 +105,24 @@ def scan_split(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
     return samples
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: grayscale, palette, CMYK, RGBA (alpha dropped) by PIL's
+    ``convert``; 16/32-bit integer images (16-bit PNG/TIFF: modes I;16*, I) scaled to 0..255
+    by their bit depth first, since ``convert("RGB")`` clips them to 255 (a white image)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open and fully decode an image as RGB; raise DataError naming the file if it can't."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces a full decode, so truncated files fail here
+            return to_rgb(im)  # converting forces a full decode, so truncated files fail here
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}): {_CORRUPT_HINT}") from e
 

@@ -20,8 +20,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from jsonargparse import ArgumentError
+
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.imagenet import DataError, ImageNetDataModule, count_classes, is_photo_folder
@@ -35,7 +37,10 @@ DEFAULT_RECIPE = RECIPES / "demo.yaml"
 def _user_errors() -> tuple[type[BaseException], ...]:
     from zoo.weights import WeightsError
 
-    return (DataError, UnknownModelError, WeightsError, FileNotFoundError)
+    from launch.safety import ConfigError
+
+    # FloatingPointError: the model's non-finite loss check (step, LR, first bad layer)
+    return (DataError, UnknownModelError, WeightsError, FileNotFoundError, ConfigError, FloatingPointError)
 
 
 def git_revision() -> str:
@@ -125,9 +130,14 @@ class ZooCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
             return
-        import torch
+        from zoo.weights import WeightsError
 
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        from launch.safety import safe_load
+
+        try:
+            ckpt = safe_load(ckpt_path, mmap=True)
+        except WeightsError:
+            return  # _preflight() reports it in one line
         dc = ckpt.get("zoo_data_config")
         if not dc or dict(dc) == dict(self.model.data_config):
             return
@@ -162,7 +172,9 @@ class ZooCLI(LightningCLI):
         raw = self.config[self.subcommand] if self.subcommand else self.config
         run = raw["run"]
         arch = raw["model"]["arch"]
-        name = run["name"] or arch.replace("/", "_")
+        from launch.safety import check_run_name
+
+        name = check_run_name(run["name"]) if run["name"] else arch.replace("/", "_")
         run_dir = Path(run["root"]).expanduser().resolve() / name / run_id()
         self.run_dir = run_dir
         trainer_cfg = cfg["trainer"]
@@ -204,13 +216,91 @@ class ZooCLI(LightningCLI):
         trainer_cfg["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(run_dir))
         kwargs.setdefault("logger", logger)
+        self._add_checkpoint_io(trainer_cfg)
         trainer = super().instantiate_trainer(**kwargs)
-        if trainer.is_global_zero:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            print(f"run directory: {run_dir}", flush=True)
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams({"git_rev": git_revision(), "run_dir": str(run_dir)})
+        # Nothing is written yet: the run directory, the logger's files and config.yaml come in
+        # _start_run(), after _preflight() found the inputs usable (before_fit/validate/...).
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads --ckpt_path's hyper-parameters (torch.load weights_only=True) before
+        anything else: a missing, truncated or code-running file is one line here."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            from launch.safety import safe_load
+
+            safe_load(ckpt_path, mmap=True)
+        super()._parse_ckpt_path()
+
+    @staticmethod
+    def _add_checkpoint_io(trainer_cfg: dict) -> None:
+        """Checkpoints through launch.safety.SafeCheckpointIO (atomic saves, weights_only loads)
+        unless the config names a CheckpointIO plugin of its own."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from launch.safety import SafeCheckpointIO
+
+        plugins = trainer_cfg.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        trainer_cfg["plugins"] = plugins
+
+    def _preflight(self) -> None:
+        """Check what can be checked before anything is written (launch/safety.py has the why)."""
+        from launch.safety import ConfigError, safe_load
+
+        sub, trainer, dm, model = self.subcommand, self.trainer, self.datamodule, self.model
+        if dm is not None and getattr(dm, "hparams", {}).get("root") is not None:
+            if not (sub == "predict" and dm.is_flat):
+                dm.classes  # noqa: B018 - the folder layout, train/ vs val/ classes: one DataError line
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if env is not None:  # Lightning checks Slurm's task layout only when it launches: here, before any file
+            try:
+                env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+            except ValueError as e:
+                raise ConfigError(f"{str(e).splitlines()[0]} (sbatch --ntasks-per-node must equal trainer.devices)") from None
+        ws = trainer.world_size
+        bs = getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
+        if isinstance(bs, int) and bs % ws:
+            raise ConfigError(
+                f"data.batch_size={bs} does not divide by {ws} processes (devices x num_nodes): use a multiple "
+                f"of {ws}, e.g. {max(ws, bs // ws * ws)}; batch_size is the global batch"
+            )
+        hp = getattr(model, "hparams", {})
+        warmup, epochs = hp.get("warmup_epochs") or 0, trainer.max_epochs
+        if sub == "fit" and not trainer.fast_dev_run and epochs and epochs > 0 and warmup > epochs:
+            raise ConfigError(
+                f"model.warmup_epochs={warmup} > trainer.max_epochs={epochs}: the learning rate never reaches "
+                "its peak; lower model.warmup_epochs or raise trainer.max_epochs"
+            )
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            safe_load(ckpt_path, mmap=True)  # missing, truncated, or a pickle that would run code: one line, nothing written
+
+    def _start_run(self) -> None:
+        from launch.safety import make_run_dir
+
+        self._preflight()
+        trainer = self.trainer
+        if trainer.is_global_zero:
+            make_run_dir(self.run_dir)
+            print(f"run directory: {self.run_dir}", flush=True)
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams({"git_rev": git_revision(), "run_dir": str(self.run_dir)})
+
+    def before_fit(self) -> None:
+        self._start_run()
+
+    def before_validate(self) -> None:
+        self._start_run()
+
+    def before_test(self) -> None:
+        self._start_run()
+
+    def before_predict(self) -> None:
+        self._start_run()
 
     @staticmethod
     def _make_logger(kind: str, run_dir: Path, name: str, project: str):
@@ -227,7 +317,6 @@ class ZooCLI(LightningCLI):
         from lightning.pytorch.loggers import WandbLogger
 
         offline = os.environ.get("WANDB_MODE", "offline") != "online"
-        run_dir.mkdir(parents=True, exist_ok=True)
         return WandbLogger(
             save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline
         )
@@ -312,14 +401,75 @@ def main(argv: Optional[list[str]] = None) -> int:
             ImageNetDataModule,
             args=None if from_shell else argv,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "yaml"},
+            parser_kwargs={"parser_mode": "yaml", "exit_on_error": False},
+            save_config_callback=RedactedSaveConfig,
         )
     except errors as e:
         if os.environ.get("ZOO_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # a diverged run keeps its directory (logs up to the failure); a bad input leaves nothing
+        return _fail(str(e), discard=not isinstance(e, FloatingPointError))
+    except OSError as e:
+        message = _disk_error(e)
+        if message is None or os.environ.get("ZOO_DEBUG"):
+            raise
+        return _fail(message)
+    except ArgumentError as e:  # jsonargparse: unknown key, wrong type, missing --config file
+        return _fail(_one_line_parse_error(str(e), argv[0] if argv else "fit"))
     return 0
+
+
+def _disk_error(e: OSError) -> Optional[str]:
+    """One line for a full, read-only or forbidden disk (writing .beton files, checkpoints, logs)."""
+    import errno
+
+    where = f" writing {e.filename}" if e.filename else ""
+    fixes = {
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+    }
+    if e.errno not in fixes:
+        return None
+    return (f"{fixes[e.errno]}{where}: free space or point data.beton_dir (or $ZOO_DATA_DIR for .beton "
+            "files) and --run.root to a writable disk with room")
+
+
+def _fail(message: str, discard: bool = True) -> int:
+    """A user's error: one line, and no run directory or W&B run left half-started."""
+    from launch.safety import discard_failed_run, redact
+
+    discard_failed_run(delete=discard)
+    lines = message.strip().splitlines() or ["failed"]
+    more = " (details: rerun with ZOO_DEBUG=1)" if len(lines) > 1 else ""
+    print(f"error: {redact(lines[0])}{more}", file=sys.stderr)
+    return 2
+
+
+def _one_line_parse_error(message: str, subcommand: str) -> str:
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith('Linked "model.num_classes"'):
+        return ("model.num_classes comes from the data (the class folders of data.root) or from --model.weights: "
+                "drop --model.num_classes")
+    given = next((ln for ln in lines if ln.startswith("Given value:")), None)
+    first = lines[0] if lines else "invalid arguments"
+    if given and given not in first:
+        first = f"{first.rstrip(':')} {given[0].lower()}{given[1:]}"
+    return f"{first} (see `zoo {subcommand} --help`)"
+
+
+class RedactedSaveConfig(SaveConfigCallback):
+    """config.yaml without credentials (tokens in hub ids or URLs, secret environment values)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        from launch.safety import redact
+
+        path = Path(trainer.log_dir or ".") / self.config_filename
+        if path.is_file():
+            text = path.read_text()
+            if redact(text) != text:
+                path.write_text(redact(text))
 
 
 if __name__ == "__main__":

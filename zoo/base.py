@@ -328,7 +328,7 @@ class ImageClassifier(L.LightningModule):
         x, targets = self.augment.post_normalise(x, y)
         logits = self(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        self._check_finite(loss, batch_idx)
+        self._check_finite(loss, batch_idx, x)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
         if targets.ndim == 1:  # hard labels: accuracy is meaningful
             self.train_acc1(logits.detach(), y)
@@ -342,21 +342,70 @@ class ImageClassifier(L.LightningModule):
     # (benchmarks/overhead.py measures the per-step sync).
     FINITE_CHECK_EVERY = 25
 
-    def _check_finite(self, loss: torch.Tensor | None = None, batch_idx: int = 0) -> None:
+    def _check_finite(self, loss: torch.Tensor | None = None, batch_idx: int = 0, x: torch.Tensor | None = None) -> None:
         """Remember a non-finite ``loss`` on the device; raise every FINITE_CHECK_EVERY steps
-        (and at the end of each epoch, ``loss=None``) if one was seen."""
+        (and at the end of each epoch, ``loss=None``) if one was seen, naming the step, the
+        learning rate and the first layer that went non-finite (:meth:`_first_nonfinite`)."""
         flag = getattr(self, "_nonfinite", None)
         if loss is not None:
             bad = ~torch.isfinite(loss.detach())
+            # the first bad step, kept on the device (torch.where with a Python int: no sync)
+            first = torch.where(bad, self.global_step, -1) if flag is None else torch.where(bad & ~flag, self.global_step, self._nonfinite_step)
             flag = self._nonfinite = bad if flag is None else flag | bad
+            self._nonfinite_step = first
             if batch_idx % self.FINITE_CHECK_EVERY:
                 return
         if flag is not None and bool(flag):
             self._nonfinite = None
+            step = int(self._nonfinite_step)
             raise FloatingPointError(
-                f"training loss became non-finite (NaN or inf) by step {self.global_step}; "
-                "lower the learning rate or enable warmup (--model.warmup_epochs)"
+                f"training loss became non-finite (NaN or inf) at step {step}{self._lr_at(step)}; first non-finite: "
+                f"{self._first_nonfinite(x)}; lower the learning rate or enable warmup (--model.warmup_epochs)"
             )
+
+    def _lr_at(self, step: int) -> str:
+        """``, lr X``: the largest learning rate of the step (LambdaLR: base LR x factor(step))."""
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return ""
+        lrs = [g.get("initial_lr", g["lr"]) for g in trainer.optimizers[0].param_groups]
+        configs = trainer.lr_scheduler_configs
+        sched = configs[0].scheduler if configs else None
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            lrs = [lr * fn(step) for lr, fn in zip(lrs, sched.lr_lambdas)]
+        else:
+            lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+        return f", lr {max(lrs):.3g}"
+
+    @torch.no_grad()
+    def _first_nonfinite(self, x: torch.Tensor | None) -> str:
+        """The first module (in registration order, which follows the forward pass in the zoo's
+        networks) whose parameters or buffers (BN running statistics) are non-finite; else, with
+        a batch, the first module whose output is (forward hooks, set only here, once)."""
+        for name, module in self.net.named_modules():
+            for kind, tensors in (("parameter", module.named_parameters(recurse=False)), ("buffer", module.named_buffers(recurse=False))):
+                for tname, t in tensors:
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        return f"{kind} {name}.{tname} ({type(module).__name__})".replace("net..", "")
+        if x is None:
+            return "no parameter or buffer (the loss or its input)"
+        if not torch.isfinite(x).all():
+            return "the input batch"
+        found: list[str] = []
+
+        def hook(name):
+            def fn(module, args, out):
+                if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+                    found.append(f"output of {name} ({type(module).__name__})")
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.net.named_modules() if n]
+        try:
+            self.net(x)  # in the training mode that failed; the run stops after this anyway
+        finally:
+            for h in handles:
+                h.remove()
+        return found[0] if found else "no layer output (the loss: check labels and label smoothing)"
 
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self(x)

@@ -46,7 +46,7 @@ class _Weights:
 # --------------------------------------------------------------------------- reading
 
 
-def _torch_load(path: pathlib.Path) -> Any:
+def _torch_load(path: pathlib.Path, mmap: bool = False) -> Any:
     # Plain-data classes that training scripts put next to the tensors: paths in
     # hyper-parameters (data roots), argparse.Namespace in timm's train.py and the
     # facebookresearch main.py checkpoints ("args"). Building them runs no user code.
@@ -56,7 +56,7 @@ def _torch_load(path: pathlib.Path) -> Any:
     ]
     try:
         with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if m:
