@@ -317,9 +317,14 @@ class ZooCLI(LightningCLI):
         from lightning.pytorch.loggers import WandbLogger
 
         offline = os.environ.get("WANDB_MODE", "offline") != "online"
-        return WandbLogger(
+        logger = WandbLogger(
             save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline
         )
+        # Lightning 2.6 always passes anonymous=None, which wandb 0.31 answers with a deprecation
+        # warning on every run that the user can do nothing about
+        if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
+            logger._wandb_init.pop("anonymous")
+        return logger
 
     def after_fit(self) -> None:
         self._report()
@@ -387,6 +392,11 @@ def _plain_command(name: str):
 def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # third-party notices too (launch/output.py lists what is hidden)
+    argv = [a for a in argv if a != "--verbose"]
+    from launch.output import configure
+
+    configure(verbose)
     if argv and argv[0] in PLAIN_COMMANDS:
         return _plain_command(argv[0])(argv[1:])
     argv = _with_default_recipe(argv)

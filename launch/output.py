@@ -1,0 +1,47 @@
+"""What the `zoo` command prints: the run directory, progress, results, where the files are,
+and real warnings; third-party notices that ask nothing of the user only with ``--verbose``
+(or ``ZOO_VERBOSE=1``).
+
+Hidden by default (each is printed on every run, on every machine, and needs no action):
+
+* Lightning's tip recommending the LitLogger product (``logger_connector.py``).
+* "The `srun` command is available on your system but is not used" (Lightning's
+  SLURMEnvironment, shown on any machine where Slurm is installed, also outside a job).
+* "GPU available: ..., used: ...", "TPU available: ...", "Seed set to N" (the run's config.yaml
+  holds the seed and the accelerator).
+* W&B's banner (``WANDB_QUIET``: W&B then prints its errors and warnings only); the CLI prints
+  the one line that matters, the ``wandb sync`` command, itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+NOISE = (
+    "litlogger",  # "💡 Tip: ... try installing [litlogger]"
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "Seed set to",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in NOISE)
+
+
+def configure(verbose: bool) -> None:
+    """Install the filters (idempotent); ``verbose`` shows everything."""
+    if verbose or os.environ.get("ZOO_VERBOSE", "") not in ("", "0"):
+        return
+    os.environ.setdefault("WANDB_QUIET", "true")
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
