@@ -77,7 +77,15 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):  # from EpochSampler: the augmentation's randomness is a function of the key
+            i, seed = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._get(i)
+        return self._get(key)
+
+    def _get(self, i: int) -> tuple[torch.Tensor, int]:
         for k in range(min(len(self.samples), 16)):  # give up after 16 unreadable neighbours
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
@@ -89,6 +97,33 @@ class ImageFolderDataset(Dataset):
                 continue
             return self.transform(image), label
         raise DataError(f"16 unreadable images in a row from {self.samples[i][0]}: check the dataset")
+
+
+class EpochSampler(Sampler):
+    """One process's train order as a function of (seed, epoch) only, and a seed per sample.
+
+    Yields ``(index, sample_seed)``; ImageFolderDataset seeds the crop/flip of that sample
+    with it, so epoch e's batches are the same whether the process ran epochs 0..e-1 or
+    resumed from a checkpoint at the end of epoch e-1 (torch's RandomSampler draws from one
+    generator across epochs: a resumed run would repeat epoch 0's order). Lightning calls
+    :meth:`set_epoch` before each epoch. Under DDP Lightning uses its DistributedSampler
+    instead (order by (seed, epoch); crops from the workers' RNG).
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        return iter([(i, seeds[i]) for i in order])
 
 
 def make_dataloader(
@@ -173,6 +208,8 @@ class TorchvisionBackend(Backend):
         sampler = None
         if not train and world_size > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        if train and world_size == 1:
+            sampler = EpochSampler(len(dataset), hp.seed)
         return make_dataloader(
             dataset, batch_size=dm.per_device_batch_size, num_workers=hp.num_workers,
             shuffle=train, drop_last=hp.drop_last if train else False, seed=hp.seed, sampler=sampler,
