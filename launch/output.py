@@ -8,7 +8,9 @@ Hidden by default (each is printed on every run, on every machine, and needs no 
 * "The `srun` command is available on your system but is not used" (Lightning's
   SLURMEnvironment, shown on any machine where Slurm is installed, also outside a job).
 * "GPU available: ..., used: ...", "TPU available: ...", "Seed set to N" (the run's config.yaml
-  holds the seed and the accelerator).
+  holds the seed and the accelerator), "Loading `train_dataloader` to estimate ...".
+* Lightning's internal use of a deprecated torch pytree API, and its hint that the model
+  overrides ``on_after_batch_transfer`` (the zoo normalises on the device on purpose).
 * W&B's banner (``WANDB_QUIET``: W&B then prints its errors and warnings only); the CLI prints
   the one line that matters, the ``wandb sync`` command, itself.
 """
@@ -25,6 +27,16 @@ NOISE = (
     "TPU available:",
     "HPU available:",
     "Seed set to",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
+
+# Warnings that ask nothing of a zoo user: Lightning's own use of a deprecated torch API, and
+# the hint that ImageClassifier overrides on_after_batch_transfer (it does: normalisation on
+# the device is the design, DESIGN.md).
+NOISY_WARNINGS = (
+    r"The `srun` command is available on your system but is not used",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
 )
 
 
@@ -39,7 +51,8 @@ def configure(verbose: bool) -> None:
     if verbose or os.environ.get("ZOO_VERBOSE", "") not in ("", "0"):
         return
     os.environ.setdefault("WANDB_QUIET", "true")
-    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    for message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.fabric.utilities.rank_zero",
                  "lightning.pytorch.accelerators.cuda"):
         logger = logging.getLogger(name)
