@@ -115,8 +115,13 @@ class ZooCLI(LightningCLI):
             return
         import torch
 
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        dc = ckpt.get("zoo_data_config")
+        try:  # mmap: only the small entries are read, not the tensors
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # legacy (non-zip) files cannot be mmapped; pickled paths need allow-listing
+            from zoo.weights.sources import _torch_load
+
+            ckpt = _torch_load(Path(ckpt_path))
+        dc = ckpt.get("zoo_data_config") if isinstance(ckpt, dict) else None
         if not dc or dict(dc) == dict(self.model.data_config):
             return
         self.model._set_data_config(dict(dc))
