@@ -134,11 +134,11 @@ class ZooCLI(LightningCLI):
 
         from launch.safety import safe_load
 
-        try:
+        try:  # mmap: only the small entries are read, not the tensors
             ckpt = safe_load(ckpt_path, mmap=True)
         except WeightsError:
             return  # _preflight() reports it in one line
-        dc = ckpt.get("zoo_data_config")
+        dc = ckpt.get("zoo_data_config") if isinstance(ckpt, dict) else None
         if not dc or dict(dc) == dict(self.model.data_config):
             return
         self.model._set_data_config(dict(dc))
@@ -153,12 +153,18 @@ class ZooCLI(LightningCLI):
         report = getattr(self.model, "weights_report", None)
         if self.subcommand == "fit" or report is None or report.head_reset is None:
             return
+        have, want = report.head_reset
         root = self.config[self.subcommand]["data"].get("root")
         try:
             count_classes(root)
         except DataError:  # unlabelled data (predict on a folder of images): no count to compare
+            if self.subcommand == "predict" and have is not None:
+                # the weights' own head, not a placeholder one: rebuild with their class count
+                accepted = inspect.signature(type(self.model).__init__).parameters
+                hp = {k: v for k, v in dict(self.model.hparams).items() if k in accepted}
+                self.model = type(self.model)(**{**hp, "num_classes": have})
+                rank_zero_info(f"predict: unlabelled data, the model keeps the {have} classes of its weights")
             return
-        have, want = report.head_reset
         from zoo.weights import WeightsError
 
         had = f"{have} classes" if have is not None else "no classifier"

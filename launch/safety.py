@@ -139,7 +139,12 @@ def safe_load(path, mmap: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist: pass a .ckpt file (e.g. <run dir>/checkpoints/last.ckpt)")
-    return _torch_load(path, mmap=mmap)
+    if mmap:
+        try:
+            return _torch_load(path, mmap=True)
+        except WeightsError:  # legacy (non-zip) files cannot be mmapped: the plain load says what is wrong
+            pass
+    return _torch_load(path)
 
 
 # --------------------------------------------------------------------------- secrets

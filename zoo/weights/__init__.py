@@ -5,13 +5,13 @@ A small package split by concern: ``sources`` reads a file / folder / hub id int
 layouts, the head) and copies them in, ``api`` builds a model (``zoo.load``), ``export``
 writes safetensors / Hugging Face folders.
 
-
 One entry for users, :func:`load` (``zoo.load``), and one for code, :func:`load_weights`.
 Sources:
 
 - this project's Lightning ``.ckpt`` (``state_dict`` under ``net.``; the ``WeightEMA``
   callback's EMA weights are used when present and ``use_ema=True``); its
-  ``hyper_parameters`` rebuild the model (``zoo.load(weights="last.ckpt")``);
+  ``hyper_parameters`` rebuild the model and its ``zoo_data_config`` is the preprocessing
+  (``zoo.load(weights="last.ckpt")``);
 - plain ``state_dict`` files (torchvision, timm, ``torch.save(net.state_dict())``), timm
   training checkpoints (``state_dict`` / ``state_dict_ema``), facebookresearch/ConvNeXt
   ``.pth`` files (``{"model": ...}``);
@@ -22,8 +22,9 @@ Sources:
   ``torchvision:ResNet50_Weights.IMAGENET1K_V2`` (downloaded once into the usual caches).
 
 Keys are matched after removing wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from
-``torch.compile``, ``net.``/``model.`` from LightningModules) and, for ConvNeXt, after
-converting between torchvision's, timm's and the official layout. A head with another class
+``torch.compile``, ``net.``/``model.`` from LightningModules) and, where the keys do not fit
+as they are, through the key layouts the families register (``zoo/convnext.py``: the official
+layout via timm's ``checkpoint_filter_fn``, torchvision's <-> timm's). A head with another class
 count is not loaded (the model keeps its freshly built head) and the report says so; any
 other mismatch raises :class:`WeightsError`. Files are read with
 ``torch.load(..., map_location="cpu", weights_only=True)``: a file that needs to run code
