@@ -11,8 +11,8 @@ Hidden by default (each is printed on every run, on every machine, and needs no 
   holds the seed and the accelerator), "Loading `train_dataloader` to estimate ...".
 * Lightning's internal use of a deprecated torch pytree API, and its hint that the model
   overrides ``on_after_batch_transfer`` (the zoo normalises on the device on purpose).
-* W&B's banner (``WANDB_QUIET``: W&B then prints its errors and warnings only); the CLI prints
-  the one line that matters, the ``wandb sync`` command, itself.
+* W&B's banner: offline (the default) ``WANDB_SILENT``, since the CLI prints the one line that
+  matters, the ``wandb sync`` command, itself; online ``WANDB_QUIET`` (the run page's URL stays).
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def configure(verbose: bool) -> None:
     """Install the filters (idempotent); ``verbose`` shows everything."""
     if verbose or os.environ.get("ZOO_VERBOSE", "") not in ("", "0"):
         return
-    os.environ.setdefault("WANDB_QUIET", "true")
+    if os.environ.get("WANDB_MODE", "offline") == "online":
+        os.environ.setdefault("WANDB_QUIET", "true")  # keeps the run page's URL
+    else:  # offline: the banner is 4 lines about syncing; the CLI prints the `wandb sync` command
+        os.environ.setdefault("WANDB_SILENT", "true")
     for message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.fabric.utilities.rank_zero",
