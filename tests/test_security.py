@@ -128,7 +128,7 @@ else:  # a plain in-place save, to show the test can fail
 """
 
 
-@pytest.mark.parametrize("writer", ["safe", pytest.param("in_place", marks=pytest.mark.xfail(strict=True, reason="the test's control: an in-place save leaves a broken file"))])
+@pytest.mark.parametrize("writer", ["safe", pytest.param("in_place", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason="the test's control: an in-place save leaves a broken file")])])
 def test_kill_during_checkpoint_save_keeps_the_previous_file(writer, tmp_path):
     import subprocess
     import sys
