@@ -12,10 +12,12 @@ config, checkpoints and logs (W&B offline by default; ``wandb sync <dir>`` uploa
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +36,7 @@ DEFAULT_RECIPE = RECIPES / "demo.yaml"
 def _user_errors() -> tuple[type[BaseException], ...]:
     from zoo.weights import WeightsError
 
-    return (DataError, UnknownModelError, WeightsError, FileNotFoundError)
+    return (DataError, UnknownModelError, WeightsError, FileNotFoundError, LaunchError)
 
 
 def git_revision() -> str:
@@ -51,22 +53,114 @@ def git_revision() -> str:
         return "unknown"
 
 
-def run_id() -> str:
-    """One id shared by all ranks of a run.
+class LaunchError(RuntimeError):
+    """A launch mistake (Slurm tasks vs devices, no srun) that the CLI answers in one line."""
 
-    Slurm and torchrun start every rank independently, so their job ids name the run; a
-    Lightning-spawned DDP child inherits ZOO_RUN_ID from rank 0's environment.
+
+def new_run_id() -> str:
+    """Date for sorting plus 6 random hex digits: parallel runs started in the same second differ."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _slurm_step(env: Mapping[str, str]) -> Optional[str]:
+    """``JOBID.STEPID`` when this process is a task that srun started (Lightning's SLURMEnvironment).
+
+    Every task of one srun step shares it, on every node, and a requeued job gets it back
+    (same job id, its first srun is step 0 again), so the requeued run finds its run directory
+    and hpc checkpoint. Two sruns in one allocation are two steps, hence two runs.
     """
-    if os.environ.get("ZOO_RUN_ID"):
-        return os.environ["ZOO_RUN_ID"]
-    if os.environ.get("SLURM_JOB_ID"):
-        rid = f"slurm-{os.environ['SLURM_JOB_ID']}"
-    elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        rid = f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
-    else:
-        rid = time.strftime("%Y%m%d-%H%M%S")
-    os.environ["ZOO_RUN_ID"] = rid
-    return rid
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None  # Lightning's _is_slurm_interactive_mode: the user starts processes himself
+    job, step = env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID")
+    if not job or step is None or not step.isdigit() or int(step) >= 0xFFFFFFF0:
+        return None  # the batch script itself (no srun): SLURM_STEP_ID unset or a special step
+    return f"{job}.{step}"
+
+
+def _torchrun_agreed_id(env: Mapping[str, str]) -> Optional[str]:
+    """A fresh id that every torchrun worker, on every node, reads back from the agent's store.
+
+    torchrun's rendezvous id is the user's (often reused, or "none" on every node); the
+    elastic agent's TCPStore at MASTER_ADDR:MASTER_PORT is what all workers of one run share.
+    """
+    if "TORCHELASTIC_RUN_ID" not in env or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=120))
+    key = f"zoo/run_id/{env['TORCHELASTIC_RUN_ID']}"
+    return store.compare_set(key, "", new_run_id()).decode()
+
+
+def run_id(env: Optional[Mapping[str, str]] = None) -> str:
+    """The id of this run: different for every run, the same on every rank and node.
+
+    - ``ZOO_RUN_ID`` if set: by the user, or by ``main()`` for the DDP processes Lightning
+      starts (they inherit rank 0's environment while it runs);
+    - ``slurm-JOBID.STEPID`` for a task started by srun (stable across a requeue);
+    - a fresh id agreed through torchrun's agent store for torchrun workers;
+    - else a fresh id.
+    """
+    env = os.environ if env is None else env
+    if env.get("ZOO_RUN_ID"):
+        return env["ZOO_RUN_ID"]
+    step = _slurm_step(env)
+    if step:
+        return f"slurm-{step}"
+    return _torchrun_agreed_id(env) or new_run_id()
+
+
+def check_slurm_launch(devices, num_nodes: int, env: Optional[Mapping[str, str]] = None) -> None:
+    """Fail in one line, before any process group waits, where a Slurm launch cannot work."""
+    env = os.environ if env is None else env
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return
+    ntasks = int(env["SLURM_NTASKS"])
+    if _slurm_step(env) is None and ntasks > 1:
+        raise LaunchError(
+            f"Slurm job {env.get('SLURM_JOB_ID')} has {ntasks} tasks but this process was not started by srun "
+            "(every task would wait for the others): run `srun zoo fit ...`, as launch/slurm/train.sbatch does"
+        )
+    per_node = env.get("SLURM_NTASKS_PER_NODE")
+    if per_node and per_node.isdigit() and isinstance(devices, int) and int(per_node) != devices:
+        raise LaunchError(
+            f"--ntasks-per-node={per_node} but --trainer.devices={devices}: Slurm starts one task per device, "
+            f"so set both to the same number (train.sbatch passes --trainer.devices {per_node} itself)"
+        )
+    nnodes = env.get("SLURM_NNODES")
+    if nnodes and nnodes.isdigit() and int(nnodes) != num_nodes:
+        raise LaunchError(f"Slurm gave {nnodes} nodes but --trainer.num_nodes={num_nodes}: set them equal")
+
+
+WANDB_ID_FILE = "wandb_id"  # in the run directory: a resume or requeue continues the same W&B run
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run directory's W&B id, created on first use (rank 0 only calls this)."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    from wandb.util import generate_id
+
+    wid = generate_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(wid + "\n")
+    os.replace(tmp, path)
+    return wid
+
+
+def _resumed_run_dir(ckpt_path: Optional[str]) -> Optional[Path]:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` or ``<run>/hpc_ckpt_N.ckpt``)."""
+    if not ckpt_path or ckpt_path in ("last", "hpc", "best", "registry"):
+        return None
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    for d in (ckpt.parent.parent, ckpt.parent) if ckpt.parent.name == "checkpoints" else (ckpt.parent,):
+        if (d / WANDB_ID_FILE).is_file() or (d / "config.yaml").is_file():
+            return d
+    return None
 
 
 def _num_classes_or_placeholder(root: Optional[str]) -> int:
@@ -101,9 +195,13 @@ class ZooCLI(LightningCLI):
         run = raw["run"]
         arch = raw["model"]["arch"]
         name = run["name"] or arch.replace("/", "_")
-        run_dir = Path(run["root"]).expanduser().resolve() / name / run_id()
-        self.run_dir = run_dir
         trainer_cfg = cfg["trainer"]
+        check_slurm_launch(trainer_cfg.get("devices"), trainer_cfg.get("num_nodes") or 1)
+        if trainer_cfg.get("default_root_dir"):  # the user's explicit choice wins
+            run_dir = Path(trainer_cfg["default_root_dir"]).expanduser().resolve()
+        else:
+            run_dir = _resumed_run_dir(raw.get("ckpt_path")) or Path(run["root"]).expanduser().resolve() / name / run_id()
+        self.run_dir = run_dir
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if self.subcommand == "fit":
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -120,7 +218,12 @@ class ZooCLI(LightningCLI):
                     ),
                     # The newest epoch, to resume from. Not save_last=True: Lightning 2.6 writes
                     # last.ckpt only when the monitored checkpoint is saved, i.e. on improvement.
-                    ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=every),
+                    # No version counter: after a resume (requeue, --ckpt_path) last.ckpt is overwritten
+                    # instead of a last-v1.ckpt appearing beside a stale last.ckpt.
+                    ModelCheckpoint(
+                        dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=every,
+                        enable_version_counter=False,
+                    ),
                 ]
         logger = trainer_cfg.get("logger")
         if logger in (None, True):
@@ -128,7 +231,7 @@ class ZooCLI(LightningCLI):
             if logger is not False and self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
         trainer_cfg["callbacks"] = callbacks
-        kwargs.setdefault("default_root_dir", str(run_dir))
+        trainer_cfg["default_root_dir"] = str(run_dir)  # Lightning's hpc checkpoints go here
         kwargs.setdefault("logger", logger)
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.is_global_zero:
@@ -153,9 +256,13 @@ class ZooCLI(LightningCLI):
         from lightning.pytorch.loggers import WandbLogger
 
         offline = os.environ.get("WANDB_MODE", "offline") != "online"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        # rank 0 (from the launcher's environment) owns the id; other ranks never start a W&B run
+        wid = wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None
         return WandbLogger(
-            save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline
+            save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline,
+            id=wid, resume="allow",
         )
 
     def after_fit(self) -> None:
@@ -231,7 +338,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     errors = _user_errors()
     # in-process callers (tests, notebooks) pass args= while sys.argv is their own
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    # The DDP processes Lightning starts re-run this command with a copy of os.environ: they
+    # read the run id from it. Restored afterwards, so a second main() in this process is a new run.
+    inherited = os.environ.get("ZOO_RUN_ID")
     try:
+        os.environ["ZOO_RUN_ID"] = run_id()
         ZooCLI(
             ImageClassifier,
             ImageNetDataModule,
@@ -244,6 +355,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if inherited is None:
+            os.environ.pop("ZOO_RUN_ID", None)
+        else:
+            os.environ["ZOO_RUN_ID"] = inherited
     return 0
 
 
