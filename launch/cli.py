@@ -124,6 +124,8 @@ def check_slurm_launch(devices, num_nodes: int, env: Optional[Mapping[str, str]]
             "(every task would wait for the others): run `srun zoo fit ...`, as launch/slurm/train.sbatch does"
         )
     per_node = env.get("SLURM_NTASKS_PER_NODE")
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
     if per_node and per_node.isdigit() and isinstance(devices, int) and int(per_node) != devices:
         raise LaunchError(
             f"--ntasks-per-node={per_node} but --trainer.devices={devices}: Slurm starts one task per device, "
@@ -142,9 +144,8 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    from wandb.util import generate_id
-
-    wid = generate_id()
+    # W&B's own form (wandb.sdk.lib.runid): 8 characters of [a-z0-9]
+    wid = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(wid + "\n")
@@ -290,6 +291,8 @@ class ZooCLI(LightningCLI):
         print(f"logs: {self.run_dir}", flush=True)
         if type(trainer.logger).__name__ == "WandbLogger":  # no wandb import for other loggers
             print(f"W&B (offline): wandb sync {self.run_dir / 'wandb'} --sync-all", flush=True)
+            # close the W&B run: a later main() in this process (a resume) starts its own part
+            trainer.logger.experiment.finish()
 
 
 def list_models_main(argv: list[str]) -> int:

@@ -58,3 +58,19 @@ def run_id(path: str | Path) -> str:
         if rec.WhichOneof("record_type") == "run":
             return rec.run.run_id
     raise ValueError(f"no run record in {path}")
+
+
+def wait_complete(path: str | Path, timeout: float = 60.0) -> Path:
+    """Wait for the run's ``exit`` record: wandb-core may still be flushing after ``finish()``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in records(path)):
+                return Path(path)
+        except (FileNotFoundError, struct.error, AssertionError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {timeout} s")
+        time.sleep(0.5)
