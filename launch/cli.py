@@ -153,6 +153,31 @@ def wandb_run_id(run_dir: Path) -> str:
     return wid
 
 
+def _requeue_aware_wandb_logger():
+    """WandbLogger that logs nothing after Lightning's Slurm requeue handler finalized it.
+
+    On SIGUSR1 Lightning calls ``logger.finalize("finished")``, saves the hpc checkpoint at step
+    N and requeues; the ranks train on until Slurm's SIGTERM arrives. Steps logged then would be
+    logged again by the resumed job, which starts from step N: they are dropped instead, so the
+    W&B run's steps continue without a repeat. (Imported on use: no wandb import for other loggers.)
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    class ZooWandbLogger(WandbLogger):
+        _requeued = False
+
+        def finalize(self, status: str) -> None:
+            if status == "finished":  # only SignalConnector._slurm_sigusr_handler_fn says "finished"
+                self._requeued = True
+            super().finalize(status)
+
+        def log_metrics(self, metrics, step=None) -> None:
+            if not self._requeued:
+                super().log_metrics(metrics, step)
+
+    return ZooWandbLogger
+
+
 def _resumed_run_dir(ckpt_path: Optional[str]) -> Optional[Path]:
     """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` or ``<run>/hpc_ckpt_N.ckpt``)."""
     if not ckpt_path or ckpt_path in ("last", "hpc", "best", "registry"):
@@ -238,6 +263,11 @@ class ZooCLI(LightningCLI):
         if trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
             print(f"run directory: {run_dir}", flush=True)
+        if trainer.world_size > 1 and hasattr(os, "sched_getaffinity"):  # is each rank bound to its cores?
+            import socket
+
+            cpus = sorted(os.sched_getaffinity(0))
+            print(f"zoo: rank {trainer.global_rank} of {trainer.world_size} on {socket.gethostname()} cpus {cpus}", flush=True)
         if trainer.logger is not None:
             trainer.logger.log_hyperparams({"git_rev": git_revision(), "run_dir": str(run_dir)})
         return trainer
@@ -254,14 +284,12 @@ class ZooCLI(LightningCLI):
             from lightning.pytorch.loggers import TensorBoardLogger
 
             return TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
-        from lightning.pytorch.loggers import WandbLogger
-
         offline = os.environ.get("WANDB_MODE", "offline") != "online"
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
         # rank 0 (from the launcher's environment) owns the id; other ranks never start a W&B run
         wid = wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None
-        return WandbLogger(
+        return _requeue_aware_wandb_logger()(
             save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline,
             id=wid, resume="allow",
         )

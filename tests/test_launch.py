@@ -127,3 +127,108 @@ def test_resume_continues_run_dir_last_ckpt_and_wandb_run(tiny_imagenet, tmp_pat
     # 9 train images / batch 4 = 3 steps per epoch (drop_last keeps 2): steps go on where they stopped
     assert first and second and second[0] == first[-1] + 1, steps
     assert first == list(range(first[0], first[-1] + 1)) and second == list(range(second[0], second[-1] + 1))
+
+
+# ----------------------------------------------------------------------------- local Slurm
+
+
+def _scontrol_job(job_id: str) -> dict[str, str]:
+    import subprocess
+
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _wait(pred, timeout: float, what: str, poll: float = 1.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(what)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
+    """SIGUSR1 to a running 2-task train.sbatch job: Lightning saves an hpc checkpoint and requeues;
+    the same job id runs again, resumes from that checkpoint (the step goes on, no repeat, same W&B
+    run), finishes, and the output file still holds the first part's log. One job, run once."""
+    import subprocess
+    import time
+
+    from tests.test_cli import _slurm_ready
+
+    if not _slurm_ready():
+        pytest.fail("local Slurm is not up: run launch/slurm/local_cluster.sh start (make test does)")
+    out = tmp_path / "job.out"
+    epochs = 8
+    r = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+         "--time=20", f"--output={out}", "--chdir", str(REPO), str(REPO / "launch/slurm/train.sbatch"), "demo",
+         "--data.root", str(tiny_imagenet), "--data.backend", "torchvision", "--data.batch_size", "6",
+         "--data.num_workers", "1", "--data.train_res", "32", "--data.val_res", "32",
+         "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.max_epochs", str(epochs),
+         "--trainer.log_every_n_steps", "1", "--run.root", str(tmp_path / "runs"), "--run.logger", "wandb"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "ZOO_HOME": str(REPO), "WANDB_SILENT": "true", "WANDB_MODE": "offline"},
+    )
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    t0 = time.monotonic()
+    timeline = []
+
+    def mark(what):
+        timeline.append(f"{time.monotonic() - t0:6.1f} s  {what}")
+
+    try:
+        run_dir = tmp_path / "runs" / "convnet" / f"slurm-{job}.0"
+        # signal once the first epoch's checkpoint exists: training is under way
+        _wait(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file(), 300, f"job {job} wrote no checkpoint")
+        mark("epoch 0 checkpoint written; scancel --signal=USR1")
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        hpc = _wait(lambda: sorted(run_dir.glob("hpc_ckpt_*.ckpt")), 120, "no hpc checkpoint")[0]
+        mark(f"{hpc.name} written")
+        info = _wait(lambda: (j := _scontrol_job(job)).get("Restarts") == "1" and j.get("JobState") == "PENDING" and j,
+                     120, "job not requeued", poll=0.5)
+        mark(f"requeued: JobState=PENDING Restarts=1 Reason={info.get('Reason')} StartTime={info.get('StartTime')}")
+        # Slurm holds a requeued job ~2 min (BeginTime); release it now to keep the suite short
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
+        _wait(lambda: _scontrol_job(job).get("JobState") == "RUNNING", 180, "requeued job did not start")
+        mark("running again (same job id)")
+        info = _wait(lambda: (j := _scontrol_job(job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                     and j, 420, "resumed job did not finish")
+        mark(f"JobState={info['JobState']} ExitCode={info.get('ExitCode')}")
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+        print("\n".join(["preemption timeline:", *timeline]))
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
+    # the first part's log is still there, then the second part's
+    assert f"zoo: job {job} restart 0" in log and f"zoo: job {job} restart 1" in log
+    assert log.index("restart 0") < log.index("Handling auto-requeue signal") < log.index("restart 1")
+    assert f"Restoring states from the checkpoint path at {hpc}" in log, log[-4000:]
+    assert "killed by signal" not in log, log[-4000:]  # DataLoader workers ignore SIGUSR1
+    assert "val/acc1: " in log
+    # last.ckpt is the final epoch, and no last-v1.ckpt beside it
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == epochs - 1
+    # one W&B run in two offline parts; the step goes on from the hpc checkpoint
+    g = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
+    wid = (run_dir / cli.WANDB_ID_FILE).read_text().strip()
+    parts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert [p.name.endswith(f"-{wid}") for p in parts] == [True, True], parts
+    steps = []
+    for part in parts:
+        (run_file,) = part.glob("run-*.wandb")
+        wait_complete(run_file)
+        assert wandb_file_run_id(run_file) == wid
+        steps.append(sorted({row["trainer/global_step"] for row in history(run_file) if "train/loss_step" in row}))
+    first, second = steps
+    print(f"hpc checkpoint global_step {g}; W&B steps part 1 {first[0]}..{first[-1]}, part 2 {second[0]}..{second[-1]}")
+    assert 0 < g < epochs * 3
+    assert second[0] == first[-1] + 1 == g, (g, steps)
