@@ -165,7 +165,7 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     if not _slurm_ready():
         pytest.fail("local Slurm is not up: run launch/slurm/local_cluster.sh start (make test does)")
     out = tmp_path / "job.out"
-    epochs = 8
+    epochs = 60  # 3 steps each (18 images, global batch 6): ~15 s per part at ~24 steps/s here
     r = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
          "--time=20", f"--output={out}", "--chdir", str(REPO), str(REPO / "launch/slurm/train.sbatch"), "demo",
@@ -186,9 +186,11 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
 
     try:
         run_dir = tmp_path / "runs" / "convnet" / f"slurm-{job}.0"
-        # signal once the first epoch's checkpoint exists: training is under way
-        _wait(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file(), 300, f"job {job} wrote no checkpoint")
-        mark("epoch 0 checkpoint written; scancel --signal=USR1")
+        # signal once epoch 1 runs (the progress bar says so): epoch 0's last.ckpt exists
+        _wait(lambda: out.is_file() and "Epoch 1:" in out.read_text(errors="replace"), 300, f"job {job} does not train",
+              poll=0.2)
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        mark("training epoch 1 (epoch 0's last.ckpt written); scancel --signal=USR1")
         subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
         hpc = _wait(lambda: sorted(run_dir.glob("hpc_ckpt_*.ckpt")), 120, "no hpc checkpoint")[0]
         mark(f"{hpc.name} written")
@@ -205,7 +207,7 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     finally:
         subprocess.run(["scancel", job], timeout=30)
         print("\n".join(["preemption timeline:", *timeline]))
-    log = out.read_text()
+    log = out.read_text(errors="replace")  # progress bars cut by the kill leave partial UTF-8
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
     # the first part's log is still there, then the second part's
     assert f"zoo: job {job} restart 0" in log and f"zoo: job {job} restart 1" in log
@@ -225,10 +227,18 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     steps = []
     for part in parts:
         (run_file,) = part.glob("run-*.wandb")
-        wait_complete(run_file)
+        if part == parts[-1]:  # the preempted part was killed: it has no exit record
+            wait_complete(run_file)
         assert wandb_file_run_id(run_file) == wid
         steps.append(sorted({row["trainer/global_step"] for row in history(run_file) if "train/loss_step" in row}))
     first, second = steps
     print(f"hpc checkpoint global_step {g}; W&B steps part 1 {first[0]}..{first[-1]}, part 2 {second[0]}..{second[-1]}")
-    assert 0 < g < epochs * 3
-    assert second[0] == first[-1] + 1 == g, (g, steps)
+    assert 3 < g < epochs * 3  # mid-training, after epoch 0
+    # The preempted part logged up to the checkpoint (what it trained after the save is dropped,
+    # see launch/cli.py::_requeue_aware_wandb_logger), and the resumed part goes on from there:
+    # nothing repeated. Lightning 2.6 adds one to its logging step counter when it restores a
+    # checkpoint saved mid-batch (_TrainingEpochLoop.reset assumes saves at batch/validation end;
+    # the SIGUSR1 handler saves wherever the signal lands), so the W&B axis may skip one step.
+    assert first == list(range(0, first[-1] + 1)) and g - 2 <= first[-1] <= g - 1, (g, steps)
+    assert g <= second[0] <= g + 1 and second == list(range(second[0], second[0] + len(second))), (g, steps)
+    assert len(second) == epochs * 3 - g  # every remaining step logged once
