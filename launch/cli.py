@@ -211,6 +211,10 @@ class ZooCLI(LightningCLI):
         )
         parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
         parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
+        parser.add_argument("--run.dashboard", type=bool, default=True,
+                            help="throughput/MFU, augmented-image grid, confusion matrix, confident mistakes")
+        # Lightning's ThroughputMonitor default is 100 batches; 50 gives a first figure sooner
+        parser.add_argument("--run.throughput_window", type=int, default=50, help="batches per throughput figure")
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
@@ -256,6 +260,12 @@ class ZooCLI(LightningCLI):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
             if logger is not False and self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if logger is not False and self.subcommand == "fit" and run["dashboard"]:
+            from lightning.pytorch.callbacks import ThroughputMonitor
+
+            from callbacks.dashboard import Dashboard, batch_size_of
+
+            callbacks += [Dashboard(), ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"])]
         trainer_cfg["callbacks"] = callbacks
         trainer_cfg["default_root_dir"] = str(run_dir)  # Lightning's hpc checkpoints go here
         kwargs.setdefault("logger", logger)
@@ -317,7 +327,7 @@ class ZooCLI(LightningCLI):
                     kind = "best" if cb.monitor else "last"
                     print(f"{kind} checkpoint: {cb.best_model_path}", flush=True)
         print(f"logs: {self.run_dir}", flush=True)
-        if type(trainer.logger).__name__ == "WandbLogger":  # no wandb import for other loggers
+        if "WandbLogger" in type(trainer.logger).__name__:  # no wandb import for other loggers
             print(f"W&B (offline): wandb sync {self.run_dir / 'wandb'} --sync-all", flush=True)
             # close the W&B run: a later main() in this process (a resume) starts its own part
             trainer.logger.experiment.finish()

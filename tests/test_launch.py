@@ -242,3 +242,73 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     assert first == list(range(0, first[-1] + 1)) and g - 2 <= first[-1] <= g - 1, (g, steps)
     assert g <= second[0] <= g + 1 and second == list(range(second[0], second[0] + len(second))), (g, steps)
     assert len(second) == epochs * 3 - g  # every remaining step logged once
+
+
+# ----------------------------------------------------------------------------- shared .beton cache
+
+
+def _prepare_betons_racing(root: str, beton_dir: str, barrier) -> dict:
+    """One "node": wait for the other, then prepare_data() into the shared beton_dir."""
+    import hashlib
+    import json
+
+    from datamodules.imagenet import ImageNetDataModule
+
+    dm = ImageNetDataModule(root=root, backend="ffcv", beton_dir=beton_dir, progress=False, max_resolution=64)
+    barrier.wait()
+    dm.prepare_data()
+    out = {}
+    for split in ("train", "val"):
+        p = dm.beton_path(split)
+        out[split] = (os.stat(p).st_ino, hashlib.sha1(p.read_bytes()).hexdigest(),
+                      json.loads(Path(f"{p}.json").read_text()))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_nodes_writing_one_shared_beton_cache(tiny_imagenet, tmp_path):
+    """Two processes (a node's local rank 0 each) prepare the same cache at the same moment:
+    one writes, the other waits on the lock and then takes the finished file; both end with
+    the same, valid file and sidecar."""
+    import multiprocessing as mp
+
+    from datamodules.ffcv_io import check_beton
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(2)
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_prepare_betons_racing, [(str(tiny_imagenet), str(tmp_path), barrier)] * 2)
+    for split in ("train", "val"):
+        (ino_a, sha_a, meta_a), (ino_b, sha_b, meta_b) = (r[split] for r in results)
+        assert ino_a == ino_b, "both processes wrote the file"  # a second writer os.replace()s a new inode
+        assert sha_a == sha_b and meta_a == meta_b
+        path = next(tmp_path.glob(f"{split}*.beton"))
+        assert check_beton(path, meta_a["params"])["num_samples"] == (18 if split == "train" else 9)
+        assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- W&B dashboard
+
+
+@pytest.mark.slow
+def test_wandb_run_holds_the_dashboard(tiny_imagenet, tmp_path, capsys, monkeypatch):
+    """A short offline run: readable LR names, throughput, the augmented-image grid, the confusion
+    matrix and the confidently-wrong table are in the run file and its media folder."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(["fit", "--config", DEMO, *tiny_data(tiny_imagenet), "--trainer.max_epochs", "2",
+                 "--trainer.log_every_n_steps", "1", "--run.throughput_window", "2", "--model.lr", "1e-12",
+                 "--run.root", str(tmp_path), "--run.logger", "wandb"]) == 0
+    run_dir = _run_dir(capsys.readouterr().out)
+    (part,) = (run_dir / "wandb").glob("offline-run-*")
+    (run_file,) = part.glob("run-*.wandb")
+    wait_complete(run_file)
+    keys = set().union(*history(run_file))
+    assert {"lr/backbone", "lr/head", "lr/backbone_no_decay", "lr/head_no_decay"} <= keys, sorted(keys)
+    assert not any(k.startswith("lr-") for k in keys)
+    assert {"train/device/samples_per_sec", "train/device/batches_per_sec", "train/device/flops_per_sec"} <= keys
+    assert {"train/augmented_batch", "val/confusion_matrix", "val/confusion_table", "val/most_confident_wrong"} <= keys
+    media = {p.relative_to(part / "files" / "media").parts[0:2] for p in (part / "files" / "media").rglob("*.*")}
+    assert ("images", "train") in media and ("table", "val") in media, media
+    assert (run_dir / "plots" / "train_augmented_batch.png").is_file()
+    assert (run_dir / "plots" / "val_confusion_matrix.pt").is_file()

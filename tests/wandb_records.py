@@ -47,9 +47,19 @@ def history(path: str | Path) -> list[dict]:
     """Every ``wandb.log`` row of the run file, values JSON-decoded."""
     rows = []
     for rec in records(path):
-        if rec.WhichOneof("record_type") == "history":
-            key = lambda it: it.key or "/".join(it.nested_key)  # noqa: E731
-            rows.append({key(it): json.loads(it.value_json) for it in rec.history.item})
+        if rec.WhichOneof("record_type") != "history":
+            continue
+        row: dict = {}
+        for it in rec.history.item:
+            value = json.loads(it.value_json)
+            if it.key:
+                row[it.key] = value
+            else:  # media are flattened: nested_key = [metric, field, ...]
+                d = row.setdefault(it.nested_key[0], {})
+                for part in it.nested_key[1:-1]:
+                    d = d.setdefault(part, {})
+                d[it.nested_key[-1]] = value
+        rows.append(row)
     return rows
 
 
