@@ -312,3 +312,54 @@ def test_wandb_run_holds_the_dashboard(tiny_imagenet, tmp_path, capsys, monkeypa
     assert ("images", "train") in media and ("table", "val") in media, media
     assert (run_dir / "plots" / "train_augmented_batch.png").is_file()
     assert (run_dir / "plots" / "val_confusion_matrix.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- multi-node torchrun
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_torchrun_two_nodes_on_localhost(tiny_imagenet, tmp_path):
+    """launch/torchrun.sh's multi-node form, 2 "nodes" x 1 process on this host (gloo, CPU): one
+    run directory (the id is agreed through the rendezvous store), one checkpoint, both trained."""
+    import subprocess
+
+    cmd = [str(REPO / "launch/torchrun.sh"), "--nnodes", "2", "--rdzv", f"127.0.0.1:{_free_port()}",
+           "--rdzv-id", "t2n", "--rdzv-timeout", "120", "1", str(REPO / "launch/recipes/demo.yaml"),
+           *tiny_data(tiny_imagenet, batch=6), "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+           "--trainer.max_epochs", "1", "--run.root", str(tmp_path / "runs"), "--run.logger", "csv"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    both = "\n".join(outs)
+    print("\n".join(line for line in both.splitlines() if line.startswith(("zoo: rank", "run directory"))))
+    assert sorted(line.split()[2] for line in both.splitlines() if line.startswith("zoo: rank ")) == ["0", "1"]
+    assert "rank 0 of 2" in both and "rank 1 of 2" in both
+    assert both.count("run directory:") == 1 and "val/acc1: " in both
+    (run_dir,) = (tmp_path / "runs" / "convnet").iterdir()  # both nodes agreed on one run directory
+    assert [p.name for p in (run_dir / "checkpoints").glob("last*")] == ["last.ckpt"]
+
+
+def test_torchrun_unreachable_rendezvous_is_one_line_after_the_timeout(tmp_path):
+    import subprocess
+    import time
+
+    t0 = time.monotonic()
+    # 192.0.2.1: TEST-NET-1 (RFC 5737), never routed
+    r = subprocess.run([str(REPO / "launch/torchrun.sh"), "--nnodes", "2", "--rdzv", "192.0.2.1:29500",
+                        "--rdzv-timeout", "3", "1", str(REPO / "launch/recipes/demo.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and time.monotonic() - t0 < 30
+    assert r.stderr.strip().splitlines() == [
+        "error: rendezvous endpoint 192.0.2.1:29500 not reachable after 3s: start this command on 192.0.2.1 first, "
+        "or check the host name, the port and the firewall"]
