@@ -247,13 +247,22 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
 # ----------------------------------------------------------------------------- shared .beton cache
 
 
-def _prepare_betons_racing(root: str, beton_dir: str, barrier) -> dict:
+def _prepare_betons_racing(root: str, beton_dir: str, barrier, results) -> None:
     """One "node": wait for the other, then prepare_data() into the shared beton_dir."""
     import hashlib
     import json
 
+    from datamodules import ffcv_io
     from datamodules.imagenet import ImageNetDataModule
 
+    writes = []
+    real_write = ffcv_io.write_beton
+
+    def counting_write(*args, **kwargs):
+        writes.append(str(args[1]))
+        return real_write(*args, **kwargs)
+
+    ffcv_io.write_beton = counting_write  # prepare_data imports it from the module on each call
     dm = ImageNetDataModule(root=root, backend="ffcv", beton_dir=beton_dir, progress=False, max_resolution=64)
     barrier.wait()
     dm.prepare_data()
@@ -262,7 +271,8 @@ def _prepare_betons_racing(root: str, beton_dir: str, barrier) -> dict:
         p = dm.beton_path(split)
         out[split] = (os.stat(p).st_ino, hashlib.sha1(p.read_bytes()).hexdigest(),
                       json.loads(Path(f"{p}.json").read_text()))
-    return out
+    out["writes"] = writes
+    results.put(out)
 
 
 @pytest.mark.slow
@@ -275,14 +285,23 @@ def test_two_nodes_writing_one_shared_beton_cache(tiny_imagenet, tmp_path):
 
     from datamodules.ffcv_io import check_beton
 
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Manager().Barrier(2)
-    with ctx.Pool(2) as pool:
-        results = pool.starmap(_prepare_betons_racing, [(str(tiny_imagenet), str(tmp_path), barrier)] * 2)
+    # fork: no second import of torch/ffcv (CPU only here); not a Pool: ffcv's writer starts processes
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_prepare_betons_racing, args=(str(tiny_imagenet), str(tmp_path), barrier, queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    writes = [w for r in results for w in r["writes"]]
+    assert len(writes) == 2 and len(set(writes)) == 2, writes  # each split written once, by one of them
     for split in ("train", "val"):
         (ino_a, sha_a, meta_a), (ino_b, sha_b, meta_b) = (r[split] for r in results)
-        assert ino_a == ino_b, "both processes wrote the file"  # a second writer os.replace()s a new inode
-        assert sha_a == sha_b and meta_a == meta_b
+        assert ino_a == ino_b and sha_a == sha_b and meta_a == meta_b
+        assert meta_a["file_size"] == os.stat(next(tmp_path.glob(f"{split}*.beton"))).st_size
         path = next(tmp_path.glob(f"{split}*.beton"))
         assert check_beton(path, meta_a["params"])["num_samples"] == (18 if split == "train" else 9)
         assert not list(tmp_path.glob("*.tmp"))
