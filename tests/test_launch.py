@@ -382,3 +382,72 @@ def test_torchrun_unreachable_rendezvous_is_one_line_after_the_timeout(tmp_path)
     assert r.stderr.strip().splitlines() == [
         "error: rendezvous endpoint 192.0.2.1:29500 not reachable after 3s: start this command on 192.0.2.1 first, "
         "or check the host name, the port and the firewall"]
+
+
+# ----------------------------------------------------------------------------- make setup without root
+
+
+def _fake_machine(finds: str) -> Path:
+    """A copy of the Makefile in a world-writable temp dir, with stubs on PATH: apt-get and the
+    venv's pip record their calls; pkg-config finds the modules listed in ``finds``."""
+    import shutil
+    import stat
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="zoo-make-", dir="/tmp"))
+    shutil.copy(REPO / "Makefile", d / "Makefile")
+    (d / "pyproject.toml").write_text("")
+    bin_ = d / "bin"
+    bin_.mkdir()
+    stubs = {
+        "apt-get": f'echo "$@" >> {d}/apt-calls',
+        "pkg-config": f'[ "$1" = --exists ] && case " {finds} " in *" $2 "*) exit 0;; esac; exit 1',
+        # `python3 -m venv .venv` makes a .venv/bin/python that records the pip calls
+        "python3": f'mkdir -p .venv/bin; printf \'#!/bin/sh\\necho "$@" >> {d}/pip-calls\\n\' > .venv/bin/python; '
+                   "chmod +x .venv/bin/python",
+    }
+    for name, body in stubs.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    for p in [d, *d.rglob("*")]:
+        p.chmod(p.stat().st_mode | stat.S_IRWXO)
+    return d
+
+
+def _make_setup(d: Path, user: str | None):
+    import subprocess
+
+    env = f"PATH={d}/bin:/usr/bin:/bin HOME={d}"
+    cmd = f"cd {d} && env {env} make setup PYTHON={d}/bin/python3"
+    argv = ["runuser", "-u", user, "--", "sh", "-c", cmd] if user else ["sh", "-c", cmd]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run make as another user")
+def test_make_setup_without_root_never_calls_apt_get():
+    import shutil
+
+    # libraries found by pkg-config (conda-forge, modules): no apt-get, the [ffcv] extra
+    d = _fake_machine(finds="opencv4 libturbojpeg")
+    r = _make_setup(d, "nobody")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (d / "apt-calls").exists()
+    assert '-e .[ffcv,dev]' in (d / "pip-calls").read_text()
+    shutil.rmtree(d)
+    # libraries missing, no root: one line on what to install, no apt-get, install without ffcv
+    d = _fake_machine(finds="")
+    r = _make_setup(d, "nobody")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (d / "apt-calls").exists()
+    hint = [line for line in r.stdout.splitlines() if line.startswith("ffcv needs")]
+    assert len(hint) == 1 and "conda-forge opencv libjpeg-turbo pkg-config" in hint[0], r.stdout
+    assert '-e .[dev]' in (d / "pip-calls").read_text()
+    shutil.rmtree(d)
+    # root, one library missing: apt-get installs exactly that one
+    d = _fake_machine(finds="libturbojpeg")
+    r = _make_setup(d, None)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (d / "apt-calls").read_text().splitlines() == ["update -qq", "install -y -qq libopencv-dev"]
+    shutil.rmtree(d)
