@@ -244,6 +244,35 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     assert len(second) == epochs * 3 - g  # every remaining step logged once
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_sbatch_on_two_nodes(tiny_imagenet, tmp_path):
+    """train.sbatch on a two-node Slurm (two slurmd on this host, launch/slurm/local_two_nodes.sh):
+    one task per node, Lightning's DDP over both nodes, one run directory, one checkpoint."""
+    import subprocess
+
+    if subprocess.run(["bash", str(REPO / "launch/slurm/local_two_nodes.sh"), "start"], capture_output=True,
+                      timeout=120).returncode != 0:
+        pytest.fail("the two-node local Slurm does not start: see /var/lib/slurm-zoo-two/log/")
+    out = tmp_path / "job.out"
+    env = {**os.environ, "ZOO_HOME": str(REPO), "SLURM_CONF": "/var/lib/slurm-zoo-two/slurm.conf",
+           # the node names n1/n2 resolve nowhere: both "nodes" are this host
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    r = subprocess.run(
+        ["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+         "--time=10", f"--output={out}", "--chdir", str(REPO), str(REPO / "launch/slurm/train.sbatch"), "demo",
+         *tiny_data(tiny_imagenet, batch=6), "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+         "--trainer.max_epochs", "1", "--run.root", str(tmp_path / "runs"), "--run.logger", "csv"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    log = out.read_text(errors="replace") if out.exists() else ""
+    assert r.returncode == 0, (r.stderr, log[-3000:])
+    job = r.stdout.strip().split()[-1]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-3000:]
+    assert log.count("run directory:") == 1 and "val/acc1: " in log
+    assert (tmp_path / "runs" / "convnet" / f"slurm-{job}.0" / "checkpoints" / "last.ckpt").is_file()
+
+
 # ----------------------------------------------------------------------------- shared .beton cache
 
 
