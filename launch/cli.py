@@ -353,6 +353,27 @@ def _with_default_recipe(argv: list[str]) -> list[str]:
     return argv
 
 
+def _check_configs(argv: list[str]) -> list[str]:
+    """A recipe name (``--config resnet50``) means launch/recipes/resnet50.yaml; a missing file
+    is one error line naming the recipes there (jsonargparse would print its usage first)."""
+    out = list(argv)
+    for i, a in enumerate(argv):
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            j, value = i + 1, argv[i + 1]
+        elif a.startswith("--config="):
+            j, value = i, a.split("=", 1)[1]
+        else:
+            continue
+        if Path(value).expanduser().is_file():
+            continue
+        if "/" not in value and (RECIPES / f"{value}.yaml").is_file():
+            out[j] = str(RECIPES / f"{value}.yaml") if j != i else f"--config={RECIPES / f'{value}.yaml'}"
+            continue
+        names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise FileNotFoundError(f"recipe {value} not found: give a YAML file or one of {names}")
+    return out
+
+
 # Commands that are not LightningCLI subcommands: name -> "module:function" taking argv
 # (the words after the command) and returning an exit code. Imported on use, so `zoo models`
 # stays fast. Add a command by adding one line here.
@@ -374,6 +395,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] in PLAIN_COMMANDS:
         return _plain_command(argv[0])(argv[1:])
     argv = _with_default_recipe(argv)
+    try:
+        argv = _check_configs(argv)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if from_shell:  # LightningCLI warns when given both args= and a different sys.argv
         sys.argv[1:] = argv
     errors = _user_errors()

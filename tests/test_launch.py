@@ -86,10 +86,11 @@ def test_slurm_launch_mistakes_end_in_one_line(env, args, expected, tiny_imagene
 
 
 def test_missing_recipe_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(tmp_path / "nope.yaml")])
-    assert e.value.code == 2
-    assert "nope.yaml" in capsys.readouterr().err
+    assert main(["fit", "--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: recipe {tmp_path / 'nope.yaml'} not found") and "resnet50" in err[0]
+    assert main(["fit", "--config", "resnet5"]) == 2  # a recipe name that is not there
+    assert "error: recipe resnet5 not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow
