@@ -52,8 +52,8 @@ def history(path: str | Path) -> list[dict]:
         row: dict = {}
         for it in rec.history.item:
             value = json.loads(it.value_json)
-            if it.key:
-                row[it.key] = value
+            if it.key or len(it.nested_key) == 1:
+                row[it.key or it.nested_key[0]] = value
             else:  # media are flattened: nested_key = [metric, field, ...]
                 d = row.setdefault(it.nested_key[0], {})
                 for part in it.nested_key[1:-1]:

@@ -20,7 +20,7 @@ esac
 if ready; then exit 0; fi
 host=$(hostname -s)
 mkdir -p "$dir/ctld" "$dir/log"
-# Each node gets one CPU (both are CPU 0 of this host: the nodes share it).
+# Each node offers all of this host's CPUs (the nodes share them).
 cat > "$SLURM_CONF" <<CONF
 ClusterName=zoo-two
 SlurmctldHost=$host
@@ -42,8 +42,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=7821 CPUs=1 RealMemory=2000
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=7822 CPUs=1 RealMemory=2000
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=7821 CPUs=$(nproc) RealMemory=2000
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=7822 CPUs=$(nproc) RealMemory=2000
 PartitionName=two Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 pgrep -x munged >/dev/null || { echo "munged is not running: launch/slurm/local_cluster.sh start first" >&2; exit 1; }
