@@ -99,7 +99,8 @@ def run_id(env: Optional[Mapping[str, str]] = None) -> str:
 
     - ``ZOO_RUN_ID`` if set: by the user, or by ``main()`` for the DDP processes Lightning
       starts (they inherit rank 0's environment while it runs);
-    - ``slurm-JOBID.STEPID`` for a task started by srun (stable across a requeue);
+    - ``slurm-JOBID.STEPID`` for a task started by srun (stable across a requeue), or
+      ``slurm-JOBID.batch`` in a one-task batch script without srun;
     - a fresh id agreed through torchrun's agent store for torchrun workers;
     - else a fresh id.
     """
@@ -109,6 +110,10 @@ def run_id(env: Optional[Mapping[str, str]] = None) -> str:
     step = _slurm_step(env)
     if step:
         return f"slurm-{step}"
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS") == "1" and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        # a one-task batch script running `zoo fit` without srun: Lightning requeues it too, and
+        # the requeued script must find the same directory (its hpc checkpoint) again
+        return f"slurm-{env['SLURM_JOB_ID']}.batch"
     return _torchrun_agreed_id(env) or new_run_id()
 
 

@@ -50,6 +50,9 @@ def test_run_id_rules():
     # an interactive allocation (`srun --pty bash`, then zoo fit twice): two runs
     shell = {**task, "SLURM_JOB_NAME": "bash"}
     assert run_id(shell) != run_id(shell)
+    # a one-task batch script without srun: stable across a requeue as well
+    batch = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "zoo", "SLURM_JOB_ID": "78"}
+    assert run_id(batch) == run_id(batch) == "slurm-78.batch"
     # a launcher's (or main()'s, for Lightning's DDP children) id wins
     assert run_id({**task, "ZOO_RUN_ID": "given"}) == "given"
 
