@@ -236,8 +236,12 @@ def _train_inputs(trainer, pl_module, num_samples: int):
 def _extra_pass_allowed(trainer) -> bool:
     # Mid-epoch validation (val_check_interval < 1): restarting the train loader would reset
     # the running epoch's iterator (persistent workers, FFCV). At the end of an epoch it is done.
-    fitting = trainer.state.fn == "fit"
-    return not trainer.sanity_checking and (not fitting or trainer.is_last_batch)
+    if trainer.sanity_checking:
+        return False
+    if trainer.state.fn != "fit":
+        return True
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches of this epoch so far
+    return bool(trainer.is_last_batch or done >= trainer.num_training_batches)
 
 
 def _say(msg: str) -> None:
@@ -290,8 +294,12 @@ class PreciseBN(L.Callback):
         return used
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if _extra_pass_allowed(trainer) and trainer.state.fn == "fit":
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if _extra_pass_allowed(trainer):
             self.recompute(trainer, pl_module)
+        else:
+            self._once("mid", "PreciseBN: validation in the middle of an epoch: statistics recomputed only at epoch ends")
 
 
 class BNBufferSync(L.Callback):
@@ -471,7 +479,10 @@ class BNStatsCheck(L.Callback):
 
         # 3. running vs population statistics
         stats = None
-        if _extra_pass_allowed(trainer):
+        if not _extra_pass_allowed(trainer):
+            self._once("mid", "BNStatsCheck: validation in the middle of an epoch: check 3 (population statistics) "
+                              "runs only at epoch ends")
+        else:
             inputs = _train_inputs(trainer, pl_module, self.num_samples)
             if inputs is None:
                 self._once("nodata", "BNStatsCheck: no training data in this stage; check 3 (population statistics) skipped")

@@ -139,7 +139,8 @@ def test_precise_bn_recomputes_on_model_and_ema():
     m = small_model()
     ema = WeightEMA(decay=0.9, evaluate_with_ema=False)
     pbn = PreciseBN(num_samples=32)
-    t = trainer(callbacks=[ema, pbn], max_epochs=1, limit_val_batches=1)
+    # limit_train_batches: the epoch ends before its loader does; the extra pass still runs
+    t = trainer(callbacks=[ema, pbn], max_epochs=1, limit_val_batches=1, limit_train_batches=2)
     t.fit(m, datamodule=TinyData())
     # the model's running statistics now equal an estimate over the train data
     data = TinyData()
