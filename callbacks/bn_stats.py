@@ -584,7 +584,7 @@ class BNStatsCheck(L.Callback):
             # the held-out batch of check 4: a few images from every val batch, so that it
             # mixes classes (a sequential val loader gives one class per batch)
             picks_x.append(x[:HELDOUT_PER_BATCH])
-            picks_y.append(y[:HELDOUT_PER_BATCH])
+            picks_y.append(y[:HELDOUT_PER_BATCH].clone())  # FFCV reuses its batch buffers
             a = net(x).argmax(-1) == y
             with using_stats(net, stats):
                 b = net(x).argmax(-1) == y

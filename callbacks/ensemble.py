@@ -317,7 +317,7 @@ class Ensemble(L.Callback):
         all_logits, all_y = [], []
         for x, y in iterate(loaders[0], pl_module):
             all_logits.append(runner(x).float())
-            all_y.append(y)
+            all_y.append(y.clone())  # FFCV reuses its batch buffers: keep a copy
         logits = pl_module.all_gather(torch.cat(all_logits, 1))
         y = pl_module.all_gather(torch.cat(all_y))
         if logits.ndim == 4:  # (world, members, N, C) -> (members, world * N, C)
