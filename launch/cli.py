@@ -184,7 +184,7 @@ class ZooCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
-        for key in ("val/acc1", "val/acc5", "test/acc1", "test/acc5"):
+        for key in ("val/acc1", "val/acc5", "val_ema/acc1", "test/acc1", "test/acc5", "test_ema/acc1"):
             if key in metrics:
                 print(f"{key}: {float(metrics[key]):.4f}", flush=True)
         if self.subcommand == "fit":
