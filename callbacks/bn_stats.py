@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._batches import all_reduce, as_list, distributed, iterate, train_loader, world_size
+from ._batches import all_reduce, as_list, distributed, iterate, precision_context, train_loader, world_size
 
 # pycls config NUM_SAMPLES_PRECISE = 8192 (pycls/core/config.py, "Rethinking 'Batch' in BatchNorm")
 NUM_SAMPLES_PRECISE = 8192
@@ -285,7 +285,7 @@ class PreciseBN(L.Callback):
             if inputs is None:
                 self._once("nodata", "PreciseBN: no training data in this stage; statistics left as they are")
                 return None
-            with ctx:
+            with ctx, precision_context(trainer):
                 stats, used = estimate_population_stats(net, inputs, self.num_samples)
                 apply_population_stats(net, stats)
         if used is not None and used < self.num_samples:
@@ -487,7 +487,8 @@ class BNStatsCheck(L.Callback):
             if inputs is None:
                 self._once("nodata", "BNStatsCheck: no training data in this stage; check 3 (population statistics) skipped")
             else:
-                stats, used = estimate_population_stats(net, inputs, self.num_samples)
+                with precision_context(trainer):
+                    stats, used = estimate_population_stats(net, inputs, self.num_samples)
                 if used < self.num_samples:
                     self._once("few", f"BNStatsCheck: the train data gave {used} samples < {self.num_samples} "
                                       "requested; estimated from all of them")
@@ -585,9 +586,10 @@ class BNStatsCheck(L.Callback):
             # mixes classes (a sequential val loader gives one class per batch)
             picks_x.append(x[:HELDOUT_PER_BATCH])
             picks_y.append(y[:HELDOUT_PER_BATCH].clone())  # FFCV reuses its batch buffers
-            a = net(x).argmax(-1) == y
-            with using_stats(net, stats):
-                b = net(x).argmax(-1) == y
+            with precision_context(trainer):
+                a = net(x).argmax(-1) == y
+                with using_stats(net, stats):
+                    b = net(x).argmax(-1) == y
             hits += torch.stack([a.sum().float(), b.sum().float(), torch.full((), float(y.numel()), device=hits.device)])
         all_reduce(hits, "sum")
         if picks_x:
@@ -608,9 +610,10 @@ class BNStatsCheck(L.Callback):
             return None
         x, y = batch
         net = pl_module.net
-        eval_logits = net(x).float()
-        with bn_train_mode(net):
-            train_logits = net(x).float()
+        with precision_context(trainer):
+            eval_logits = net(x).float()
+            with bn_train_mode(net):
+                train_logits = net(x).float()
         res = torch.stack([
             (train_logits.argmax(-1) == y).float().mean(), (eval_logits.argmax(-1) == y).float().mean(),
             (train_logits - eval_logits).norm() / train_logits.norm().clamp_min(1e-12),

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from ._batches import all_reduce, as_list, iterate
+from ._batches import all_reduce, as_list, iterate, precision_context
 
 
 class WeightEMA(L.Callback):
@@ -189,7 +189,7 @@ class WeightEMA(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         forward = getattr(pl_module, "_eval_logits", pl_module)
-        with self.swapped(pl_module):
+        with self.swapped(pl_module), precision_context(trainer):
             for idx, loader in enumerate(loaders):
                 limit = None if limits[idx] == math.inf else limits[idx]
                 for x, y in iterate(loader, pl_module, max_batches=limit, dataloader_idx=idx):

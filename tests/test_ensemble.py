@@ -92,6 +92,7 @@ def test_stacked_equals_looped():
     torch.testing.assert_close(mixed(x)[2], other(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_callback_snapshots_evaluates_and_resumes(tmp_path, capsys):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
