@@ -221,6 +221,10 @@ class ZooCLI(LightningCLI):
                             help="throughput/MFU, augmented-image grid, confusion matrix, confident mistakes")
         # Lightning's ThroughputMonitor default is 100 batches; 50 gives a first figure sooner
         parser.add_argument("--run.throughput_window", type=int, default=50, help="batches per throughput figure")
+        parser.add_argument(
+            "--run.monitor", type=str, default="val/acc1",
+            help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
+        )
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
@@ -302,13 +306,14 @@ class ZooCLI(LightningCLI):
         if self.subcommand == "fit":
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 every = run["checkpoint_every_n_epochs"]
+                monitor = run.get("monitor") or "val/acc1"
                 callbacks += [
-                    ModelCheckpoint(  # the best epoch by val/acc1
+                    ModelCheckpoint(  # the best epoch by the monitored metric (val/acc1)
                         dirpath=run_dir / "checkpoints",
                         # no "/" in file names: the metric is val/acc1
-                        filename="epoch={epoch:03d}-val_acc1={val/acc1:.4f}",
+                        filename=f"epoch={{epoch:03d}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}",
                         auto_insert_metric_name=False,
-                        monitor="val/acc1",
+                        monitor=monitor,
                         mode="max",
                         every_n_epochs=every,
                     ),
@@ -332,6 +337,13 @@ class ZooCLI(LightningCLI):
             from callbacks.dashboard import Dashboard, batch_size_of
 
             callbacks += [Dashboard(), ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"])]
+        if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
+            from callbacks.bn_stats import BNBufferSync
+
+            if not any(isinstance(c, BNBufferSync) for c in callbacks):
+                # DDP without SyncBN: average BN buffers across ranks before validation and saving
+                # (timm's --dist-bn reduce default); a no-op on one process
+                callbacks.append(BNBufferSync())
         trainer_cfg["callbacks"] = callbacks
         trainer_cfg["default_root_dir"] = str(run_dir)  # Lightning's hpc checkpoints go here
         kwargs.setdefault("logger", logger)
@@ -384,7 +396,7 @@ class ZooCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
-        for key in ("val/acc1", "val/acc5", "test/acc1", "test/acc5"):
+        for key in ("val/acc1", "val/acc5", "val_ema/acc1", "test/acc1", "test/acc5", "test_ema/acc1"):
             if key in metrics:
                 print(f"{key}: {float(metrics[key]):.4f}", flush=True)
         if self.subcommand == "fit":
@@ -445,6 +457,7 @@ def _check_configs(argv: list[str]) -> list[str]:
 # stays fast. Add a command by adding one line here.
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
+    "ensemble": "launch.ensemble:main",
 }
 
 
