@@ -71,6 +71,14 @@ def iterate(loader: Any, pl_module, max_samples: Optional[int] = None, max_batch
             loader.next_epoch = next_epoch
 
 
+def precision_context(trainer):
+    """The trainer's autocast (e.g. 16-mixed) for extra forward passes, as in its own steps."""
+    import contextlib
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+
+
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._batches import all_reduce, as_list, distributed, iterate, train_loader, world_size
+from ._batches import all_reduce, as_list, distributed, iterate, precision_context, train_loader, world_size
 
 # pycls config NUM_SAMPLES_PRECISE = 8192 (pycls/core/config.py, "Rethinking 'Batch' in BatchNorm")
 NUM_SAMPLES_PRECISE = 8192
@@ -236,8 +236,12 @@ def _train_inputs(trainer, pl_module, num_samples: int):
 def _extra_pass_allowed(trainer) -> bool:
     # Mid-epoch validation (val_check_interval < 1): restarting the train loader would reset
     # the running epoch's iterator (persistent workers, FFCV). At the end of an epoch it is done.
-    fitting = trainer.state.fn == "fit"
-    return not trainer.sanity_checking and (not fitting or trainer.is_last_batch)
+    if trainer.sanity_checking:
+        return False
+    if trainer.state.fn != "fit":
+        return True
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches of this epoch so far
+    return bool(trainer.is_last_batch or done >= trainer.num_training_batches)
 
 
 def _say(msg: str) -> None:
@@ -281,7 +285,7 @@ class PreciseBN(L.Callback):
             if inputs is None:
                 self._once("nodata", "PreciseBN: no training data in this stage; statistics left as they are")
                 return None
-            with ctx:
+            with ctx, precision_context(trainer):
                 stats, used = estimate_population_stats(net, inputs, self.num_samples)
                 apply_population_stats(net, stats)
         if used is not None and used < self.num_samples:
@@ -290,8 +294,12 @@ class PreciseBN(L.Callback):
         return used
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if _extra_pass_allowed(trainer) and trainer.state.fn == "fit":
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if _extra_pass_allowed(trainer):
             self.recompute(trainer, pl_module)
+        else:
+            self._once("mid", "PreciseBN: validation in the middle of an epoch: statistics recomputed only at epoch ends")
 
 
 class BNBufferSync(L.Callback):
@@ -471,12 +479,16 @@ class BNStatsCheck(L.Callback):
 
         # 3. running vs population statistics
         stats = None
-        if _extra_pass_allowed(trainer):
+        if not _extra_pass_allowed(trainer):
+            self._once("mid", "BNStatsCheck: validation in the middle of an epoch: check 3 (population statistics) "
+                              "runs only at epoch ends")
+        else:
             inputs = _train_inputs(trainer, pl_module, self.num_samples)
             if inputs is None:
                 self._once("nodata", "BNStatsCheck: no training data in this stage; check 3 (population statistics) skipped")
             else:
-                stats, used = estimate_population_stats(net, inputs, self.num_samples)
+                with precision_context(trainer):
+                    stats, used = estimate_population_stats(net, inputs, self.num_samples)
                 if used < self.num_samples:
                     self._once("few", f"BNStatsCheck: the train data gave {used} samples < {self.num_samples} "
                                       "requested; estimated from all of them")
@@ -573,10 +585,11 @@ class BNStatsCheck(L.Callback):
             # the held-out batch of check 4: a few images from every val batch, so that it
             # mixes classes (a sequential val loader gives one class per batch)
             picks_x.append(x[:HELDOUT_PER_BATCH])
-            picks_y.append(y[:HELDOUT_PER_BATCH])
-            a = net(x).argmax(-1) == y
-            with using_stats(net, stats):
-                b = net(x).argmax(-1) == y
+            picks_y.append(y[:HELDOUT_PER_BATCH].clone())  # FFCV reuses its batch buffers
+            with precision_context(trainer):
+                a = net(x).argmax(-1) == y
+                with using_stats(net, stats):
+                    b = net(x).argmax(-1) == y
             hits += torch.stack([a.sum().float(), b.sum().float(), torch.full((), float(y.numel()), device=hits.device)])
         all_reduce(hits, "sum")
         if picks_x:
@@ -597,9 +610,10 @@ class BNStatsCheck(L.Callback):
             return None
         x, y = batch
         net = pl_module.net
-        eval_logits = net(x).float()
-        with bn_train_mode(net):
-            train_logits = net(x).float()
+        with precision_context(trainer):
+            eval_logits = net(x).float()
+            with bn_train_mode(net):
+                train_logits = net(x).float()
         res = torch.stack([
             (train_logits.argmax(-1) == y).float().mean(), (eval_logits.argmax(-1) == y).float().mean(),
             (train_logits - eval_logits).norm() / train_logits.norm().clamp_min(1e-12),

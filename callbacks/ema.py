@@ -14,7 +14,7 @@ Test likewise logs ``test_ema/*``.
 Checkpoint format (the loading contract of ``zoo.load``/``zoo.weights``):
 ``checkpoint["callbacks"]["WeightEMA"]["ema_state_dict"]`` holds the EMA, keyed like
 ``pl_module.net.state_dict()`` (float tensors, on the CPU); ``checkpoint["state_dict"]`` always
-holds the trained weights; ``checkpoint["zoo_weights"]`` says so in words.
+holds the trained weights; ``checkpoint["zoo_weights"]`` (written by ImageClassifier) says so.
 
 Why our own callback and not Lightning 2.6's ``EMAWeightAveraging`` (read from
 lightning/pytorch/callbacks/weight_averaging.py): (1) it writes the *average* into
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from ._batches import all_reduce, as_list, iterate
+from ._batches import all_reduce, as_list, iterate, precision_context
 
 
 class WeightEMA(L.Callback):
@@ -189,7 +189,7 @@ class WeightEMA(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         forward = getattr(pl_module, "_eval_logits", pl_module)
-        with self.swapped(pl_module):
+        with self.swapped(pl_module), precision_context(trainer):
             for idx, loader in enumerate(loaders):
                 limit = None if limits[idx] == math.inf else limits[idx]
                 for x, y in iterate(loader, pl_module, max_batches=limit, dataloader_idx=idx):
@@ -227,10 +227,6 @@ class WeightEMA(L.Callback):
             sd = checkpoint["state_dict"]
             for k, v in self._backup.items():
                 sd["net." + k] = v.detach().clone()
-        checkpoint["zoo_weights"] = {
-            "state_dict": "trained weights",
-            "ema": "callbacks/WeightEMA/ema_state_dict (keys of net)",
-        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

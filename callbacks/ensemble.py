@@ -301,7 +301,7 @@ class Ensemble(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module, split: str) -> Optional[dict[str, dict[str, float]]]:
-        from ._batches import as_list, iterate
+        from ._batches import as_list, iterate, precision_context
 
         if not self.snapshots:
             return None
@@ -316,8 +316,9 @@ class Ensemble(L.Callback):
         runner = MemberRunner(nets, [0] * len(nets), stack=self.stack)
         all_logits, all_y = [], []
         for x, y in iterate(loaders[0], pl_module):
-            all_logits.append(runner(x).float())
-            all_y.append(y)
+            with precision_context(trainer):
+                all_logits.append(runner(x).float())
+            all_y.append(y.clone())  # FFCV reuses its batch buffers: keep a copy
         logits = pl_module.all_gather(torch.cat(all_logits, 1))
         y = pl_module.all_gather(torch.cat(all_y))
         if logits.ndim == 4:  # (world, members, N, C) -> (members, world * N, C)

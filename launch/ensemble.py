@@ -40,6 +40,27 @@ def _classes(path: str) -> Optional[list[str]]:
         return None
 
 
+def _data_args(args, first) -> dict:
+    """The first member's DataModule settings (stored resolution, crop ratio: evaluation never
+    guesses), with the command line's root/backend/batch size/workers on top."""
+    import inspect
+
+    from datamodules.imagenet import ImageNetDataModule
+
+    ckpt = torch.load(args.checkpoints[0], map_location="cpu", weights_only=True)
+    saved = dict(ckpt.get("datamodule_hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+    accepted = set(inspect.signature(ImageNetDataModule.__init__).parameters) - {"self"}
+    kw = {k: v for k, v in saved.items() if k in accepted}
+    if args.root is not None or "root" not in kw:
+        kw["root"] = args.root
+    for name, default in (("backend", "ffcv"), ("batch_size", 64), ("num_workers", 2)):
+        value = getattr(args, name)
+        if value is not None or name not in kw:
+            kw[name] = value if value is not None else default
+    kw["data_config"] = first.data_config
+    return kw
+
+
 def load_members(paths: list[str], use_ema: bool = True):
     import zoo
 
@@ -68,9 +89,10 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="zoo ensemble", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="member checkpoints (.ckpt, .safetensors, hub ids)")
     ap.add_argument("--data.root", dest="root", default=None, help="ImageNet-format folder; default: the embedded dataset")
-    ap.add_argument("--data.backend", dest="backend", default="ffcv", choices=["ffcv", "torchvision"])
-    ap.add_argument("--data.batch_size", dest="batch_size", type=int, default=64)
-    ap.add_argument("--data.num_workers", dest="num_workers", type=int, default=2)
+    ap.add_argument("--data.backend", dest="backend", default=None, choices=["ffcv", "torchvision"],
+                    help="default: as the first member was trained")
+    ap.add_argument("--data.batch_size", dest="batch_size", type=int, default=None)
+    ap.add_argument("--data.num_workers", dest="num_workers", type=int, default=None)
     ap.add_argument("--combine", default="mean_prob", choices=["mean_prob", "mean_logit", "vote"])
     ap.add_argument("--no-ema", dest="use_ema", action="store_false", help="the trained weights, not the EMA")
     ap.add_argument("--no-stack", dest="stack", action="store_false", help="loop over members (no vmap)")
@@ -85,8 +107,7 @@ def main(argv: list[str]) -> int:
         if len(args.checkpoints) < 2:
             raise EnsembleError("an ensemble needs at least 2 checkpoints")
         members, _ = load_members(args.checkpoints, args.use_ema)
-        dm = ImageNetDataModule(root=args.root, backend=args.backend, batch_size=args.batch_size,
-                                num_workers=args.num_workers, data_config=members[0].data_config)
+        dm = ImageNetDataModule(**_data_args(args, members[0]))
         dm.prepare_data()
         dm.setup("validate")
         loader = dm.val_dataloader()
@@ -104,7 +125,7 @@ def main(argv: list[str]) -> int:
         for batch in loader:
             x, y = batch[0], batch[1].reshape(-1).long()
             logits.append(runner(pre.preprocess(x)).float())
-            labels.append(y)
+            labels.append(y.clone())  # FFCV reuses its batch buffers: keep a copy
     dt = time.perf_counter() - t0
     logits, y = torch.cat(logits, 1), torch.cat(labels)
     names = [Path(p).name if Path(p).name not in {Path(q).name for q in args.checkpoints if q != p}

@@ -57,9 +57,12 @@ def test_estimator_matches_full_batch_statistics():
     torch.testing.assert_close(stats["4"][1], b.var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-5)
 
 
-def _check(m, data, capsys, **kw):
+def _check(m, data, capsys, tmp_path=None, **kw):
+    import tempfile
+
     check = BNStatsCheck(**kw)
-    trainer(callbacks=[check], limit_val_batches=2).validate(m, datamodule=data)
+    root = tmp_path or tempfile.mkdtemp()
+    trainer(callbacks=[check], limit_val_batches=2, default_root_dir=root).validate(m, datamodule=data)
     out = capsys.readouterr().out
     return check, out
 
@@ -106,10 +109,11 @@ def test_stale_statistics_after_input_shift_fire_and_recalibrate(healthy, capsys
     assert check2.last_findings == []
 
 
-def test_model_without_bn_says_so_once(capsys):
+def test_model_without_bn_says_so_once(capsys, tmp_path):
     m = ImageClassifier(arch="logreg", num_classes=NUM_CLASSES, arch_args={"input_size": 24})
     check = BNStatsCheck()
-    trainer(callbacks=[check], max_epochs=2, limit_val_batches=1).fit(m, datamodule=TinyData(res=24))
+    trainer(callbacks=[check], max_epochs=2, limit_val_batches=1, default_root_dir=tmp_path).fit(
+        m, datamodule=TinyData(res=24))
     out = capsys.readouterr().out
     assert out.count("no BatchNorm layers") == 1
 
@@ -135,7 +139,8 @@ def test_precise_bn_recomputes_on_model_and_ema():
     m = small_model()
     ema = WeightEMA(decay=0.9, evaluate_with_ema=False)
     pbn = PreciseBN(num_samples=32)
-    t = trainer(callbacks=[ema, pbn], max_epochs=1, limit_val_batches=1)
+    # limit_train_batches: the epoch ends before its loader does; the extra pass still runs
+    t = trainer(callbacks=[ema, pbn], max_epochs=1, limit_val_batches=1, limit_train_batches=2)
     t.fit(m, datamodule=TinyData())
     # the model's running statistics now equal an estimate over the train data
     data = TinyData()
@@ -155,3 +160,23 @@ def test_bad_arguments():
         BNStatsCheck(action="fix")
     with pytest.raises(ValueError, match="num_samples"):
         PreciseBN(num_samples=0)
+
+
+def test_callbacks_leave_the_trained_weights_unchanged(tmp_path):
+    """The extra passes (EMA validation, BN check, precise BN) must not touch training."""
+    from callbacks.bn_stats import BNBufferSync
+    from callbacks.ema import WeightEMA
+    from tests.test_callbacks import OrderedData
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        m = small_model()
+        trainer(max_epochs=2, limit_val_batches=2, callbacks=callbacks, default_root_dir=tmp_path).fit(
+            m, datamodule=OrderedData())
+        return {k: v for k, v in m.net.state_dict().items() if "running" not in k and "num_batches" not in k}
+
+    plain = run([])
+    busy = run([WeightEMA(decay=0.9), BNStatsCheck(num_samples=16, val_samples=16), PreciseBN(num_samples=16),
+                BNBufferSync()])
+    for k, v in plain.items():
+        torch.testing.assert_close(busy[k], v, msg=k)

@@ -51,7 +51,7 @@ def test_rank_disagreement_is_found_and_reduced(tmp_path):
     check, sync = BNStatsCheck(num_samples=8, val_samples=8), BNBufferSync()
     cbs = [PlantAndRecord(str(tmp_path), None, None), check, PlantAndRecord(str(tmp_path), check, sync)]
     _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=False,
-             callbacks=cbs).fit(_model(), datamodule=TinyData(n=16, res=16, batch_size=4))
+             callbacks=cbs, default_root_dir=tmp_path).fit(_model(), datamodule=TinyData(n=16, res=16, batch_size=4))
     for r in (0, 1):
         rec = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert any(f.startswith("stages.0.0.bn: BN buffers differ across ranks by up to 0.5") for f in rec["findings"])

@@ -92,6 +92,7 @@ def test_stacked_equals_looped():
     torch.testing.assert_close(mixed(x)[2], other(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_callback_snapshots_evaluates_and_resumes(tmp_path, capsys):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -138,3 +139,26 @@ def test_zoo_ensemble_refuses_different_num_classes(tmp_path, capsys):
     assert main(["ensemble", *paths, "--run.root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "error: ensemble members have different numbers of classes" in err and "m1.ckpt: 5" in err
+
+
+def _save(tmp_path, name, num_classes, seed):
+    torch.manual_seed(seed)
+    m = ImageClassifier(arch="convnet", num_classes=num_classes, arch_args={"widths": [8, 16]})
+    t = trainer(max_epochs=1)
+    t.strategy.connect(m)
+    p = tmp_path / name
+    t.save_checkpoint(p)
+    return str(p)
+
+
+def test_zoo_ensemble_prints_the_table_and_writes_the_diagram(tiny_imagenet, tmp_path, capsys):
+    from launch.cli import main
+
+    paths = [_save(tmp_path, f"m{i}.ckpt", 3, i) for i in range(3)]
+    rc = main(["ensemble", *paths, "--data.root", str(tiny_imagenet), "--data.backend", "torchvision",
+               "--data.num_workers", "0", "--data.batch_size", "4", "--combine", "vote", "--run.root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "3 members, 9 val images" in out and "ensemble (vote)" in out and "best member (m" in out
+    run = next((tmp_path / "ensemble").iterdir())
+    assert (run / "reliability.png").stat().st_size > 1000 and (run / "ensemble.json").exists()
