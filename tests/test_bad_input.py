@@ -116,7 +116,7 @@ def _disk_full(errno_):
 
 def _slurm_tasks(tmp, data):
     env = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "99",
-           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}
+           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost", "SLURM_STEP_ID": "0"}
     return "fit", ["--data.root", str(data), "--trainer.devices", "2", "--trainer.strategy", "ddp"], env
 
 
@@ -153,7 +153,7 @@ ROWS = {
     "config-run-name-escapes-root": (lambda t, d: ("fit", ["--data.root", str(d), "--run.name", "../../x"], {}), r"run.name='../../x' must be one folder name"),
     # distribution
     "dist-batch-not-divisible": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.devices", "3", "--trainer.strategy", "ddp_spawn", "--data.batch_size", "4"], {}), r"data.batch_size=4 does not divide by 3 processes"),
-    "dist-ntasks-not-devices": (_slurm_tasks, r"ntasks-per-node=4.* must equal trainer.devices"),
+    "dist-ntasks-not-devices": (_slurm_tasks, r"--ntasks-per-node=4 but --trainer.devices=2: Slurm starts one task per device, so set both to the same number"),
 }
 
 
