@@ -38,7 +38,9 @@ def _digest(root: Path) -> str:
 
 
 def _files(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    """Files in ``d`` but the writers' empty ``.lock`` files (ffcv_io.beton_lock: kept, as removing
+    a flock'ed file races with a waiting writer)."""
+    return sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock")) if d.exists() else []
 
 
 def _lr_sign(images: torch.Tensor) -> torch.Tensor:
