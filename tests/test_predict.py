@@ -131,7 +131,10 @@ def test_ddp_predict_equals_one_process(tiny_imagenet, tmp_path, backend):
     _predict_trainer(ImageNetDataModule(**kw), tmp_path / "one", devices=1)
     _predict_trainer(ImageNetDataModule(**kw), tmp_path / "two", devices=2)  # 9 images: 5 + 4, no padding
     one, two = _read(tmp_path / "one/predictions.csv"), _read(tmp_path / "two/predictions.csv")
-    assert len(one) == 9 and two == one
+    assert len(one) == len(two) == 9
+    # other batch shapes round differently in the last float digits: same rows, same classes, close probabilities
+    keys = ["index", "path", "target", "class_1"]
+    assert [[r[k] for k in keys] for r in two] == [[r[k] for k in keys] for r in one]
     assert [r["target"] for r in one] == ["ant"] * 3 + ["bee"] * 3 + ["cat"] * 3  # labels kept per row (ffcv reuses buffers)
-    assert np.array_equal(np.load(tmp_path / "one/probabilities.npy"), np.load(tmp_path / "two/probabilities.npy"))
+    assert np.allclose(np.load(tmp_path / "one/probabilities.npy"), np.load(tmp_path / "two/probabilities.npy"), atol=1e-5)
     assert not (tmp_path / "two/.predict-parts").exists()
