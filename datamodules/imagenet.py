@@ -26,7 +26,7 @@ from .ffcv_io import (
     read_sidecar,
 )
 
-__all__ = ["DataError", "ImageNetDataModule", "count_classes", "is_photo_folder"]
+__all__ = ["DataError", "ImageNetDataModule", "count_classes"]
 
 DEFAULT_VAL_RES = 224  # He et al. 2016 / torchvision references: evaluate 224 px center crops
 DEFAULT_CROP_RATIO = 224 / 256  # resize to 256, center-crop 224 (He et al. 2016; ffcv-imagenet DEFAULT_CROP_RATIO)
@@ -53,14 +53,6 @@ def _classes_of(root: str | os.PathLike | None) -> list[str]:
         raise DataError(f"{root} holds images without class folders: only `zoo predict` reads such a folder "
                         "(with --model.weights); to train or validate use train/<class>/ and val/<class>/")
     return layout.classes
-
-
-def is_photo_folder(root: str | os.PathLike) -> bool:
-    """A folder of images without class folders (only `zoo predict` reads it)."""
-    try:
-        return detect(Path(root).expanduser()).kind == "flat"
-    except DataError:
-        return False
 
 
 def count_classes(root: str | None) -> int:

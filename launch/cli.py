@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonito
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.imagenet import DataError, ImageNetDataModule, count_classes, is_photo_folder
+from datamodules.imagenet import DataError, ImageNetDataModule, count_classes
 from zoo.base import ImageClassifier
 from zoo.registry import UnknownModelError
 
@@ -70,19 +70,12 @@ def run_id() -> str:
     return rid
 
 
-def _num_classes_or_placeholder(root: Optional[str], weights: Optional[str] = None, arch: Optional[str] = None) -> int:
+def _num_classes_or_placeholder(root: Optional[str]) -> int:
     # jsonargparse wraps a link's exception in a usage dump: a bad root gets its one-line
     # DataError from the DataModule instead, which validates the folder again.
     try:
         return count_classes(root)
     except DataError:
-        if weights and root and is_photo_folder(root):  # `zoo predict` on photos: the weights' classes
-            try:
-                from zoo import load
-
-                return int(load(arch, weights=weights).hparams.num_classes)
-            except Exception:  # the model reports a bad weights file itself, in one line
-                pass
         return 2  # the smallest a classifier takes; never trained: the DataModule raises
 
 
@@ -100,8 +93,7 @@ class ZooCLI(LightningCLI):
         parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
         parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
-        parser.link_arguments(("data.root", "model.weights", "model.arch"), "model.num_classes",
-                              compute_fn=_num_classes_or_placeholder)
+        parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
 
     def after_instantiate_classes(self) -> None:
