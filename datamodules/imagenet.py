@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 
 from . import synthetic
-from .backends import BACKENDS, Backend, eval_indices, get_backend
+from .backends import Backend, eval_indices, get_backend
 from .folder import DataError, SampleList, cache_dir_for
 from .layouts import Layout, detect
 from .ffcv_io import (
