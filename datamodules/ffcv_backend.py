@@ -30,7 +30,7 @@ class FFCVBackend(Backend):
 
     # ------------------------------------------------------------------ files
     def prepare(self) -> None:
-        from .ffcv_io import check_beton, write_beton
+        from .ffcv_io import beton_lock, check_beton, write_beton
 
         dm = self.dm
         if dm.is_beton_root:
@@ -44,13 +44,18 @@ class FFCVBackend(Backend):
             path = dm.beton_path(split)
             if self._cached_beton(path, classes):
                 continue
-            source = dm.sample_list(split)
-            rank_zero_info(f"writing {path} from {source.source} ({dm.write_params})")
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            write_beton(
-                source, path, **{k: v for k, v in dm.write_params.as_dict().items() if k != "write_mode"},
-                num_workers=workers, progress=dm.hparams.progress, skip_corrupt=dm.hparams.skip_corrupt, classes=classes,
-            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with beton_lock(path):  # another node may be writing it: wait, then check again
+                if self._cached_beton(path, classes):
+                    continue
+                source = dm.sample_list(split)
+                rank_zero_info(f"writing {path} from {source.source} ({dm.write_params})")
+                workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                write_beton(
+                    source, path, **{k: v for k, v in dm.write_params.as_dict().items() if k != "write_mode"},
+                    num_workers=workers, progress=dm.hparams.progress, skip_corrupt=dm.hparams.skip_corrupt,
+                    classes=classes,
+                )
 
     def _cached_beton(self, path: Path, classes: list[str]) -> bool:
         """True if the cache's ``path`` is complete and was written from this dataset's classes."""
