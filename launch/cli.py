@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.fit_diagnosis import FitDiagnosis
 from datamodules.imagenet import DataError, ImageNetDataModule, count_classes
 from zoo.base import ImageClassifier
 from zoo.registry import UnknownModelError
@@ -122,6 +123,8 @@ class ZooCLI(LightningCLI):
                     # last.ckpt only when the monitored checkpoint is saved, i.e. on improvement.
                     ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=every),
                 ]
+            if not any(isinstance(c, FitDiagnosis) for c in callbacks):
+                callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
         logger = trainer_cfg.get("logger")
         if logger in (None, True):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
