@@ -213,6 +213,10 @@ def _with_default_recipe(argv: list[str]) -> list[str]:
 # stays fast. Add a command by adding one line here.
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
+    "gradcheck": "launch.diagnose:gradcheck_main",
+    "init-stats": "launch.diagnose:init_stats_main",
+    "sweep": "launch.sweep:main",
+    "landscape": "launch.landscape:main",
 }
 
 

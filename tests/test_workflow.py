@@ -81,3 +81,89 @@ def test_fit_diagnosis_rule_and_state():
     other = FitDiagnosis()
     other.load_state_dict(diag.state_dict())
     assert other.history == diag.history
+
+
+# ----------------------------------------------------------------------------- gradcheck
+from launch.cli import main  # noqa: E402
+from zoo import diagnostics  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["logreg", "mlp", "convnet"])
+def test_gradcheck_passes_on_the_zoo_small_models(arch, tmp_path, capsys):
+    assert main(["gradcheck", arch, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "max relative error" in out and (tmp_path / "gradcheck.csv").is_file()
+
+
+def test_gradcheck_passes_with_skips_and_batchnorm():
+    net, shape = diagnostics.small_instance("convnet", num_classes=3, skip=True, widths=(4, 4), depths=2)
+    rows = diagnostics.gradcheck(net, shape, 3, per_tensor=2)
+    assert any("bn" in r.param for r in rows)
+    assert max(r.rel_error for r in rows) < 1e-5
+
+
+class _WrongReLU(torch.autograd.Function):
+    """ReLU whose backward lets the gradient through where the input is negative, too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad  # planted bug: should be grad * (x > 0)
+
+
+class _PlantedNet(torch.nn.Module):
+    def __init__(self, num_classes=5, input_size=6):
+        super().__init__()
+        self.hidden = torch.nn.Linear(3 * input_size * input_size, 16)
+        self.fc = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(_WrongReLU.apply(self.hidden(x.flatten(1))))
+
+
+def test_gradcheck_catches_a_wrong_backward(tmp_path, capsys):
+    rows = diagnostics.gradcheck(_PlantedNet(), (3, 6, 6), 5)
+    bad = [r for r in rows if r.rel_error > 1e-4]
+    assert {r.param for r in bad} >= {"hidden.weight", "hidden.bias"}  # the layer below the bug
+    assert all(r.rel_error < 1e-6 for r in rows if r.param.startswith("fc."))  # above it: right
+
+    from zoo import registry
+
+    name = "planted_wrong_backward"
+    if name not in registry.list_models():
+        registry.register_model(name, data_config=registry.DataConfig(input_size=6))(_PlantedNet)
+    assert main(["gradcheck", name, "--arch-args", '{"input_size": 6}', "--out", str(tmp_path)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- init statistics
+@pytest.mark.parametrize("arch,args,size", [("mlp", {"depth": 6, "width": 256, "input_size": 16}, 16),
+                                            ("convnet", {}, 64)])  # the demo's ConvNet, as built
+def test_init_stats_default_keeps_scale_naive_blows_up_or_vanishes(arch, args, size):
+    from zoo.registry import create_network
+
+    def stats(std=None):
+        torch.manual_seed(0)
+        net = create_network(arch, num_classes=10, **args)
+        if std is not None:
+            diagnostics.naive_init_(net, std)
+        return diagnostics.init_stats(net, (3, size, size), batch_size=16)
+
+    default = stats()
+    # every activation (and the MLP's logits) within x2 of the input's E[a^2] = 1; the ConvNet's
+    # logits follow a global average pool, which shrinks E[a^2] by itself (not an init effect)
+    rows = default if arch == "mlp" else default[:-1]
+    assert len(rows) >= 5 and diagnostics.max_scale_drift(rows) <= 2.0, [(s.layer, s.mean_square) for s in rows]
+    big, small = stats(1.0)[-2], stats(0.01)[-2]  # the last activation
+    assert big.mean_square > 1e3 and small.mean_square < 1e-3
+
+
+def test_init_stats_command_writes_table_and_plot(tmp_path, capsys):
+    assert main(["init-stats", "mlp", "--arch-args", '{"depth": 3, "width": 32, "input_size": 8}',
+                 "--batch-size", "16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"plot: {tmp_path / 'init_stats.png'}" in out and (tmp_path / "init_stats.csv").is_file()
+    assert (tmp_path / "init_stats.png").stat().st_size > 1000
