@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -167,3 +169,85 @@ def test_init_stats_command_writes_table_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"plot: {tmp_path / 'init_stats.png'}" in out and (tmp_path / "init_stats.csv").is_file()
     assert (tmp_path / "init_stats.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- sweep
+import yaml  # noqa: E402
+
+from launch import sweep as zsweep  # noqa: E402
+
+
+def _tiny_spec(tmp_path, data_root, name="tiny", **over) -> str:
+    spec = {
+        "name": name, "recipe": "demo", "metric": "val/loss", "direction": "minimize", "search": "grid",
+        "fixed": {"data.root": str(data_root), "data.backend": "torchvision", "data.batch_size": 6,
+                  "data.num_workers": 0, "data.train_res": 24, "data.val_res": 24, "trainer.accelerator": "cpu",
+                  "trainer.devices": 1, "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False,
+                  "run.logger": "csv", "model.arch_args": {"widths": [8, 16]}},
+        "budget": {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2},
+        "params": {"model.lr": {"low": 0.01, "high": 0.1, "log": True, "per_decade": 1},
+                   "model.weight_decay": {"low": 1e-4, "high": 1e-3, "log": True, "per_decade": 1}},
+        **over,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_sweep_local_grid_finishes_and_ranks(tiny_imagenet, tmp_path, capsys):
+    spec = _tiny_spec(tmp_path, tiny_imagenet)
+    root = tmp_path / "sweeps"
+    assert main(["sweep", spec, "--root", str(root), "--in-process", "--no-wandb"]) == 0
+    out = capsys.readouterr().out
+    assert f"table: {root / 'tiny' / 'results.csv'}" in out and f"plot: {root / 'tiny' / 'sweep.png'}" in out
+    import csv
+
+    rows = list(csv.DictReader(open(root / "tiny" / "results.csv")))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 4
+    assert {(float(r["model.lr"]), float(r["model.weight_decay"])) for r in rows} == {
+        (0.01, 1e-4), (0.01, 1e-3), (0.1, 1e-4), (0.1, 1e-3)}  # the whole log grid, once each
+    values = [float(r["value"]) for r in rows]
+    assert values == sorted(values) and [r["rank"] for r in rows] == ["1", "2", "3", "4"]  # minimize
+    for r in rows:  # every trial is a normal run directory
+        assert (Path(r["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
+        assert list(Path(r["run_dir"]).rglob("config.yaml"))  # (csv logger: under csv/)
+    # --status reads the same study later
+    assert main(["sweep", spec, "--root", str(root), "--status"]) == 0
+    assert "COMPLETE" in capsys.readouterr().out
+
+
+def test_sweep_refuses_bad_specs_in_one_line(tiny_imagenet, tmp_path, capsys):
+    bad = [
+        ({"params": {"model.lrr": {"low": 0.01, "high": 0.1}}}, "unknown parameter 'model.lrr'"),
+        ({"params": {"model.lr": {"low": 0.1, "high": 0.1, "log": True}}}, "empty range"),
+        ({"params": {"model.optimizer": {"values": []}}}, "empty range"),
+        ({"budget": {"trainer.max_epoch": 1}}, "unknown parameter 'trainer.max_epoch'"),
+    ]
+    for i, (over, msg) in enumerate(bad):
+        spec = _tiny_spec(tmp_path, tiny_imagenet, name=f"bad{i}", **over)
+        assert main(["sweep", spec, "--root", str(tmp_path / "sweeps")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "sweeps" / f"bad{i}").exists()  # refused before anything ran
+
+
+def test_coarse_to_fine_narrows_around_the_best_trials():
+    import optuna
+
+    params = {"model.lr": zsweep.Param("model.lr", low=1e-3, high=1.0, log=True, per_decade=2),
+              "model.momentum": zsweep.Param("model.momentum", low=0.5, high=0.99, num=5)}
+    dists = {k: p.distribution() for k, p in params.items()}
+    study = optuna.create_study(direction="maximize")
+    # the metric peaks at lr 0.1, momentum 0.9
+    for lr in params["model.lr"].grid():
+        for m in params["model.momentum"].grid():
+            value = -abs(math.log10(lr) + 1) - abs(m - 0.9)
+            study.add_trial(optuna.trial.create_trial(params={"model.lr": lr, "model.momentum": m},
+                                                      distributions=dists, value=value))
+    new = zsweep.narrow(params, study.get_trials(), top_k=3, direction="maximize")
+    lr, mom = new["model.lr"], new["model.momentum"]
+    assert params["model.lr"].low < lr.low < 0.1 < lr.high < params["model.lr"].high
+    assert lr.high / lr.low < 1e3 / 10  # at least a decade narrower
+    assert 0.5 < mom.low <= 0.9 <= mom.high <= 0.99 and mom.high - mom.low < 0.49
+    assert lr.log and not mom.log
