@@ -251,3 +251,53 @@ def test_coarse_to_fine_narrows_around_the_best_trials():
     assert lr.high / lr.low < 1e3 / 10  # at least a decade narrower
     assert 0.5 < mom.low <= 0.9 <= mom.high <= 0.99 and mom.high - mom.low < 0.49
     assert lr.log and not mom.log
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_sweep_as_slurm_array_completes_every_trial(tiny_imagenet, tmp_path, capsys):
+    import shutil
+    import subprocess
+    import time
+
+    import optuna
+
+    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+        pytest.fail("local Slurm is not up: run launch/slurm/local_cluster.sh start (make test does)")
+    spec = _tiny_spec(tmp_path, tiny_imagenet, name="tiny_slurm")
+    root = tmp_path / "sweeps"
+    assert main(["sweep", spec, "--root", str(root), "--slurm", "--cpus-per-task=1", "--time=10"]) == 0
+    out = capsys.readouterr().out
+    jobs = out.split("submitted: round arrays ")[1].split("\n")[0].replace(", report job", ",").split(", ")
+    assert len(jobs) == 2  # one array for the 4 trials, one report job after it
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True)
+        if q.returncode == 0 and not q.stdout.strip():
+            break
+        time.sleep(3)
+    sweep = zsweep.Sweep(zsweep.load_spec(spec), root)
+    study = optuna.load_study(study_name=sweep.study_name(1), storage=sweep.storage())
+    states = [t.state.name for t in study.get_trials()]
+    logs = "\n".join(p.read_text()[-1500:] for p in (root / "tiny_slurm" / "slurm").glob("*.out"))
+    assert states.count("COMPLETE") == 4, (states, logs)
+    assert len({t.user_attrs["worker"] for t in study.get_trials()}) == 4  # one array task each
+    assert (root / "tiny_slurm" / "results.csv").is_file() and (root / "tiny_slurm" / "sweep.png").is_file()
+
+
+def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path):
+    import optuna
+
+    spec = zsweep.Spec(name="s", recipe=Path("demo.yaml"), retries=1,
+                       params={"model.lr": zsweep.Param("model.lr", low=0.01, high=0.1, log=True)})
+    sweep = zsweep.Sweep(spec, tmp_path)
+    study = optuna.create_study(study_name="s-round1", storage=sweep.storage())
+    t = study.ask({"model.lr": spec.params["model.lr"].distribution()})
+    t.set_user_attr("worker", "local:" + __import__("socket").gethostname() + ":999999999")  # no such pid
+    alive = study.ask({"model.lr": spec.params["model.lr"].distribution()})
+    alive.set_user_attr("worker", zsweep._worker_key())
+    assert zsweep.fail_stale(study, sweep) == [t.number]
+    trials = study.get_trials()
+    assert trials[t.number].state.name == "FAIL" and trials[alive.number].state.name == "RUNNING"
+    retry = study.ask({"model.lr": spec.params["model.lr"].distribution()})  # the enqueued retry comes first, with the failed trial's parameters
+    assert retry.params == t.params and retry.user_attrs["retry_of"] == t.number
