@@ -301,3 +301,46 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path):
     assert trials[t.number].state.name == "FAIL" and trials[alive.number].state.name == "RUNNING"
     retry = study.ask({"model.lr": spec.params["model.lr"].distribution()})  # the enqueued retry comes first, with the failed trial's parameters
     assert retry.params == t.params and retry.user_attrs["retry_of"] == t.number
+
+
+# ----------------------------------------------------------------------------- loss landscape
+from launch import landscape as zland  # noqa: E402
+
+
+def test_directions_are_filter_normalised():
+    from zoo.registry import create_network
+
+    net = create_network("convnet", num_classes=3, widths=(4, 8))
+    d = zland.filter_normalized_direction(net, torch.Generator().manual_seed(0))
+    for name, p in net.named_parameters():
+        if p.ndim <= 1:  # biases and BN parameters: zero in the direction
+            assert torch.count_nonzero(d[name]) == 0, name
+        else:  # every filter (conv output channel, Linear row) as long as the weights' filter
+            torch.testing.assert_close(d[name].flatten(1).norm(dim=1), p.detach().flatten(1).norm(dim=1))
+            assert not torch.allclose(d[name], p.detach())
+
+
+@pytest.mark.slow
+def test_landscape_of_a_trained_model_is_lowest_near_the_origin(tiny_imagenet, tmp_path, capsys):
+    rc = main(["fit", "--config", str(zsweep.RECIPES / "demo.yaml"), "--data.root", str(tiny_imagenet),
+               "--data.backend", "torchvision", "--data.batch_size", "6", "--data.num_workers", "0",
+               "--data.train_res", "32", "--data.val_res", "32", "--trainer.accelerator", "cpu",
+               "--trainer.max_epochs", "6", "--trainer.enable_progress_bar", "false",
+               "--model.arch_args", '{"widths": [8, 16]}', "--model.label_smoothing", "0",
+               "--run.root", str(tmp_path), "--run.name", "ls", "--run.logger", "none"])
+    assert rc == 0
+    ckpt = next((tmp_path / "ls").glob("*/checkpoints/last.ckpt"))
+    capsys.readouterr()
+    assert main(["landscape", str(ckpt), "--data.root", str(tiny_imagenet), "--res", "32", "--images", "18",
+                 "--steps", "7", "--grid", "3", "--span", "1.0", "--no-wandb"]) == 0
+    out = capsys.readouterr().out
+    land = ckpt.parent.parent / "landscape"
+    assert f"plots: {land / 'landscape_1d.png'} {land / 'landscape_2d.png'}" in out
+    import numpy as np
+
+    r = np.load(land / "landscape.npz")
+    for k in (0, 1):
+        loss = r["line"][k, :, 0]
+        assert abs(int(loss.argmin()) - 3) <= 1, loss  # lowest at (or next to) the origin
+        assert loss[0] > 1.5 * loss[3] and loss[-1] > 1.5 * loss[3], loss  # and rises on both sides
+    assert r["plane"].shape == (3, 3) and r["plane"][1, 1] == r["plane"].min()
