@@ -434,7 +434,10 @@ def run_trial(
     if slurm:  # train.sbatch's semantics: one task per device, Lightning reads the Slurm env
         nodes = os.environ.get("SLURM_NNODES", "1")
         per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
-        cmd = ["srun", "--kill-on-bad-exit=1", *cmd, "--trainer.num_nodes", nodes, "--trainer.devices", per_node]
+        # Slurm >= 22.05: srun no longer inherits sbatch's --cpus-per-task; pass it on, or every
+        # task gets one CPU (and ffcv's num_workers > 1 fails in numba.set_num_threads)
+        cpus = [f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}"] if os.environ.get("SLURM_CPUS_PER_TASK") else []
+        cmd = ["srun", "--kill-on-bad-exit=1", *cpus, *cmd, "--trainer.num_nodes", nodes, "--trainer.devices", per_node]
     log = sweep.dir / "logs" / f"{rid}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if in_process:  # no interpreter start per trial (tests, quick local sweeps); output to the console
