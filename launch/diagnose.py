@@ -74,6 +74,9 @@ def gradcheck_main(argv: list[str]) -> int:
     p.add_argument("--eps", type=float, default=1e-6, help="finite-difference step")
     p.add_argument("--threshold", type=float, default=1e-4, help="largest relative error that passes (CS231n: 1e-4 with kinks)")
     args = p.parse_args(argv)
+    import torch
+
+    torch.manual_seed(args.seed)  # the instance's weights: the same table for the same seed
     net, shape = _build(args, small=True)
     print(f"gradcheck {args.model}: {sum(q.numel() for q in net.parameters()):,} parameters, input {shape}, float64, eval mode")
     rows = diagnostics.gradcheck(
