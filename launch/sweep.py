@@ -245,9 +245,11 @@ def _param(key: str, p: Any, where: str) -> Param:
 # ----------------------------------------------------------------------------- coarse to fine
 def narrow(params: dict[str, Param], trials: list, top_k: int, direction: str) -> dict[str, Param]:
     """Round-2 ranges: for each parameter, the span of the ``top_k`` best completed trials,
-    widened by one grid step on each side (a factor ``10**(1/per_decade)`` on a log scale,
-    ``(high - low)/(num - 1)`` on a linear one), clipped to the round-1 range. Categorical
-    parameters keep the values that appear among the best trials."""
+    widened by half a grid step on each side (a factor ``10**(0.5/per_decade)`` on a log scale,
+    ``(high - low)/(num - 1)/2`` on a linear one: up to the midpoints towards the neighbouring grid
+    values, the region a grid point stands for), clipped to the round-1 range. A whole step
+    would give back the full range of a 3-point grid. Categorical parameters keep the values
+    that appear among the best trials."""
     done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
     if not done:
         raise SpecError("coarse-to-fine: round 1 has no completed trial to narrow around")
@@ -260,10 +262,10 @@ def narrow(params: dict[str, Param], trials: list, top_k: int, direction: str) -
             continue
         lo, hi = min(seen), max(seen)
         if p.log:
-            f = 10 ** (1 / p.per_decade)
+            f = 10 ** (0.5 / p.per_decade)
             lo, hi = max(p.low, lo / f), min(p.high, hi * f)
         else:
-            step = (p.high - p.low) / max(p.num - 1, 1)
+            step = (p.high - p.low) / max(p.num - 1, 1) / 2
             lo, hi = max(p.low, lo - step), min(p.high, hi + step)
         out[name] = Param(name, low=lo, high=hi, log=p.log, per_decade=p.per_decade, num=p.num, is_int=p.is_int)
     return out
@@ -710,7 +712,14 @@ def worker_main(argv: list[str]) -> int:
     task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     study, space = sweep.study(rnd, storage, seed=sweep.spec.seed + 1000 * rnd + task + int(time.time()) % 100000)
     fail_stale(study, sweep)
+    from optuna.trial import TrialState
+
     for _ in range(1 + sweep.spec.retries):
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if len(complete) >= sweep.target(rnd) and not waiting:  # a resubmitted or surplus task
+            print(f"round {rnd}: {len(complete)} trials complete (target {sweep.target(rnd)}); nothing to do")
+            return 0
         number, value, run_dir = run_trial(sweep, rnd, study, space, slurm=True)
         print(f"round {rnd} trial {number}: {value} ({run_dir})", flush=True)
         if value is not None:
