@@ -742,7 +742,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--status", action="store_true", help="print the ranked table (and write CSV + plot), run nothing")
     p.add_argument("--no-wandb", action="store_true", help="do not log the summary to W&B")
     p.add_argument("--in-process", action="store_true",
-                   help="local: train trials in this process (faster start; a crash ends the sweep's process)")
+                   help="local: train trials in this process (no interpreter start per trial; an exception fails the trial, a hard crash such as an OOM kill ends the sweep)")
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec)
