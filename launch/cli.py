@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.fit_diagnosis import FitDiagnosis
 from datamodules.imagenet import DataError, ImageNetDataModule, count_classes
 from zoo.base import ImageClassifier
 from zoo.registry import UnknownModelError
@@ -326,6 +327,8 @@ class ZooCLI(LightningCLI):
                         enable_version_counter=False,
                     ),
                 ]
+            if not any(isinstance(c, FitDiagnosis) for c in callbacks):
+                callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
         logger = trainer_cfg.get("logger")
         if logger in (None, True):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
@@ -458,6 +461,10 @@ def _check_configs(argv: list[str]) -> list[str]:
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
     "ensemble": "launch.ensemble:main",
+    "gradcheck": "launch.diagnose:gradcheck_main",
+    "init-stats": "launch.diagnose:init_stats_main",
+    "sweep": "launch.sweep:main",
+    "landscape": "launch.landscape:main",
 }
 
 
