@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonito
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.fit_diagnosis import FitDiagnosis
 from datamodules.imagenet import DataError, ImageNetDataModule, count_classes
 from zoo.base import ImageClassifier
 from zoo.registry import UnknownModelError
@@ -326,6 +327,8 @@ class ZooCLI(LightningCLI):
                         enable_version_counter=False,
                     ),
                 ]
+            if not any(isinstance(c, FitDiagnosis) for c in callbacks):
+                callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             from callbacks.prediction_writer import PredictionWriter
 
@@ -462,6 +465,10 @@ def _check_configs(argv: list[str]) -> list[str]:
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
     "ensemble": "launch.ensemble:main",
+    "gradcheck": "launch.diagnose:gradcheck_main",
+    "init-stats": "launch.diagnose:init_stats_main",
+    "sweep": "launch.sweep:main",
+    "landscape": "launch.landscape:main",
 }
 
 
