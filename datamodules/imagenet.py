@@ -107,7 +107,9 @@ class ImageNetDataModule(L.LightningDataModule):
         order: ffcv train order; ``quasi_random`` reads page-wise for datasets larger than RAM
             (needs ``os_cache=False``, one process).
         batches_ahead: ffcv batches prepared in advance per loader (ffcv's default 3).
-        seed: seed of the sample order (ffcv) or shuffling (torchvision).
+        seed: seed of the sample order and of every sample's crop and flip (drawn from seed, epoch
+            and sample index, so runs repeat whatever the thread scheduling); None: the
+            ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
         progress: show a progress bar while writing .beton files.
     """
 
@@ -132,7 +134,7 @@ class ImageNetDataModule(L.LightningDataModule):
         os_cache: bool = True,  # ffcv's default (FFCV_DEFAULT_CACHE_PROCESS unset)
         order: Literal["random", "quasi_random"] = "random",
         batches_ahead: int = 3,  # ffcv Loader default
-        seed: int = 0,
+        seed: int | None = None,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -178,6 +180,12 @@ class ImageNetDataModule(L.LightningDataModule):
     def batch_size(self) -> int:
         """The global batch (all processes); ImageClassifier scales its LR with it."""
         return int(self.hparams.batch_size)
+
+    @property
+    def seed(self) -> int:
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning's seed_everything
 
     @property
     def classes(self) -> list[str]:
@@ -349,13 +357,13 @@ class ImageNetDataModule(L.LightningDataModule):
         hp = self.hparams
         train = split == "train"
         image = (
-            train_image_pipeline(self.train_resolution, hp.scale, hp.ratio) if train
+            train_image_pipeline(self.train_resolution, hp.scale, hp.ratio, seed=self.seed) if train
             else val_image_pipeline(self.val_resolution, self.val_crop)
         )
         loader = make_loader(
             self.beton_path(split), {"image": image, "label": label_pipeline()},
             batch_size=self.per_device_batch_size, num_workers=max(1, hp.num_workers),
-            order=hp.order if train else "sequential", distributed=self._distributed(), seed=hp.seed,
+            order=hp.order if train else "sequential", distributed=self._distributed(), seed=self.seed,
             drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,
         )
         if train:
@@ -377,7 +385,7 @@ class ImageNetDataModule(L.LightningDataModule):
         return make_dataloader(
             ImageFolderDataset(self._samples[split], tf, hp.skip_corrupt),
             batch_size=self.per_device_batch_size, num_workers=hp.num_workers,
-            shuffle=train, drop_last=hp.drop_last if train else False, seed=hp.seed,
+            shuffle=train, drop_last=hp.drop_last if train else False, seed=self.seed,
         )
 
     def _loader(self, split: str):
