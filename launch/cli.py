@@ -210,6 +210,7 @@ def _with_default_recipe(argv: list[str]) -> list[str]:
 # stays fast. Add a command by adding one line here.
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
+    "bench": "launch.bench:main",
 }
 
 
