@@ -288,6 +288,7 @@ def train_image_pipeline(
     ratio: tuple[float, float],
     flip: float = 0.5,
     seed: int | None = None,
+    distinct_repeats: bool = False,
 ) -> list:
     """RandomResizedCrop decode -> flip (probability ``flip``, 0: none) -> uint8 NCHW tensor.
 
@@ -308,9 +309,9 @@ def train_image_pipeline(
         from .ffcv_ops import EpochSeed, make_seeded_decoder, make_seeded_flip
 
         epoch_seed = EpochSeed(seed)
-        ops = [make_seeded_decoder((res, res), scale, ratio, epoch_seed)]
+        ops = [make_seeded_decoder((res, res), scale, ratio, epoch_seed, distinct_repeats)]
         if flip > 0:
-            ops.append(make_seeded_flip(flip, epoch_seed))
+            ops.append(make_seeded_flip(flip, epoch_seed, distinct_repeats))
     return ops + [ToTensor(), ToTorchImage()]
 
 
@@ -429,7 +430,7 @@ def make_loader(
     *,
     batch_size: int,
     num_workers: int,
-    order: OrderName = "random",
+    order: OrderName | Any = "random",
     distributed: bool = False,
     seed: int = 0,
     drop_last: bool = True,
@@ -459,7 +460,8 @@ def make_loader(
     epoch_seeds = {id(op.epoch_seed): op.epoch_seed for ops in pipelines.values() for op in (ops or []) if hasattr(op, "epoch_seed")}
     return ClosingLoader(Loader(
         os.fspath(path), batch_size=batch_size, num_workers=num_workers,
-        order=getattr(OrderOption, _ORDERS[order]), distributed=distributed, seed=seed,
+        order=getattr(OrderOption, _ORDERS[order]) if isinstance(order, str) else order,  # or a TraversalOrder
+        distributed=distributed, seed=seed,
         # list copies: ffcv's PipelineSpec pops the decoder out of the list it is given
         pipelines={k: list(v) if v is not None else None for k, v in pipelines.items()},
         drop_last=drop_last, os_cache=os_cache, batches_ahead=batches_ahead,

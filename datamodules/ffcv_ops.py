@@ -103,8 +103,12 @@ def _ffcv_types():
     return RandomResizedCropRGBImageDecoder
 
 
-def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed):
-    """ffcv's RandomResizedCropRGBImageDecoder, drawing each crop from (seed, epoch, index)."""
+def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed, distinct_repeats: bool = False):
+    """ffcv's RandomResizedCropRGBImageDecoder, drawing each crop from (seed, epoch, index).
+
+    ``distinct_repeats``: also from the position in the batch, so that the copies of a sample
+    that repeated-augmentation sampling puts in one batch get different crops.
+    """
     from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
@@ -126,6 +130,7 @@ def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed):
             seed_c = Compiler.compile(_sample_seed)
             read_state = Compiler.compile(_state_reader(self.epoch_seed.address))
             scale_a, ratio_a = np.array(self.scale), np.array(self.ratio)
+            distinct = distinct_repeats
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -145,7 +150,8 @@ def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed):
                         temp_buffer = temp_buffer.reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
-                    np.random.seed(seed_c(seed, epoch, source_ix, 0))  # CROP_STREAM
+                    stream = 2 * (dst_ix + 1) if distinct else 0  # CROP_STREAM (+ position)
+                    np.random.seed(seed_c(seed, epoch, source_ix, stream))
                     i, j, h, w = get_crop_c(height, width, scale_a, ratio_a)
                     resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
                 return destination[: len(batch_indices)]
@@ -156,7 +162,7 @@ def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed):
     return SeededRandomResizedCropRGBImageDecoder()
 
 
-def make_seeded_flip(flip_prob: float, epoch_seed: EpochSeed):
+def make_seeded_flip(flip_prob: float, epoch_seed: EpochSeed, distinct_repeats: bool = False):
     """ffcv's RandomHorizontalFlip, flipping sample ``i`` iff its (seed, epoch, i) draw < ``flip_prob``."""
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -174,12 +180,14 @@ def make_seeded_flip(flip_prob: float, epoch_seed: EpochSeed):
             p = self.flip_prob
             seed_c = Compiler.compile(_sample_seed)
             read_state = Compiler.compile(_state_reader(self.epoch_seed.address))
+            distinct = distinct_repeats
 
             def flip(images, dst, indices):
                 state = read_state()
                 seed, epoch = state[0], state[1]
                 for i in my_range(images.shape[0]):
-                    np.random.seed(seed_c(seed, epoch, indices[i], 1))  # FLIP_STREAM
+                    stream = 2 * (i + 1) + 1 if distinct else 1  # FLIP_STREAM (+ position)
+                    np.random.seed(seed_c(seed, epoch, indices[i], stream))
                     if np.random.rand() < p:
                         dst[i] = images[i, :, ::-1]
                     else:

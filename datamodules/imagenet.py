@@ -111,6 +111,8 @@ class ImageNetDataModule(L.LightningDataModule):
             and sample index, so runs repeat whatever the thread scheduling); None: the
             ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
         progress: show a progress bar while writing .beton files.
+        ra_reps: repeated augmentation: each train image ``ra_reps`` times per epoch with different
+            crops (torchvision's RASampler, ``--ra-reps 4`` in its ResNet-50 v2 recipe); 1: off.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class ImageNetDataModule(L.LightningDataModule):
         batches_ahead: int = 3,  # ffcv Loader default
         seed: int | None = None,
         progress: bool = True,
+        ra_reps: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -151,6 +154,8 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"scale={tuple(scale)} must satisfy 0 < min <= max <= 1 (fractions of the image area)")
         if not (0 < ratio[0] <= ratio[1]):
             raise DataError(f"ratio={tuple(ratio)} must satisfy 0 < min <= max (crop width / height)")
+        if ra_reps < 1:
+            raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
@@ -353,17 +358,18 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def _ffcv_loader(self, split: str):
         from .ffcv_io import label_pipeline, make_loader, train_image_pipeline, val_image_pipeline
+        from .samplers import ffcv_ra_order
 
         hp = self.hparams
         train = split == "train"
         image = (
-            train_image_pipeline(self.train_resolution, hp.scale, hp.ratio, seed=self.seed) if train
+            train_image_pipeline(self.train_resolution, hp.scale, hp.ratio, seed=self.seed, distinct_repeats=hp.ra_reps > 1) if train
             else val_image_pipeline(self.val_resolution, self.val_crop)
         )
         loader = make_loader(
             self.beton_path(split), {"image": image, "label": label_pipeline()},
             batch_size=self.per_device_batch_size, num_workers=max(1, hp.num_workers),
-            order=hp.order if train else "sequential", distributed=self._distributed(), seed=self.seed,
+            order=(ffcv_ra_order(hp.ra_reps) if hp.ra_reps > 1 else hp.order) if train else "sequential", distributed=self._distributed(), seed=self.seed,
             drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,
         )
         if train:
@@ -382,10 +388,17 @@ class ImageNetDataModule(L.LightningDataModule):
             tf = self._train_transform
         else:
             tf = val_transform(self.val_resolution, self.val_crop, self.interpolation)
+        dataset = ImageFolderDataset(self._samples[split], tf, hp.skip_corrupt)
+        sampler = None
+        if train and hp.ra_reps > 1:
+            from .samplers import RASampler
+
+            trainer = getattr(self, "trainer", None)
+            sampler = RASampler(dataset, reps=hp.ra_reps, num_replicas=self._world_size(), seed=self.seed,
+                                rank=int(trainer.global_rank) if trainer is not None else 0)
         return make_dataloader(
-            ImageFolderDataset(self._samples[split], tf, hp.skip_corrupt),
-            batch_size=self.per_device_batch_size, num_workers=hp.num_workers,
-            shuffle=train, drop_last=hp.drop_last if train else False, seed=self.seed,
+            dataset, batch_size=self.per_device_batch_size, num_workers=hp.num_workers,
+            shuffle=train, drop_last=hp.drop_last if train else False, seed=self.seed, sampler=sampler,
         )
 
     def _loader(self, split: str):

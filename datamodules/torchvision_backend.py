@@ -90,15 +90,18 @@ def make_dataloader(
     shuffle: bool,
     drop_last: bool,
     seed: int = 0,
+    sampler=None,
 ) -> DataLoader:
-    """A torch DataLoader; Lightning swaps in a DistributedSampler under DDP (use_distributed_sampler)."""
+    """A torch DataLoader; Lightning swaps in a DistributedSampler under DDP (use_distributed_sampler),
+    unless ``sampler`` is one (samplers.RASampler)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),  # page-locked host memory for async host->device copies
         persistent_workers=num_workers > 0,  # keep worker processes (and their file handles) across epochs
         drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
     )
