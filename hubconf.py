@@ -4,14 +4,16 @@
     model = torch.hub.load("<owner>/<repo>", "convnext_tiny", weights="hf-hub:timm/convnext_tiny.fb_in1k")
     model = torch.hub.load("<owner>/<repo>", "convnet", weights="/path/to/last.ckpt")
 
-Each returns an ``ImageClassifier`` (a LightningModule; the bare network is ``model.net``).
+Each returns an ``ImageClassifier`` (a LightningModule; the bare network is ``model.net``),
+through ``zoo.load``: the same tensors and the same preprocessing (``model.data_config``) as
+every other loading path, EMA weights of a checkpoint unless ``use_ema=False``.
 ``torch.hub.list`` shows the names; ``torch.hub.help(repo, name)`` the arguments.
 """
 
 dependencies = ["torch", "timm", "torchvision"]
 
-from zoo.registry import list_models as _list_models  # noqa: E402
-from zoo.weights import load as _load  # noqa: E402
+from zoo import list_models as _list_models  # noqa: E402
+from zoo import load as _load  # noqa: E402
 
 
 def _entry(name: str):

@@ -11,6 +11,7 @@ config, checkpoints and logs (W&B offline by default; ``wandb sync <dir>`` uploa
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -94,6 +95,66 @@ class ZooCLI(LightningCLI):
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand is None:
+            return
+        self._adopt_checkpoint_data_config()
+        self._check_class_count()
+
+    def _adopt_checkpoint_data_config(self) -> None:
+        """--ckpt_path: the DataModule gets the checkpoint's preprocessing, as the model does.
+
+        The model takes the checkpoint's data config in on_load_checkpoint, after the
+        DataModule was built from the architecture's default; rebuild the DataModule with it
+        (crop ratio, interpolation, eval size), so --ckpt_path agrees with --model.weights.
+        """
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
+            return
+        import torch
+
+        try:  # mmap: only the small entries are read, not the tensors
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # legacy (non-zip) files cannot be mmapped; pickled paths need allow-listing
+            from zoo.weights.sources import _torch_load
+
+            ckpt = _torch_load(Path(ckpt_path))
+        dc = ckpt.get("zoo_data_config") if isinstance(ckpt, dict) else None
+        if not dc or dict(dc) == dict(self.model.data_config):
+            return
+        self.model._set_data_config(dict(dc))
+        dm = self.datamodule
+        accepted = inspect.signature(type(dm).__init__).parameters if dm is not None else {}
+        if "data_config" in accepted:
+            kwargs = {k: v for k, v in dict(dm.hparams).items() if k in accepted}  # not _instantiator
+            self.datamodule = type(dm)(**{**kwargs, "data_config": dict(dc)})
+
+    def _check_class_count(self) -> None:
+        """validate/test/predict with weights of another class count: an error, not a new head."""
+        report = getattr(self.model, "weights_report", None)
+        if self.subcommand == "fit" or report is None or report.head_reset is None:
+            return
+        have, want = report.head_reset
+        root = self.config[self.subcommand]["data"].get("root")
+        try:
+            count_classes(root)
+        except DataError:  # unlabelled data (predict on a folder of images): no count to compare
+            if self.subcommand == "predict" and have is not None:
+                # the weights' own head, not a placeholder one: rebuild with their class count
+                accepted = inspect.signature(type(self.model).__init__).parameters
+                hp = {k: v for k, v in dict(self.model.hparams).items() if k in accepted}
+                self.model = type(self.model)(**{**hp, "num_classes": have})
+                rank_zero_info(f"predict: unlabelled data, the model keeps the {have} classes of its weights")
+            return
+        from zoo.weights import WeightsError
+
+        had = f"{have} classes" if have is not None else "no classifier"
+        raise WeightsError(
+            f"{self.subcommand}: the weights {report.source} have {had} but the data has {want}: "
+            f"{self.subcommand} them on data with the same classes, or fine-tune first (zoo fit --model.weights ...)"
+        )
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init

@@ -117,13 +117,21 @@ def test_preprocess_rejects_hwc_with_a_hint():
         model().preprocess(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
 
 
-def test_tta_flip_averages_image_and_mirror():
+def test_tta_flip_makes_predictions_mirror_invariant():
+    """With tta_flip, an image and its left-right mirror get the same logits (and without it,
+    they do not: the test would notice a flip along the wrong axis or no flip at all)."""
     torch.manual_seed(0)
-    m = model(tta_flip=True).eval()
     x = torch.randn(2, 3, 16, 16)
+    mirror = torch.flip(x, dims=[3])
     with torch.no_grad():
-        expected = (m.net(x) + m.net(torch.flip(x, dims=[3]))) / 2
-        torch.testing.assert_close(m._eval_logits(x), expected)
+        tta = model(tta_flip=True).eval()
+        torch.testing.assert_close(tta._eval_logits(mirror), tta._eval_logits(x), atol=1e-5, rtol=0)
+        plain = model(tta_flip=False).eval()
+        plain.load_state_dict(tta.state_dict())
+        assert not torch.allclose(plain._eval_logits(mirror), plain._eval_logits(x), atol=1e-3)
+        # and it is the mean of the two views, which predict_step turns into probabilities
+        probs = tta.predict_step(x, 0)
+        torch.testing.assert_close(probs, tta._eval_logits(x).softmax(-1))
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -192,9 +200,14 @@ def test_fit_with_all_device_augmentations_and_labels_smoothing():
         auto_augment="randaugment", schedule="cosine", warmup_epochs=1, optimizer="adamw", lr=1e-3,
     )
     t = trainer(max_epochs=2)
-    t.fit(m, datamodule=TinyData())
+    dm = TinyData()
+    t.fit(m, datamodule=dm)
     assert math.isfinite(float(t.callback_metrics["train/loss"]))
-    assert 0.0 <= float(t.callback_metrics["val/acc1"]) <= 1.0
+    # the logged val/acc1 is the top-1 of the trained model over the val set (no augmentation)
+    m.eval()
+    with torch.no_grad():
+        pred = m(m.preprocess(dm.x)).argmax(1)
+    assert float(t.callback_metrics["val/acc1"]) == pytest.approx((pred == dm.y).float().mean().item(), abs=1e-6)
 
 
 def test_fixed_input_nets_carry_their_input_size_to_the_data():
@@ -212,3 +225,54 @@ def test_lr_scales_with_the_imagenet_datamodules_global_batch(tiny_imagenet):
     trainer(max_steps=1, limit_val_batches=0).fit(m, datamodule=dm)
     assert m.effective_lr() == pytest.approx(0.4 * 8 / 256)
     assert m.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.4 * 8 / 256)
+
+
+class RecordLR(L.Callback):
+    """Per rank: the optimizer's peak LR and the global batch the model read from the trainer."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module):
+        import json
+        from pathlib import Path
+
+        lrs = sorted({g["initial_lr"] for g in trainer.optimizers[0].param_groups})
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(
+            json.dumps({"lrs": lrs, "global_batch": pl_module.global_batch_size(), "world": trainer.world_size}))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_lr_scales_with_the_global_batch_under_two_process_ddp(tiny_imagenet, tmp_path):
+    """2 processes x 3 images (ImageNetDataModule batch_size=6 is global) x 2 accumulated = 12 per step."""
+    import json
+
+    from datamodules.imagenet import ImageNetDataModule
+
+    dm = ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=6, num_workers=0,
+                            train_res=16, val_res=16)
+    m = ImageClassifier(arch="convnet", num_classes=dm.num_classes, lr=0.4, lr_reference_batch=256)
+    t = trainer(devices=2, strategy="ddp_spawn", max_steps=1, limit_val_batches=0, accumulate_grad_batches=2,
+                callbacks=[RecordLR(str(tmp_path))])
+    t.fit(m, datamodule=dm)
+    for r in (0, 1):
+        seen = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert seen["world"] == 2 and seen["global_batch"] == 12
+        assert seen["lrs"] == [pytest.approx(0.4 * 12 / 256)]
+
+
+def test_lr_scaling_reads_the_loader_not_the_datamodules_batch_size():
+    """A DataModule whose batch_size means something else (or is absent) does not change the LR."""
+
+    class PerDeviceData(TinyData):
+        def __init__(self):
+            super().__init__(batch_size=8)
+            self.batch_size = 999  # e.g. a dataset-level attribute with another meaning
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=True)
+
+    m = model(lr=0.5, lr_reference_batch=256)
+    trainer(max_steps=1, limit_val_batches=0).fit(m, datamodule=PerDeviceData())
+    assert m.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.5 * 8 / 256)

@@ -345,3 +345,40 @@ def test_blurpool_keeps_keys_and_params_and_blurs_strided_convs():
             conv(c)[..., 1:-1, 1:-1],
             torch.nn.functional.conv2d(c, conv.weight, conv.bias, conv.stride, conv.padding)[..., 1:-1, 1:-1],
         )
+
+
+# ----------------------------------------------------------------------------- layering
+
+
+def _zoo_imports(path) -> set[str]:
+    """Modules of the zoo a file imports (relative imports and ``zoo.*``), at any depth."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level > 0 and node.module is None:  # from . import families
+                found.update("." * node.level + a.name for a in node.names)
+            elif node.level > 0:
+                found.add("." * node.level + node.module)
+            elif node.module and node.module.split(".")[0] == "zoo":
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "zoo")
+    return found
+
+
+def test_layers_point_one_way():
+    """registry <- families <- zoo/__init__ (as timm): the registry imports nothing of the zoo,
+    and no family imports the LightningModule or the weights package."""
+    from pathlib import Path
+
+    import zoo
+
+    root = Path(zoo.__file__).parent
+    assert _zoo_imports(root / "registry.py") == set()
+    for family in ("linear", "mlp", "convnet", "resnet", "convnext", "timm_model"):
+        imported = _zoo_imports(root / f"{family}.py")
+        above = {m for m in imported if m in (".", ".base", ".families", "zoo") or m.startswith((".weights", "zoo.base", "zoo.weights"))}
+        assert ".registry" in imported and not above, (family, imported)
+    assert ".families" in _zoo_imports(root / "__init__.py")

@@ -1,9 +1,15 @@
-"""The model zoo: every architecture as an ImageClassifier LightningModule, by name."""
+"""The model zoo: every architecture as an ImageClassifier LightningModule, by name.
 
+Layers point one way, as in timm: ``registry`` (imports nothing of the zoo) <- the families
+(register into it) <- this module (imports the families, offers ``create`` and ``load``).
+``create``/``load``/``ImageClassifier`` import Lightning on first use, so a registry lookup
+(``zoo.list_models()``) stays light.
+"""
+
+from . import families  # noqa: F401  (runs every family's @register_model)
 from .registry import (
     DataConfig,
     UnknownModelError,
-    create,
     create_network,
     get_data_config,
     list_models,
@@ -23,13 +29,28 @@ __all__ = [
 ]
 
 
+def create(name: str, *, num_classes: int = 1000, weights=None, **kwargs):
+    """Build an :class:`~zoo.base.ImageClassifier` (a LightningModule) for ``name``.
+
+    ``kwargs`` are ImageClassifier arguments (optimizer, lr, use_ema, ...); architecture
+    arguments go in ``arch_args={...}``. With ``weights``, the network and its preprocessing
+    come from them, exactly as :func:`load` with the same ``num_classes`` gives.
+    """
+    from .base import ImageClassifier
+
+    return ImageClassifier(arch=name, num_classes=num_classes, weights=weights, **kwargs)
+
+
+def load(name=None, weights=None, **kwargs):
+    """Build a model and load ``weights``, see :func:`zoo.weights.load`."""
+    from .weights import load as _load
+
+    return _load(name, weights, **kwargs)
+
+
 def __getattr__(name):  # lazy: importing zoo must not pull in Lightning for a registry lookup
     if name == "ImageClassifier":
         from .base import ImageClassifier
 
         return ImageClassifier
-    if name == "load":
-        from .weights import load
-
-        return load
     raise AttributeError(name)

@@ -69,6 +69,16 @@ def lr_factor(
     raise ValueError(f"unknown schedule {schedule!r}; choose cosine, step, cyclic or constant")
 
 
+def _loader_batch_size(loader) -> Optional[int]:
+    """Per-device batch size of a train dataloader (torch DataLoader, FFCV Loader, ...)."""
+    if isinstance(loader, (list, tuple)) and len(loader) == 1:
+        loader = loader[0]
+    bs = getattr(loader, "batch_size", None)
+    if bs is None:  # DataLoader(batch_sampler=...) reports batch_size=None
+        bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(bs) if isinstance(bs, int) and bs > 0 else None
+
+
 class ImageClassifier(L.LightningModule):
     """A classifier over any registered architecture.
 
@@ -76,10 +86,19 @@ class ImageClassifier(L.LightningModule):
         arch: registry name (``zoo models`` lists them; ``timm/<name>`` for any timm model).
         num_classes: output classes; the CLI fills it from the data.
         arch_args: architecture arguments passed to the builder (e.g. ``{"depth": 3}``).
-        weights: checkpoint / state_dict / safetensors / hub id to initialise from.
+        weights: checkpoint / state_dict / safetensors / hub id to initialise from; the
+            preprocessing that travels with them (safetensors metadata, config.json, a .ckpt's
+            data config) replaces the architecture's (see :meth:`load_pretrained`).
+        use_ema: a checkpoint holding EMA weights (the WeightEMA callback) gives them on every
+            evaluation/loading path (``weights=``, ``load_from_checkpoint``, ``zoo
+            validate/test/predict --ckpt_path``); ``False``: its trained weights. Resuming
+            ``fit`` always restores the trained weights.
         optimizer: ``sgd`` (momentum, optional Nesterov) or ``adamw``.
-        lr: peak learning rate at ``lr_reference_batch`` images per step; scaled linearly with
-            the real global batch (Goyal et al. 2017). ``None`` reference: used as given.
+        lr: peak learning rate at ``lr_reference_batch`` images per optimizer step; scaled
+            linearly with the real global batch (Goyal et al. 2017), which is read from the
+            trainer: per-device batch of the train dataloader x world size x
+            accumulate_grad_batches (any DataModule, whatever its ``batch_size`` means).
+            ``None`` reference: used as given.
         weight_decay: decay of weights with ndim > 1; norm weights and biases get
             ``norm_weight_decay`` (0: no decay on BN/LN, as ffcv-imagenet and torchvision's recipes).
         schedule, warmup_epochs, warmup_start, peak_epoch, milestones, gamma, min_lr_ratio:
@@ -105,6 +124,7 @@ class ImageClassifier(L.LightningModule):
         num_classes: int = 1000,
         arch_args: Optional[dict] = None,
         weights: Optional[str] = None,
+        use_ema: bool = True,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.1,
         lr_reference_batch: Optional[int] = 256,
@@ -146,16 +166,12 @@ class ImageClassifier(L.LightningModule):
         data_config = entry.data_config
         if "input_size" in (arch_args or {}):  # fixed-input nets (logreg, mlp) set their own size
             data_config = dataclasses.replace(data_config, input_size=int(arch_args["input_size"]))
-        if weights:
-            from .weights import load_weights
-
-            report = load_weights(self.net, weights, arch=arch)
-            rank_zero_info(f"loaded weights from {weights}: {report}")
-            # preprocessing travels with the weights (a timm/HF tag may differ from the entry)
-            data_config = report.data_config or data_config
         self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1), persistent=False)
         self._set_data_config(data_config.as_dict())
+        self.weights_report = None  # zoo.weights.LoadReport of the initial weights
+        if weights:
+            self.load_pretrained(weights)
         self.augment = DeviceAugment(
             num_classes=num_classes,
             mixup_alpha=mixup_alpha,
@@ -182,21 +198,81 @@ class ImageClassifier(L.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self._compiled = None
+        self._global_batch: Optional[int] = None  # set in configure_optimizers
         self._epoch_t0 = None
         self._epoch_images = 0
 
+    def load_pretrained(self, source, *, strict: bool = True):
+        """Load ``source`` into ``self.net`` and adopt the preprocessing that travels with it.
+
+        The one way initial weights enter a model: ``ImageClassifier(weights=...)``,
+        ``zoo.create(weights=...)``, ``zoo.load`` and ``torch.hub.load`` all end here, so they
+        give the same tensors and the same data config. EMA weights per ``hparams.use_ema``.
+        Returns the :class:`zoo.weights.LoadReport` (also kept as ``self.weights_report``).
+        """
+        from .weights import load_weights
+
+        report = load_weights(
+            self.net, source, arch=self.hparams.arch, strict=strict, use_ema=self.hparams.get("use_ema", True)
+        )
+        if report.data_config is not None:  # a timm/HF tag or an export may differ from the entry
+            self._set_data_config(report.data_config.as_dict())
+        self.weights_report = report
+        rank_zero_info(f"loaded weights from {report.source}: {report}")
+        return report
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from .weights import ema_state_dict
+
         # The state_dict holds the trained weights: rebuilding from this checkpoint must not
         # re-read the initial weights (the file may have moved, the hub may be offline).
         hp = checkpoint.get("hyper_parameters")
         if hp and hp.get("weights"):
             checkpoint["zoo_init_weights"] = hp["weights"]
             hp["weights"] = None
+        if hp:
+            # a choice of the loader, not a property of the model: LightningCLI parses a
+            # checkpoint's hyper_parameters over the command line, which would undo
+            # `zoo validate --ckpt_path X --model.use_ema false`
+            hp.pop("use_ema", None)
         checkpoint["zoo_data_config"] = dict(self.data_config)
+        # Say plainly which weights this file holds (callbacks' state is already in it).
+        found = ema_state_dict(checkpoint)
+        checkpoint["zoo_weights"] = {
+            "state_dict": "trained weights (fit --ckpt_path resumes from these)",
+            "ema": f"callbacks[{found[0]!r}]['ema_state_dict']" if found else None,
+            "evaluated_with": "ema (use_ema=False: the trained weights)" if found else "state_dict",
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before Lightning copies checkpoint["state_dict"] into the model, both in
+        # load_from_checkpoint and in the trainer's restore (--ckpt_path).
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from .weights import WeightsError, ema_state_dict
+
         if checkpoint.get("zoo_data_config"):
             self._set_data_config(checkpoint["zoo_data_config"])
+        sd = checkpoint.get("state_dict") or {}
+        try:
+            key = "net." + heads.classifier_prefix(self.net) + ".weight"
+        except (ValueError, TypeError):  # a network without a classifier layer
+            key = None
+        if key in sd and self.net.state_dict().get(key[4:]) is not None:
+            have, want = int(sd[key].shape[0]), int(self.net.state_dict()[key[4:]].shape[0])
+            if have != want:
+                raise WeightsError(
+                    f"the checkpoint's classifier has {have} classes but the model/data has {want}: evaluate "
+                    f"it on data with {have} classes, or fine-tune it with `zoo fit --model.weights CKPT` "
+                    "(which resets the head) instead of --ckpt_path"
+                )
+        resuming = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        found = ema_state_dict(checkpoint)
+        if found is not None and not resuming and self.hparams.get("use_ema", True):
+            cb_key, ema = found
+            for k, v in ema.items():
+                sd["net." + k] = v
+            rank_zero_info(f"evaluating the EMA weights of the checkpoint ({cb_key}); use_ema=False for the trained ones")
 
     def _set_data_config(self, data_config: dict) -> None:
         self.data_config = dict(data_config)
@@ -325,18 +401,34 @@ class ImageClassifier(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> Optional[int]:
-        """Images per optimizer step over all processes, from the datamodule if it says."""
-        dm = getattr(self.trainer, "datamodule", None)
-        bs = getattr(dm, "batch_size", None)  # the DataModule's batch_size is global
-        if not isinstance(bs, int):
+        """Images per optimizer step over all processes, read from the trainer.
+
+        Per-device batch of the train dataloader x ``trainer.world_size`` (devices x nodes) x
+        ``accumulate_grad_batches``: right for any DataModule, whether its own ``batch_size``
+        means the global batch (this project's) or the per-device one (Lightning's
+        convention). ``None`` when the loader does not say its batch size.
+        """
+        if self._global_batch is not None:
+            return self._global_batch
+        trainer = self._trainer
+        if trainer is None:
             return None
-        return bs * self.trainer.accumulate_grad_batches
+        per_device = _loader_batch_size(trainer.train_dataloader)
+        if per_device is None:
+            return None
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
     def effective_lr(self) -> float:
+        """``lr x global batch / lr_reference_batch`` (Goyal et al. 2017); ``lr`` when no reference."""
         lr, ref = self.hparams.lr, self.hparams.lr_reference_batch
-        gb = self.global_batch_size() if self._trainer is not None else None
+        gb = self.global_batch_size() if ref else None
         if ref and gb:
             return lr * gb / ref
+        if ref and self._trainer is not None:
+            rank_zero_warn(
+                f"cannot read the batch size of the train dataloader: lr {lr} is used as given, not scaled "
+                f"from lr_reference_batch={ref}; set model.lr_reference_batch=null to say so"
+            )
         return lr
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -362,8 +454,12 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        # first: it sets up the train dataloader, whose batch size the LR scaling reads
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        self._global_batch = None
+        self._global_batch = self.global_batch_size()  # kept: the loader may be gone after fit
         lr = self.effective_lr()
-        gb = self.global_batch_size()
+        gb = self._global_batch
         rank_zero_info(
             f"optimizer {hp.optimizer}: peak lr {lr:.4g}"
             + (f" (= {hp.lr} x {gb}/{hp.lr_reference_batch} global batch)" if hp.lr_reference_batch and gb else "")
@@ -373,7 +469,6 @@ class ImageClassifier(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
             opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps_per_epoch = total / max_epochs
         if hp.schedule == "cyclic" and hp.peak_epoch >= max_epochs:

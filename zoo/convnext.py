@@ -3,18 +3,23 @@
 Why timm's module rather than torchvision's: timm's key layout (``stem.*``,
 ``stages.N.blocks.M.{conv_dw,norm,mlp.fc1,mlp.fc2,gamma}``, ``head.{norm,fc}``) is the one
 of the Hugging Face hub checkpoints (``hf-hub:timm/convnext_*``) and of the ``timm/<name>``
-entries, and timm already maps the official facebookresearch/ConvNeXt layout onto it;
-``zoo/weights.py`` adds torchvision's layout (``features.*``, ``classifier.*``). Parameter
-counts equal torchvision's tables (tests check); the modules compute the same function.
-Order as in timm: builder, data configs, registered entry points.
+entries, and timm's ``checkpoint_filter_fn`` already maps the official facebookresearch/ConvNeXt
+layout onto it. This family registers its key layouts with the registry (``zoo.weights`` tries
+them when keys do not fit as they are): official -> timm (timm's own filter), torchvision
+(``features.*``, ``classifier.*``) -> timm and back. Parameter counts equal torchvision's
+tables (tests check); the modules compute the same function.
+Order as in timm: builder, key layouts, data configs, registered entry points.
 """
 
 from __future__ import annotations
 
+import re
+
 from timm.models.convnext import ConvNeXt
+from timm.models.convnext import checkpoint_filter_fn as _timm_filter
 from torch import nn
 
-from .registry import DataConfig, register_model
+from .registry import DataConfig, register_key_layout, register_model
 
 
 def _create(
@@ -47,6 +52,88 @@ def _create(
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
     )
+
+
+# ----------------------------------------------------------------------------- key layouts
+# torchvision's ConvNeXt block is a Sequential: 0 depthwise conv, 1 permute, 2 LayerNorm,
+# 3 Linear, 4 GELU, 5 Linear, 6 permute (torchvision/models/convnext.py CNBlock).
+_TV_BLOCK = {"0": "conv_dw", "2": "norm", "3": "mlp.fc1", "5": "mlp.fc2"}
+_TIMM_BLOCK = {v: k for k, v in _TV_BLOCK.items()}
+
+
+def _tv_to_timm_key(k: str) -> str:
+    """torchvision ConvNeXt (features.*, classifier.*) -> timm (stem, stages, head)."""
+    m = re.match(r"features\.(\d+)\.(.*)$", k)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i == 0:
+            return f"stem.{rest}"
+        if i % 2 == 0:  # features[2s]: LayerNorm2d + 2x2 conv downsampling into stage s
+            return f"stages.{i // 2}.downsample.{rest}"
+        s = (i - 1) // 2
+        b = re.match(r"(\d+)\.layer_scale$", rest)
+        if b:
+            return f"stages.{s}.blocks.{b.group(1)}.gamma"
+        b = re.match(r"(\d+)\.block\.(\d+)\.(.*)$", rest)
+        if b and b.group(2) in _TV_BLOCK:
+            return f"stages.{s}.blocks.{b.group(1)}.{_TV_BLOCK[b.group(2)]}.{b.group(3)}"
+        return k
+    k = re.sub(r"^classifier\.0\.", "head.norm.", k)
+    return re.sub(r"^classifier\.2\.", "head.fc.", k)
+
+
+def _timm_to_tv_key(k: str) -> str:
+    """timm ConvNeXt -> torchvision (inverse of :func:`_tv_to_timm_key`)."""
+    m = re.match(r"stem\.(.*)$", k)
+    if m:
+        return f"features.0.{m.group(1)}"
+    m = re.match(r"stages\.(\d+)\.downsample\.(.*)$", k)
+    if m:
+        return f"features.{2 * int(m.group(1))}.{m.group(2)}"
+    m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)$", k)
+    if m:
+        s, j, rest = int(m.group(1)), m.group(2), m.group(3)
+        if rest == "gamma":
+            return f"features.{2 * s + 1}.{j}.layer_scale"
+        for timm_name, tv_idx in _TIMM_BLOCK.items():
+            if rest.startswith(timm_name + "."):
+                return f"features.{2 * s + 1}.{j}.block.{tv_idx}.{rest[len(timm_name) + 1:]}"
+        return k
+    k = re.sub(r"^head\.norm\.", "classifier.0.", k)
+    return re.sub(r"^head\.fc\.", "classifier.2.", k)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """Any known ConvNeXt layout -> timm's (this family's modules), as timm's filter functions.
+
+    The official facebookresearch/ConvNeXt layout (``downsample_layers.*``, ``dwconv``,
+    ``pwconv1``, ...) goes through timm's own ``checkpoint_filter_fn``; torchvision's layout
+    through :func:`_tv_to_timm_key`.
+    """
+    keys = list(state_dict)
+    if any(k.startswith("downsample_layers.") for k in keys):
+        return _timm_filter(state_dict, model)
+    if any(re.match(r"features\.\d+\.\d+\.block\.", k) for k in keys):
+        return {_tv_to_timm_key(k): v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+register_key_layout(
+    "official ConvNeXt -> timm",
+    lambda keys: any(k.startswith("downsample_layers.") for k in keys),
+    checkpoint_filter_fn,
+)
+register_key_layout(
+    "torchvision ConvNeXt -> timm",
+    lambda keys: any(re.match(r"features\.\d+\.\d+\.block\.", k) for k in keys),
+    checkpoint_filter_fn,
+)
+# timm's layout into a plain torchvision ConvNeXt (zoo.weights.load_weights on a torchvision net)
+register_key_layout(
+    "timm ConvNeXt -> torchvision",
+    lambda keys: any(re.match(r"stages\.\d+\.blocks\.\d+\.conv_dw\.", k) for k in keys),
+    lambda sd, model: {_timm_to_tv_key(k): v for k, v in sd.items()},
+)
 
 
 def _tv_eval(resize: int) -> DataConfig:

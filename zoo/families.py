@@ -1,3 +1,7 @@
-"""Imports every architecture family so that their @register_model entries exist."""
+"""Imports every architecture family so that their registry entries exist.
 
-from . import linear, mlp, convnet, resnet, convnext  # noqa: F401
+The one module above the families (``zoo/__init__.py`` imports it): adding a family is one
+more name here.
+"""
+
+from . import convnet, convnext, linear, mlp, resnet, timm_model  # noqa: F401

@@ -4,12 +4,17 @@ A builder is a keyword-only function ``fn(*, num_classes: int, **arch_args) -> n
 Each entry carries the preprocessing its weights expect (``DataConfig``), as timm's
 pretrained cfg does, so training and evaluation never guess.
 
-``timm/<name>`` resolves to any architecture timm knows, with timm's own data config.
+The lowest layer of the zoo: this module imports nothing of the zoo. Families register into
+it (``@register_model``), a family with its own checkpoint key layouts registers those too
+(:func:`register_key_layout`), and ``timm_model`` registers the ``timm/`` prefix resolver
+(:func:`register_prefix`). ``zoo/__init__.py`` imports the families and offers ``create`` and
+``load``, as timm's ``timm/__init__.py`` does.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -40,6 +45,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class KeyLayout:
+    """A foreign checkpoint key layout a family converts from (timm's ``checkpoint_filter_fn``).
+
+    ``applies(keys)`` says whether a state_dict looks like this layout; ``convert(sd, net)``
+    returns the state_dict in ``net``'s layout (``net``'s own state_dict gives target shapes).
+    Tried by ``zoo.weights`` only when the keys do not fit as they are.
+    """
+
+    name: str  # e.g. "official ConvNeXt -> timm"
+    applies: Callable[[list], bool]
+    convert: Callable[[dict, nn.Module], dict]
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]
@@ -52,6 +71,8 @@ class UnknownModelError(ValueError):
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_PREFIXES: dict[str, Callable[[str], ModelEntry]] = {}  # "timm/" -> resolver(full name)
+_KEY_LAYOUTS: list[KeyLayout] = []
 
 
 def register_model(
@@ -67,8 +88,9 @@ def register_model(
         key = name or fn.__name__
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is already registered (by {_REGISTRY[key].builder.__module__})")
-        if key.startswith(TIMM_PREFIX):
-            raise ValueError(f"names starting with {TIMM_PREFIX!r} are reserved for timm models")
+        for prefix in (TIMM_PREFIX, *_PREFIXES):
+            if key.startswith(prefix):
+                raise ValueError(f"names starting with {prefix!r} are reserved (resolved by a prefix)")
         fam = family or fn.__module__.rsplit(".", 1)[-1]
         _REGISTRY[key] = ModelEntry(key, fn, data_config or DataConfig(), fam)
         return fn
@@ -76,43 +98,40 @@ def register_model(
     return deco
 
 
-def _ensure_loaded() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from . import families  # noqa: F401
+def register_prefix(prefix: str, resolver: Callable[[str], ModelEntry]) -> None:
+    """Names starting with ``prefix`` (e.g. ``timm/``) resolve through ``resolver(name)``."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = resolver
+
+
+def register_key_layout(name: str, applies: Callable[[list], bool], convert: Callable[[dict, nn.Module], dict]) -> None:
+    """Register a family's conversion from a foreign checkpoint key layout (see :class:`KeyLayout`)."""
+    if any(k.name == name for k in _KEY_LAYOUTS):
+        raise ValueError(f"key layout {name!r} is already registered")
+    _KEY_LAYOUTS.append(KeyLayout(name, applies, convert))
+
+
+def key_layouts() -> list[KeyLayout]:
+    return list(_KEY_LAYOUTS)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered names, sorted; ``pattern`` is an fnmatch filter such as ``"resnet*"``."""
-    import fnmatch
-
-    _ensure_loaded()
     names = sorted(_REGISTRY)
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
-def _timm_name(name: str) -> str:
-    import timm
-
-    arch = name[len(TIMM_PREFIX):]
-    if arch not in timm.list_models():
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-        raise UnknownModelError(f"unknown timm architecture {arch!r}.{hint} See timm.list_models().")
-    return arch
-
-
 def get_entry(name: str) -> ModelEntry:
-    _ensure_loaded()
-    if name.startswith(TIMM_PREFIX):
-        from .timm_model import timm_entry
-
-        return timm_entry(_timm_name(name))
+    for prefix, resolve in _PREFIXES.items():
+        if name.startswith(prefix):
+            return resolve(name)
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UnknownModelError(
             f"unknown model {name!r}.{hint} `zoo models` lists the registered names; "
-            f"any timm architecture works as 'timm/<name>'."
+            f"any timm architecture works as '{TIMM_PREFIX}<name>'."
         )
     return _REGISTRY[name]
 
@@ -124,14 +143,3 @@ def get_data_config(name: str) -> DataConfig:
 def create_network(name: str, *, num_classes: int = 1000, **arch_args) -> nn.Module:
     """Build the bare ``nn.Module`` for ``name`` (random init)."""
     return get_entry(name).builder(num_classes=num_classes, **arch_args)
-
-
-def create(name: str, *, num_classes: int = 1000, weights: str | None = None, **kwargs):
-    """Build an :class:`~zoo.base.ImageClassifier` (a LightningModule) for ``name``.
-
-    ``kwargs`` are ImageClassifier arguments (optimizer, lr, ...); architecture arguments
-    go in ``arch_args={...}``.
-    """
-    from .base import ImageClassifier
-
-    return ImageClassifier(arch=name, num_classes=num_classes, weights=weights, **kwargs)

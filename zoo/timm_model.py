@@ -1,17 +1,18 @@
 """``timm/<arch>``: any architecture timm knows, with timm's own data config.
 
-The registry resolves ``timm/<arch>`` here (``registry.get_entry``); nothing is registered
-ahead of time, so the whole of ``timm.list_models()`` is available without import cost.
+This module registers the ``timm/`` prefix resolver into the registry; nothing else is
+registered ahead of time, so the whole of ``timm.list_models()`` is available without import cost.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 
 import timm
 from torch import nn
 
-from .registry import TIMM_PREFIX, DataConfig, ModelEntry
+from .registry import TIMM_PREFIX, DataConfig, ModelEntry, UnknownModelError, register_prefix
 
 
 def _create(arch: str, *, num_classes: int = 1000, **arch_args) -> nn.Module:
@@ -48,3 +49,16 @@ def timm_entry(arch: str) -> ModelEntry:
     cfg = timm.models.get_pretrained_cfg(arch)
     data_config = data_config_from_timm(cfg) if cfg is not None else DataConfig()
     return ModelEntry(TIMM_PREFIX + arch, functools.partial(_create, arch), data_config, "timm")
+
+
+def _resolve(name: str) -> ModelEntry:
+    arch = name[len(TIMM_PREFIX):]
+    known = timm.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise UnknownModelError(f"unknown timm architecture {arch!r}.{hint} See timm.list_models().")
+    return timm_entry(arch)
+
+
+register_prefix(TIMM_PREFIX, _resolve)
