@@ -1,36 +1,63 @@
 # One-command set-up: `make demo` and `make test` install what a fresh Debian 12 machine
-# lacks (apt packages, a .venv with the project) and are idempotent: stamp files under
-# .stamps/ make a second run skip every install step.
+# lacks (system libraries as root, a .venv with the project) and are idempotent: stamp files
+# under .stamps/ make a second run skip every install step. Without root nothing is
+# apt-installed: see $(STAMPS)/deps.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-# FFCV 1.0.2 compiles against libturbojpeg and OpenCV, found with pkg-config.
-APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
-# A one-node Slurm on localhost for the launch-script tests (pytest -m slurm).
+# FFCV 1.0.2 compiles against OpenCV and libjpeg-turbo, found with pkg-config: whoever
+# installed them (apt, conda-forge, the cluster's modules). Only root runs apt-get, and only
+# for what pkg-config does not find; anyone else gets one line saying what to install, and the
+# project is installed without the [ffcv] extra (the torchvision backend runs everything).
+FFCV_PC_MODULES := opencv4 libturbojpeg
+APT_FOR_pkg-config := pkg-config
+APT_FOR_opencv4 := libopencv-dev
+APT_FOR_libturbojpeg := libturbojpeg0-dev
+# A one-node Slurm on localhost for the launch-script tests (pytest -m slurm): root only.
 APT_TEST_PKGS := slurmctld slurmd slurm-client munge
 # Tested here: torch 2.14.1 + torchvision 0.29.1 (pip takes both from this machine's disk).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
 .PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMPS)/venv
 
-$(STAMPS)/apt: Makefile
+# Writes the pip extras the machine can build ("ffcv," or nothing) to $(STAMPS)/extras.
+$(STAMPS)/deps: Makefile
 	@mkdir -p $(STAMPS)
-	@missing=$$(for p in $(APT_PKGS) $(APT_TEST_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "apt-get install $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@missing=""; command -v pkg-config >/dev/null 2>&1 || missing="pkg-config"; \
+	for m in $(FFCV_PC_MODULES); do pkg-config --exists $$m 2>/dev/null || missing="$$missing $$m"; done; \
+	missing=$$(echo $$missing); \
+	if [ -n "$$missing" ] && [ "$(IS_ROOT)" = yes ] && command -v apt-get >/dev/null 2>&1; then \
+	  pkgs=""; for m in $$missing; do case $$m in \
+	    pkg-config) pkgs="$$pkgs $(APT_FOR_pkg-config)";; opencv4) pkgs="$$pkgs $(APT_FOR_opencv4)";; \
+	    libturbojpeg) pkgs="$$pkgs $(APT_FOR_libturbojpeg)";; esac; done; \
+	  echo "apt-get install$$pkgs"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null && missing=""; \
+	fi; \
+	if [ -z "$$missing" ]; then echo "ffcv," > $(STAMPS)/extras; else \
+	  echo "ffcv needs $$missing (pkg-config): without root, 'conda install -c conda-forge opencv libjpeg-turbo pkg-config' (or 'module load' your cluster's OpenCV and libjpeg-turbo), then make setup again; installing without ffcv now, use --data.backend torchvision"; \
+	  : > $(STAMPS)/extras; fi
 	@touch $@
 
-$(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
+# The Slurm test cluster needs root (slurmctld/slurmd run as root); others skip it.
+$(STAMPS)/test-deps: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for c in slurmctld slurmd sbatch munged; do command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || echo $$c; done); \
+	if [ -n "$$missing" ] && [ "$(IS_ROOT)" = yes ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "apt-get install $(APT_TEST_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TEST_PKGS) >/dev/null; \
+	elif [ -n "$$missing" ]; then echo "no local Slurm (needs root: apt-get install $(APT_TEST_PKGS)): the slurm tests are skipped"; fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[ffcv,dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$$(cat $(STAMPS)/extras)dev]"
 	@touch $@
 
 # The main job: generate the embedded dataset, write .beton files, train a small CNN on
@@ -38,8 +65,10 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 demo: setup
 	$(VENV)/bin/zoo fit
 
-test: setup
-	launch/slurm/local_cluster.sh start
+test: setup $(STAMPS)/test-deps
+	@if [ "$(IS_ROOT)" = yes ] && command -v slurmctld >/dev/null 2>&1; then launch/slurm/local_cluster.sh start; \
+	 elif ! timeout 5 sinfo -h >/dev/null 2>&1; then echo "no Slurm here: pytest -m 'not slurm'"; \
+	   exec $(PY) -m pytest -m "not slurm" $(PYTEST_ARGS); fi; \
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Without the slow tests (a few seconds to a minute).

@@ -127,6 +127,19 @@ def _page_size(max_resolution: int) -> int:
     return max(MIN_PAGE_SIZE, 1 << (need - 1).bit_length())
 
 
+def beton_lock(path: str | os.PathLike, timeout: float = -1):
+    """A lock file ``<path>.lock``: one writer per .beton, also across the nodes of a shared cache.
+
+    Every node's local rank 0 runs prepare_data(); with a cache on a shared file system they
+    would all write the same file at once. The first takes the lock and writes; the others
+    wait, then find the finished file and its sidecar and only check them. ``filelock`` uses
+    flock(2), which Linux NFS clients map to NFS byte-range locks.
+    """
+    from filelock import FileLock
+
+    return FileLock(f"{path}.lock", timeout=timeout)
+
+
 def write_beton(
     dataset_or_folder: Any,
     path: str | os.PathLike,

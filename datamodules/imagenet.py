@@ -227,7 +227,7 @@ class ImageNetDataModule(L.LightningDataModule):
             self._prepare_headers(root)
 
     def _prepare_betons(self, root: Path) -> None:
-        from .ffcv_io import check_beton, write_beton
+        from .ffcv_io import beton_lock, check_beton, write_beton
 
         if root.is_dir() and _is_beton_root(root):
             for split in ("train", "val"):
@@ -239,12 +239,17 @@ class ImageNetDataModule(L.LightningDataModule):
             path = self.beton_path(split)
             if self._cached_beton(path, classes):
                 continue
-            rank_zero_info(f"writing {path} from {root / split} ({self.write_params})")
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            write_beton(
-                root / split, path, **{k: v for k, v in self.write_params.as_dict().items() if k != "write_mode"},
-                num_workers=workers, progress=self.hparams.progress, skip_corrupt=self.hparams.skip_corrupt, classes=classes,
-            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with beton_lock(path):  # another node may be writing it: wait, then check again
+                if self._cached_beton(path, classes):
+                    continue
+                rank_zero_info(f"writing {path} from {root / split} ({self.write_params})")
+                workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                write_beton(
+                    root / split, path, **{k: v for k, v in self.write_params.as_dict().items() if k != "write_mode"},
+                    num_workers=workers, progress=self.hparams.progress, skip_corrupt=self.hparams.skip_corrupt,
+                    classes=classes,
+                )
 
     def _cached_beton(self, path: Path, classes: list[str]) -> bool:
         """True if the cache's ``path`` is complete and was written from this dataset's classes."""

@@ -82,6 +82,21 @@ class ImageFolderDataset(Dataset):
         raise DataError(f"16 unreadable images in a row from {self.samples[i][0]}: check the dataset")
 
 
+def worker_ignores_job_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGUSR1 and SIGTERM.
+
+    ``scancel --signal=USR1`` (Slurm's preemption warning) and the requeue's SIGTERM reach every
+    process of the job step. The training process handles them (Lightning saves an hpc
+    checkpoint and requeues); a worker, which does not, would die of them, and the rank would
+    end in "DataLoader worker (pid N) is killed by signal" instead of stopping cleanly. The
+    training process ends its workers itself, and a worker whose parent is gone exits.
+    """
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_dataloader(
     dataset: Dataset,
     *,
@@ -104,4 +119,5 @@ def make_dataloader(
         persistent_workers=num_workers > 0,  # keep worker processes (and their file handles) across epochs
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
+        worker_init_fn=worker_ignores_job_signals,
     )

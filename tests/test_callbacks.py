@@ -1,10 +1,12 @@
 """WeightEMA: the average is right, evaluation uses it, checkpoints keep both, resume restores it."""
 
+import lightning as L
 import pytest
 import torch
 
 from callbacks.ema import WeightEMA
-from tests.test_base import TinyData, model, trainer
+from tests.test_base import NUM_CLASSES, TinyData, model, trainer
+from zoo.base import ImageClassifier
 
 
 def test_ema_tracks_weights_and_is_saved_beside_them(tmp_path):
@@ -43,6 +45,7 @@ def test_ema_update_is_a_lerp():
 
     class T:
         global_step = 1
+        current_epoch = 0
 
     ema.on_train_batch_end(T(), m, None, None, 0)
     torch.testing.assert_close(ema.ema[k], before + 0.1)
@@ -79,7 +82,134 @@ def test_resume_restores_ema(tmp_path):
         torch.testing.assert_close(ema2.ema[k], saved[k])
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(decay=1.0), "decay must be in"), (dict(every_n_steps=0), "every_n_steps")])
+@pytest.mark.parametrize("kw, msg", [(dict(decay=1.0), "decay must be in"), (dict(decay=0.0), "decay must be in"),
+                                     (dict(decay=-0.5), "decay must be in"), (dict(every_n_steps=0), "every_n_steps"),
+                                     (dict(warmup="linear"), "warmup must be")])
 def test_bad_arguments_fail_fast(kw, msg):
     with pytest.raises(ValueError, match=msg):
         WeightEMA(**kw)
+
+
+class StepRecorder(ImageClassifier):
+    """Records the net's float tensors after every optimizer step (independent of global_step)."""
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.after_steps.append({k: v.detach().clone() for k, v in self.net.state_dict().items()
+                                 if v.dtype.is_floating_point})
+
+
+def test_ema_moves_once_per_optimizer_step_under_accumulation():
+    torch.manual_seed(0)
+    m = StepRecorder(arch="convnet", num_classes=NUM_CLASSES, arch_args={"widths": [8, 16]}, lr=0.05,
+                     lr_reference_batch=None, schedule="constant")
+    m.after_steps = []
+    init = {k: v.clone() for k, v in m.net.state_dict().items() if v.dtype.is_floating_point}
+    ema = WeightEMA(decay=0.5)
+    # 32 micro-batches of 2, 4 per optimizer step: 8 optimizer steps in one epoch
+    t = trainer(max_epochs=1, callbacks=[ema], limit_val_batches=0, accumulate_grad_batches=4)
+    t.fit(m, datamodule=TinyData(n=64, batch_size=2))
+    assert t.global_step == 8 and len(m.after_steps) == 8
+    assert ema.num_updates == 8
+    expected = init
+    for w in m.after_steps:
+        expected = {k: 0.5 * expected[k] + 0.5 * w[k] for k in expected}
+    for k in expected:
+        torch.testing.assert_close(ema.ema[k], expected[k])
+
+
+def test_decay_warmup_forms():
+    timm_ema = WeightEMA(decay=0.999, warmup="timm")
+    # timm ModelEmaV3.get_decay: 1 - (1 + t/gamma) ** -power, capped at decay
+    assert timm_ema.decay_at(0) == 0.0
+    assert timm_ema.decay_at(7) == pytest.approx(1 - 8 ** (-2 / 3))
+    assert timm_ema.decay_at(10**9) == 0.999
+    tf_ema = WeightEMA(decay=0.999, warmup="tf")
+    assert tf_ema.decay_at(0) == pytest.approx(0.1) and tf_ema.decay_at(10**6) == 0.999
+    assert WeightEMA(decay=0.9).decay_at(0) == 0.9
+
+
+def test_reset_during_warmup_epochs_keeps_ema_equal_to_weights():
+    torch.manual_seed(0)
+    m = model(arch_args={"widths": [8, 16]}, lr=0.05, lr_reference_batch=None)
+    ema = WeightEMA(decay=0.9, reset_epochs=1)
+    t = trainer(max_epochs=1, callbacks=[ema], limit_val_batches=0)
+    t.fit(m, datamodule=TinyData())
+    for k, v in m.net.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(ema.ema[k], v)
+    t2 = trainer(max_epochs=2, callbacks=[ema2 := WeightEMA(decay=0.9, reset_epochs=1)], limit_val_batches=0)
+    t2.fit(model(arch_args={"widths": [8, 16]}, lr=0.05, lr_reference_batch=None), datamodule=TinyData())
+    w = t2.lightning_module.net.state_dict()
+    assert any(not torch.equal(ema2.ema[k], w[k]) for k in ema2.ema)  # averaging after the reset epochs
+
+
+def test_validation_logs_trained_and_ema_accuracy():
+    torch.manual_seed(0)
+    m = model(arch_args={"widths": [8, 16]}, lr=0.05, lr_reference_batch=None)
+    ema = WeightEMA(decay=0.9)
+    t = trainer(max_epochs=1, callbacks=[ema], limit_val_batches=2)
+    t.fit(m, datamodule=TinyData())
+    metrics = t.callback_metrics
+    assert {"val/acc1", "val_ema/acc1", "val_ema/acc5", "val_ema/loss"} <= set(metrics)
+    # recompute the EMA accuracy by hand on the same 2 batches
+    import copy
+
+    net = copy.deepcopy(m.net)
+    sd = net.state_dict()
+    for k, v in ema.ema.items():
+        sd[k].copy_(v)
+    net.eval()
+    dm = TinyData()
+    hits = n = 0
+    with torch.no_grad():
+        for i, (x, y) in enumerate(dm.val_dataloader()):
+            if i == 2:
+                break
+            hits += (net(m.preprocess(x)).argmax(-1) == y).sum().item()
+            n += y.numel()
+    assert float(metrics["val_ema/acc1"]) == pytest.approx(hits / n)
+
+
+class OrderedData(TinyData):
+    """No shuffling: a resumed run sees the same batches as an uninterrupted one."""
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(L.Callback):
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Crash("killed")
+
+
+def test_ema_kill_then_resume_matches_uninterrupted(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(callbacks, ckpt=None, max_epochs=3):
+        torch.manual_seed(0)
+        m = model(arch_args={"widths": [8, 16]}, lr=0.05, lr_reference_batch=None)
+        ema = WeightEMA(decay=0.8, warmup="tf", evaluate_with_ema=False)
+        t = trainer(max_epochs=max_epochs, callbacks=[ema, *callbacks], limit_val_batches=0,
+                    enable_checkpointing=True, accumulate_grad_batches=2, default_root_dir=tmp_path)
+        t.fit(m, datamodule=OrderedData(), ckpt_path=ckpt)
+        return ema
+
+    full = run([])
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", filename="last", every_n_epochs=1)
+    with pytest.raises(Crash):
+        run([ck, CrashAt(epoch=2, batch=1)])
+    resumed = run([ModelCheckpoint(dirpath=tmp_path / "ck2")], ckpt=str(tmp_path / "ck" / "last.ckpt"))
+    assert (resumed.num_updates, resumed.last_step) == (full.num_updates, full.last_step) == (6, 6)
+    for k, v in full.ema.items():
+        torch.testing.assert_close(resumed.ema[k], v)

@@ -323,6 +323,13 @@ def test_sbatch_launches_two_ddp_tasks(tiny_imagenet, tmp_path):
     assert r.returncode == 0, (r.stderr, log[-3000:])
     job_id = r.stdout.strip().split()[-1]
     assert "val/acc1: " in log
-    assert (tmp_path / "runs" / "convnet" / f"slurm-{job_id}" / "checkpoints" / "last.ckpt").is_file()
+    # the run directory names the job and its srun step (a requeue gets it back)
+    assert (tmp_path / "runs" / "convnet" / f"slurm-{job_id}.0" / "checkpoints" / "last.ckpt").is_file()
     # Lightning saw the Slurm world: 2 processes (GLOBAL_RANK 0 and 1) in one job
     assert "GLOBAL_RANK: 1" in log or "MEMBER: 2/2" in log, log[-3000:]
+    # task/affinity (local_cluster.sh) binds each rank to its --cpus-per-task=1 core, disjoint
+    cpus = {int(line.split()[2]): line.split("cpus ")[1] for line in log.splitlines() if line.startswith("zoo: rank ")}
+    print("per-rank CPU sets:", cpus)
+    assert sorted(cpus) == [0, 1], log[-3000:]
+    sets = [set(map(int, v.strip("[]").split(","))) for v in cpus.values()]
+    assert all(len(s) == 1 for s in sets) and not sets[0] & sets[1], cpus

@@ -445,6 +445,8 @@ class ImageClassifier(L.LightningModule):
             scale = 1.0 if is_head else self.hparams.backbone_lr_scale
             out.append(
                 {
+                    # LearningRateMonitor logs lr/<name> (W&B: lr/backbone, lr/head_no_decay, ...)
+                    "name": ("head" if is_head else "backbone") + ("_no_decay" if no_decay else ""),
                     "params": params,
                     "weight_decay": self.hparams.norm_weight_decay if no_decay else self.hparams.weight_decay,
                     "lr": lr * scale,
@@ -491,4 +493,4 @@ class ImageClassifier(L.LightningModule):
             )
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}

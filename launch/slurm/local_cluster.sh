@@ -26,7 +26,8 @@ cpus=$(nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 mkdir -p "$conf_dir" "$state/ctld" "$state/d" /var/log/slurm /run/munge
 # Containers have no systemd and often no cgroup v2 delegation: track processes through
-# /proc and bind no tasks (no cgroup.conf: Slurm 22.05 has no CgroupPlugin=disabled).
+# /proc (no cgroup.conf: Slurm 22.05 has no CgroupPlugin=disabled). task/affinity binds each
+# task to its --cpus-per-task cores with sched_setaffinity, no cgroups needed, as clusters do.
 cat > "$conf_dir/slurm.conf" <<CONF
 ClusterName=zoo-local
 SlurmctldHost=$host
@@ -40,7 +41,8 @@ SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core

@@ -1,0 +1,182 @@
+"""BN statistics: the estimator is exact, each planted fault fires naming its layer, a healthy
+model raises nothing, PreciseBN recomputes, and the cases without BN or with little data."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from callbacks.bn_stats import BNStatsCheck, BNStatsError, PreciseBN, bn_layers, estimate_population_stats
+from tests.test_base import NUM_CLASSES, TinyData, trainer
+from zoo.base import ImageClassifier
+
+SMALL = {"widths": [8, 16]}
+
+
+def small_model(**kw):
+    return ImageClassifier(arch="convnet", num_classes=NUM_CLASSES, arch_args=SMALL, lr=0.05,
+                           lr_reference_batch=None, **kw)
+
+
+class ShiftedData(TinyData):
+    """The same images, darker and flatter: the BN inputs' population moves."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.x = self.x // 4 + 10
+
+
+@pytest.fixture(scope="module")
+def healthy():
+    torch.manual_seed(0)
+    m = small_model()
+    # 48 steps: BN momentum 0.1 forgets its (0, 1) start (0.9**48 < 0.01), the cosine LR ends at 0
+    t = trainer(max_epochs=6, limit_val_batches=0)
+    t.fit(m, datamodule=TinyData(n=64))
+    return m
+
+
+def test_estimator_matches_full_batch_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(40, 3, 10, 10) * 3 + 1
+    # uneven batches: the estimator weights by the number of values, not per batch
+    stats, used = estimate_population_stats(net, [x[:7], x[7:30], x[30:]], num_samples=10**6)
+    assert used == 40
+    # buffers and modes untouched
+    assert torch.equal(net[1].running_mean, torch.zeros(4)) and int(net[1].num_batches_tracked) == 0
+    assert net.training
+    net.train()
+    a = net[0](x)
+    torch.testing.assert_close(stats["1"][0], a.mean((0, 2, 3)))
+    torch.testing.assert_close(stats["1"][1], a.var((0, 2, 3), correction=0))
+    # the second BN sees each batch normalised with its own batch statistics, as in training
+    b = torch.cat([net[3](net[2](net[1](net[0](xb)))) for xb in (x[:7], x[7:30], x[30:])])
+    torch.testing.assert_close(stats["4"][0], b.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats["4"][1], b.var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-5)
+
+
+def _check(m, data, capsys, tmp_path=None, **kw):
+    import tempfile
+
+    check = BNStatsCheck(**kw)
+    root = tmp_path or tempfile.mkdtemp()
+    trainer(callbacks=[check], limit_val_batches=2, default_root_dir=root).validate(m, datamodule=data)
+    out = capsys.readouterr().out
+    return check, out
+
+
+def test_healthy_model_raises_nothing(healthy, capsys):
+    check, out = _check(healthy, TinyData(n=64), capsys, action="fail")
+    assert check.last_findings == [], out
+    assert "BN layers healthy" in out
+    assert "train data gave 64 samples < 8192" in out  # fewer than K: uses what exists, says so
+    s = check.last_summary
+    assert s["bn/mean_err_max"] < 0.25 and abs(s["bn/val_acc1_running"] - s["bn/val_acc1_recomputed"]) <= 0.05
+
+
+def test_nan_buffer_fires_naming_the_layer(healthy, capsys):
+    import copy
+
+    m = copy.deepcopy(healthy)
+    m.net.stages[1][0].bn.running_var[3] = float("nan")
+    check, out = _check(m, TinyData(n=64), capsys)
+    assert "BNStatsCheck: stages.1.0.bn: 1 NaN/Inf values" in out
+    with pytest.raises(BNStatsError, match="stages.1.0.bn"):
+        _check(m, TinyData(n=64), capsys, action="fail")
+
+
+def test_collapsed_variance_fires(healthy, capsys):
+    import copy
+
+    m = copy.deepcopy(healthy)
+    m.net.stages[0][0].bn.running_var[:5] = 1e-6  # eps 1e-5: below 10 x eps
+    check, out = _check(m, TinyData(n=64), capsys)
+    assert "stages.0.0.bn: 5/8 channels with running_var < 10 x eps" in out
+    assert check.last_summary["bn/collapsed_channels"] == 5
+
+
+def test_stale_statistics_after_input_shift_fire_and_recalibrate(healthy, capsys):
+    import copy
+
+    m = copy.deepcopy(healthy)
+    check, out = _check(m, ShiftedData(n=64), capsys, action="recalibrate")
+    assert "stages.0.0.bn: running statistics differ from the population's" in out
+    assert "recalibrated 2 BN layers" in out
+    # after recalibration the running statistics are the population's: a second check is quiet
+    check2, out2 = _check(m, ShiftedData(n=64), capsys, action="fail")
+    assert check2.last_findings == []
+
+
+def test_model_without_bn_says_so_once(capsys, tmp_path):
+    m = ImageClassifier(arch="logreg", num_classes=NUM_CLASSES, arch_args={"input_size": 24})
+    check = BNStatsCheck()
+    trainer(callbacks=[check], max_epochs=2, limit_val_batches=1, default_root_dir=tmp_path).fit(
+        m, datamodule=TinyData(res=24))
+    out = capsys.readouterr().out
+    assert out.count("no BatchNorm layers") == 1
+
+
+def test_check_during_fit_logs_and_writes_table(tmp_path, capsys):
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    check = BNStatsCheck(num_samples=16, val_samples=16)
+    t = trainer(callbacks=[check], max_epochs=1, limit_val_batches=2, default_root_dir=tmp_path,
+                logger=CSVLogger(tmp_path, name="csv", version=""))
+    t.fit(small_model(), datamodule=TinyData())
+    assert {"bn/findings", "bn/mean_err_max", "bn/heldout_acc1_running", "bn/check_seconds"} <= set(t.callback_metrics)
+    rows = (tmp_path / "bn_stats").glob("*.csv")
+    text = next(rows).read_text()
+    assert text.startswith("layer,channels") and "stages.1.0.bn" in text
+
+
+def test_precise_bn_recomputes_on_model_and_ema():
+    from callbacks.ema import WeightEMA
+
+    torch.manual_seed(0)
+    m = small_model()
+    ema = WeightEMA(decay=0.9, evaluate_with_ema=False)
+    pbn = PreciseBN(num_samples=32)
+    # limit_train_batches: the epoch ends before its loader does; the extra pass still runs
+    t = trainer(callbacks=[ema, pbn], max_epochs=1, limit_val_batches=1, limit_train_batches=2)
+    t.fit(m, datamodule=TinyData())
+    # the model's running statistics now equal an estimate over the train data
+    data = TinyData()
+    xs = [m.preprocess(x) for x, _ in data.train_dataloader()]
+    stats, _ = estimate_population_stats(m.net, xs, 32)
+    # the first BN's input does not depend on how the (shuffled) batches were composed
+    first = m.net.stages[0][0].bn
+    torch.testing.assert_close(first.running_mean, stats["stages.0.0.bn"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.running_var, stats["stages.0.0.bn"][1], rtol=1e-4, atol=1e-5)
+    # the EMA's BN statistics were recomputed with the EMA weights (not copied from the model)
+    key = "stages.1.0.bn.running_var"
+    assert not torch.allclose(ema.ema[key], m.net.state_dict()[key])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="action must be"):
+        BNStatsCheck(action="fix")
+    with pytest.raises(ValueError, match="num_samples"):
+        PreciseBN(num_samples=0)
+
+
+def test_callbacks_leave_the_trained_weights_unchanged(tmp_path):
+    """The extra passes (EMA validation, BN check, precise BN) must not touch training."""
+    from callbacks.bn_stats import BNBufferSync
+    from callbacks.ema import WeightEMA
+    from tests.test_callbacks import OrderedData
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        m = small_model()
+        trainer(max_epochs=2, limit_val_batches=2, callbacks=callbacks, default_root_dir=tmp_path).fit(
+            m, datamodule=OrderedData())
+        return {k: v for k, v in m.net.state_dict().items() if "running" not in k and "num_batches" not in k}
+
+    plain = run([])
+    busy = run([WeightEMA(decay=0.9), BNStatsCheck(num_samples=16, val_samples=16), PreciseBN(num_samples=16),
+                BNBufferSync()])
+    for k, v in plain.items():
+        torch.testing.assert_close(busy[k], v, msg=k)
