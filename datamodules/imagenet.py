@@ -102,8 +102,12 @@ class ImageNetDataModule(L.LightningDataModule):
         order: ffcv train order; ``quasi_random`` reads page-wise for datasets larger than RAM
             (needs ``os_cache=False``, one process).
         batches_ahead: ffcv batches prepared in advance per loader (ffcv's default 3).
-        seed: seed of the sample order (ffcv) or shuffling (torchvision).
+        seed: seed of the sample order and of every sample's crop and flip (drawn from seed, epoch
+            and sample index, so runs repeat whatever the thread scheduling); None: the
+            ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
         progress: show a progress bar while writing .beton files.
+        ra_reps: repeated augmentation: each train image ``ra_reps`` times per epoch with different
+            crops (torchvision's RASampler, ``--ra-reps 4`` in its ResNet-50 v2 recipe); 1: off.
     """
 
     def __init__(
@@ -128,8 +132,9 @@ class ImageNetDataModule(L.LightningDataModule):
         os_cache: bool = True,  # ffcv's default (FFCV_DEFAULT_CACHE_PROCESS unset)
         order: str = "random",
         batches_ahead: int = 3,  # ffcv Loader default
-        seed: int = 0,
+        seed: int | None = None,
         progress: bool = True,
+        ra_reps: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -147,6 +152,8 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"flip={flip} must be a probability in [0, 1] (0 turns horizontal flips off)")
         if order not in ("random", "quasi_random"):
             raise DataError(f"order={order!r} is unknown: use 'random' or 'quasi_random'")
+        if ra_reps < 1:
+            raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
@@ -188,6 +195,13 @@ class ImageNetDataModule(L.LightningDataModule):
     def is_flat(self) -> bool:
         """A folder of images without classes (a user's photos): predict only."""
         return self.layout is not None and self.layout.kind == "flat"
+
+    @property
+    def seed(self) -> int:
+        """The seed of sample order, crops and flips."""
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning's seed_everything
 
     @property
     def classes(self) -> list[str]:

@@ -464,6 +464,7 @@ def _check_configs(argv: list[str]) -> list[str]:
 # stays fast. Add a command by adding one line here.
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
+    "bench": "launch.bench:main",
     "ensemble": "launch.ensemble:main",
     "gradcheck": "launch.diagnose:gradcheck_main",
     "init-stats": "launch.diagnose:init_stats_main",

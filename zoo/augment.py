@@ -3,25 +3,343 @@
 FFCV's pipeline does crops and flips on the CPU; the heavier recipe augmentations
 (RandAugment/TrivialAugment, random erasing, mixup/cutmix) run here on whatever device the
 model is on, so they work the same with either data backend.
+
+RandAugment / TrivialAugment are batched: the per-sample choices (op, whether it applies,
+magnitude, sign) are drawn on the CPU with torch's default generator (seeded by
+``seed_everything``; a few hundred numbers, so no host-device sync is needed to group the
+samples), the batch is sorted by op once per layer, and each op runs as one vectorised kernel
+over its contiguous slice: colour ops with per-sample broadcast factors, all geometric ops of a
+layer in one ``affine_grid``/``grid_sample`` with per-sample matrices. No Python loop over images.
+
+Two variants, each faithful to the implementation a recipe cites (``policy``):
+
+- ``rand-m9-mstd0.5-inc1`` (timm ``rand_augment_transform``, ConvNeXt's ``--aa``): 2 layers,
+  each op drawn uniformly from the 15 "increasing" ops and applied with probability 0.5,
+  magnitude ~ N(M, mstd) per op clipped to [0, 10], fill = the model's mean colour, bicubic.
+  (timm's ``transforms_factory`` passes ``img_mean`` and ``train_interpolation``.)
+- ``ta_wide`` (torchvision ``TrivialAugmentWide``, the tv2 recipe's ``--auto-augment ta_wide``):
+  one op from 14 (incl. Identity), magnitude one of 31 bins, random sign, fill 0, bilinear
+  (references/classification/presets.py passes the recipe's interpolation).
+
+Known differences from the PIL/torchvision kernels, all below a few grey levels on average
+(tests/test_augment.py): torch's bicubic uses a = -0.75 where PIL uses -0.5; warps blend the
+fill into border pixels as torchvision does, where PIL fills whole pixels; intermediate values
+are rounded to integers after every op (PIL rounds, torchvision truncates some blends).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+# Op ids; geometric ops (< N_AFFINE) come first so a sorted layer has them in one slice.
+SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y, ROTATE = range(5)
+N_AFFINE = 5
+(BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, POSTERIZE, SOLARIZE, SOLARIZE_ADD,
+ AUTOCONTRAST, EQUALIZE, INVERT, IDENTITY) = range(5, 16)
+OP_NAMES = (
+    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+    "Sharpness", "Posterize", "Solarize", "SolarizeAdd", "AutoContrast", "Equalize", "Invert", "Identity",
+)
+SKIP = 99  # a layer not applied to a sample (timm's p=0.5): sorts last, left untouched
+
+# timm _RAND_INCREASING_TRANSFORMS (timm/data/auto_augment.py), in timm's order.
+TIMM_INC_OPS = (AUTOCONTRAST, EQUALIZE, INVERT, ROTATE, POSTERIZE, SOLARIZE, SOLARIZE_ADD, COLOR,
+                CONTRAST, BRIGHTNESS, SHARPNESS, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y)
+# torchvision TrivialAugmentWide._AUGMENTATION_SPACE, in its order.
+TA_WIDE_OPS = (IDENTITY, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y, ROTATE, BRIGHTNESS, COLOR,
+               CONTRAST, SHARPNESS, POSTERIZE, SOLARIZE, AUTOCONTRAST, EQUALIZE)
+TA_BINS = 31  # TrivialAugmentWide(num_magnitude_bins=31)
+
+_TIMM_RE = re.compile(r"^rand(-[a-z]+[\d.]+)*$")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed augmentation policy: which implementation's semantics to follow."""
+
+    kind: str  # "timm_rand" or "ta_wide"
+    num_layers: int = 2
+    magnitude: float = 9.0
+    magnitude_std: float = 0.0
+    prob: float = 0.5
+    interpolation: str = "bicubic"
+
+    @staticmethod
+    def parse(name: str, magnitude: int = 9) -> "Policy":
+        """``rand-m9-mstd0.5-inc1`` (timm), ``ta_wide`` (torchvision), or the legacy names
+        ``randaugment`` (= ``rand-m{magnitude}-mstd0.5-inc1``) and ``trivialaugment`` (= ``ta_wide``)."""
+        if name in ("ta_wide", "trivialaugment"):
+            return Policy("ta_wide", num_layers=1, prob=1.0, interpolation="bilinear")
+        if name == "randaugment":
+            name = f"rand-m{magnitude}-mstd0.5-inc1"
+        if not _TIMM_RE.match(name):
+            raise ValueError(
+                f"unknown auto_augment {name!r}: use a timm RandAugment string such as "
+                "'rand-m9-mstd0.5-inc1', 'ta_wide' (torchvision TrivialAugmentWide), or null"
+            )
+        kw: dict = {"magnitude": 10.0}  # timm's default M is _LEVEL_DENOM
+        for part in name.split("-")[1:]:
+            key, val = re.match(r"([a-z]+)([\d.]+)", part).groups()
+            if key == "m":
+                kw["magnitude"] = float(int(val))
+            elif key == "mstd":
+                kw["magnitude_std"] = float(val)
+            elif key == "n":
+                kw["num_layers"] = int(val)
+            elif key == "p":
+                kw["prob"] = float(val)
+            elif key == "inc":
+                if not int(val):
+                    raise ValueError(f"auto_augment {name!r}: only timm's increasing op set (inc1) is implemented")
+            else:
+                raise ValueError(f"auto_augment {name!r}: unknown section {part!r} (supported: m, mstd, n, p, inc1)")
+        if kw.get("magnitude_std", 0.0) > 100:
+            raise ValueError(f"auto_augment {name!r}: uniform magnitudes (mstd > 100) are not implemented")
+        if "inc1" not in name.split("-"):
+            raise ValueError(f"auto_augment {name!r}: add '-inc1': only timm's increasing op set is implemented")
+        return Policy("timm_rand", **kw)
+
+
+class BatchedAutoAugment(nn.Module):
+    """RandAugment (timm) / TrivialAugmentWide (torchvision) on a uint8 NCHW batch, per sample.
+
+    Args:
+        policy: see :meth:`Policy.parse`.
+        mean: the model's mean (0..1): timm fills pixels moved in from outside with this colour
+            (``img_mean = round(255 * mean)`` in timm's transforms_factory); torchvision with 0.
+        interpolation: ``bilinear``, ``bicubic`` or ``nearest``; None: the policy's default.
+        magnitude: M of the legacy name ``randaugment``.
+    """
+
+    def __init__(
+        self,
+        policy: str | Policy,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),  # ImageNet mean (torchvision/timm IMAGENET_DEFAULT_MEAN)
+        interpolation: Optional[str] = None,
+        magnitude: int = 9,
+    ):
+        super().__init__()
+        self.policy = policy if isinstance(policy, Policy) else Policy.parse(policy, magnitude)
+        fill = [min(255, round(255 * m)) for m in mean] if self.policy.kind == "timm_rand" else [0, 0, 0]
+        self.interpolation = interpolation or self.policy.interpolation
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"augment interpolation {self.interpolation!r}: use bilinear, bicubic or nearest")
+        self.register_buffer("fill", torch.tensor([float(v) for v in fill]).view(1, 3, 1, 1), persistent=False)
+        self.last_params: dict | None = None  # the last draw, for tests and diagnostics
+
+    # ------------------------------------------------------------------ sampling (CPU)
+    def sample(self, n: int, height: int, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: (op id per sample, argument per sample), drawn on the CPU.
+
+        The argument is what the kernel takes: a factor, a threshold, a number of bits, or an
+        affine parameter (shear factor, pixels, degrees), signs included.
+        """
+        p = self.policy
+        layers = []
+        for _ in range(p.num_layers):
+            if p.kind == "timm_rand":
+                ops = torch.tensor(TIMM_INC_OPS)[torch.randint(len(TIMM_INC_OPS), (n,))]
+                # AugmentOp: skipped when random() > prob; magnitude = clip(gauss(M, mstd), 0, 10)
+                skip = torch.rand(n) > p.prob
+                mag = torch.full((n,), p.magnitude)
+                if p.magnitude_std > 0:
+                    mag = mag + p.magnitude_std * torch.randn(n)
+                level = mag.clamp(0.0, 10.0) / 10.0  # timm _LEVEL_DENOM
+                sign = torch.where(torch.rand(n) > 0.5, -1.0, 1.0)  # _randomly_negate
+                arg = torch.zeros(n)
+                arg = torch.where(ops == ROTATE, sign * level * 30.0, arg)
+                arg = torch.where((ops == SHEAR_X) | (ops == SHEAR_Y), sign * level * 0.3, arg)
+                arg = torch.where(ops == TRANSLATE_X, sign * level * 0.45 * width, arg)  # translate_pct 0.45
+                arg = torch.where(ops == TRANSLATE_Y, sign * level * 0.45 * height, arg)
+                enh = (ops == COLOR) | (ops == CONTRAST) | (ops == BRIGHTNESS) | (ops == SHARPNESS)
+                arg = torch.where(enh, (1.0 + sign * level * 0.9).clamp(min=0.1), arg)
+                arg = torch.where(ops == POSTERIZE, 4.0 - torch.floor(level * 4), arg)  # bits kept
+                arg = torch.where(ops == SOLARIZE, 256.0 - torch.floor(level * 256).clamp(max=256), arg)
+                arg = torch.where(ops == SOLARIZE_ADD, torch.floor(level * 110).clamp(max=128), arg)
+                ops = torch.where(skip, torch.full_like(ops, SKIP), ops)
+            else:  # torchvision TrivialAugmentWide.forward
+                ops = torch.tensor(TA_WIDE_OPS)[torch.randint(len(TA_WIDE_OPS), (n,))]
+                b = torch.randint(TA_BINS, (n,)).float()
+                sign = torch.where(torch.rand(n) <= 0.5, -1.0, 1.0)
+                lin = b / (TA_BINS - 1)  # torch.linspace(0, x, 31)[b] = x * b / 30
+                arg = torch.zeros(n)
+                arg = torch.where((ops == SHEAR_X) | (ops == SHEAR_Y), sign * lin * 0.99, arg)
+                # translate=[int(magnitude), 0] moves the content by +t: x_in = x_out - t
+                arg = torch.where((ops == TRANSLATE_X) | (ops == TRANSLATE_Y), -torch.trunc(sign * lin * 32.0), arg)
+                arg = torch.where(ops == ROTATE, sign * lin * 135.0, arg)
+                enh = (ops == COLOR) | (ops == CONTRAST) | (ops == BRIGHTNESS) | (ops == SHARPNESS)
+                arg = torch.where(enh, 1.0 + sign * lin * 0.99, arg)
+                arg = torch.where(ops == POSTERIZE, torch.round(8 - b / ((TA_BINS - 1) / 6)), arg)
+                arg = torch.where(ops == SOLARIZE, 255.0 * (1.0 - lin), arg)
+            layers.append((ops, arg))
+        return layers
+
+    # ------------------------------------------------------------------ apply (device)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"BatchedAutoAugment takes uint8 (N, 3, H, W) batches, got {images.dtype} {tuple(images.shape)}")
+        n, _, h, w = images.shape
+        layers = self.sample(n, h, w)
+        self.last_params = {"layers": layers}
+        return self.apply(images, layers)
+
+    def apply(self, images: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Apply given per-sample ``(ops, args)`` layers (CPU tensors, as :meth:`sample` draws).
+
+        The batch stays uint8 between layers, as PIL's and torchvision's ops return uint8; only
+        the samples an op acts on are converted to float, and written back in place.
+        """
+        x = images.clone()
+        for ops, arg in layers:
+            self._apply_layer(x, ops.long(), arg.float())
+        return x
+
+    def _apply_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor) -> None:
+        order = torch.argsort(ops, stable=True)  # CPU: group the samples by op
+        sorted_ops = ops[order]
+        counts = torch.bincount(sorted_ops.clamp(max=IDENTITY + 1), minlength=IDENTITY + 2).tolist()
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        active = bounds[IDENTITY]  # samples with a real op come first (Identity and SKIP last)
+        if active == 0:
+            return
+        dev = x.device
+        idx = order[:active].to(dev, non_blocking=True)
+        a = arg[order[:active]].to(dev, non_blocking=True)
+        xs = x.index_select(0, idx)  # uint8, sorted by op; each op rewrites its slice
+        na = bounds[N_AFFINE]  # geometric ops: one grid_sample for all of them
+        if na:
+            theta = self._theta(sorted_ops[:na], arg[order[:na]], x.shape[-2], x.shape[-1]).to(dev, non_blocking=True)
+            xs[:na] = _to_uint8(self._warp(xs[:na].float(), theta))
+        for op in range(N_AFFINE, IDENTITY):
+            lo, hi = bounds[op], bounds[op + 1]
+            if hi <= lo:
+                continue
+            ai = a[lo:hi].view(-1, 1, 1, 1)
+            if op in _UINT8_OPS:  # integer ops: no float round trip
+                xs[lo:hi] = self._integer(op, xs[lo:hi], ai)
+            else:
+                f = xs[lo:hi].float()
+                self._colour_(op, f, ai)
+                xs[lo:hi] = _to_uint8(f)
+        x.index_copy_(0, idx, xs)
+
+    @staticmethod
+    def _theta(ops: torch.Tensor, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Per-sample ``affine_grid`` matrices (output -> input, normalised coordinates).
+
+        Built in pixel coordinates centred on the image (PIL's and torchvision's conventions agree:
+        shears about the top-left corner, rotation counter-clockwise about the centre; the
+        argument of a translation is the input offset, ``x_in = x_out + t``).
+        """
+        n = ops.shape[0]
+        m = torch.zeros(n, 2, 3)
+        m[:, 0, 0] = 1.0
+        m[:, 1, 1] = 1.0
+        sx, sy = ops == SHEAR_X, ops == SHEAR_Y
+        m[sx, 0, 1] = arg[sx]
+        m[sx, 0, 2] = arg[sx] * h / 2  # about the corner: x_in = x + s*y in corner coordinates
+        m[sy, 1, 0] = arg[sy]
+        m[sy, 1, 2] = arg[sy] * w / 2
+        tx, ty = ops == TRANSLATE_X, ops == TRANSLATE_Y
+        m[tx, 0, 2] = arg[tx]
+        m[ty, 1, 2] = arg[ty]
+        r = ops == ROTATE
+        rad = torch.deg2rad(arg[r])
+        c, s = torch.cos(rad), torch.sin(rad)
+        m[r, 0, 0], m[r, 0, 1], m[r, 1, 0], m[r, 1, 1] = c, -s, s, c
+        # pixel (centred) -> normalised coordinates for align_corners=False
+        theta = m.clone()
+        theta[:, 0, 1] = m[:, 0, 1] * h / w
+        theta[:, 1, 0] = m[:, 1, 0] * w / h
+        theta[:, 0, 2] = m[:, 0, 2] * 2 / w
+        theta[:, 1, 2] = m[:, 1, 2] * 2 / h
+        return theta
+
+    def _warp(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Resample with the fill colour outside: ``grid_sample(x - fill) + fill``.
+
+        The interpolation weights sum to 1 and zero padding drops the outside taps, so this is
+        ``inside + (1 - mask) * fill`` with one 3-channel resample (torchvision resamples a 4th
+        "ones" channel for the mask; its blend also scales the inside part by the mask).
+        """
+        n, _, h, w = x.shape
+        grid = F.affine_grid(theta.to(x.dtype), [n, 1, h, w], align_corners=False)
+        if not self.fill.any():  # torchvision's fill 0: nothing to shift
+            return F.grid_sample(x, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
+        fill = self.fill.to(x.dtype)
+        out = F.grid_sample(x - fill, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
+        return out.add_(fill)
+
+    @staticmethod
+    def _colour_(op: int, x: torch.Tensor, a: torch.Tensor) -> None:
+        """Apply colour op ``op`` with per-sample arguments ``a`` (N, 1, 1, 1) to float ``x`` in place."""
+        if op == BRIGHTNESS:  # blend with black
+            x.mul_(a)
+        elif op == COLOR:  # blend with the grey image (ITU-R 601-2 luma, PIL's "L")
+            grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).round_()
+            x.sub_(grey).mul_(a).add_(grey)
+        elif op == CONTRAST:  # blend with the mean grey level of each image
+            grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+            mean = grey.mean(dim=(2, 3), keepdim=True).round_()
+            x.sub_(mean).mul_(a).add_(mean)
+        elif op == SHARPNESS:  # blend with PIL's SMOOTH kernel (1s around a 5, / 13), border unchanged
+            inner = x[..., 1:-1, 1:-1]
+            # 3x3 box sum (a separable pool, much cheaper than a depthwise conv on CPU) + 4 x centre
+            blur = F.avg_pool2d(x, 3, stride=1).mul_(9).add_(inner, alpha=4).div_(13).round_()
+            inner.sub_(blur).mul_(a).add_(blur)
+        elif op == AUTOCONTRAST:  # per channel: min -> 0, max -> 255 (unchanged if flat)
+            lo = x.amin(dim=(2, 3), keepdim=True)
+            hi = x.amax(dim=(2, 3), keepdim=True)
+            flat = hi <= lo
+            scale = torch.where(flat, torch.ones_like(hi), 255.0 / (hi - lo).clamp(min=1))
+            x.sub_(torch.where(flat, torch.zeros_like(lo), lo)).mul_(scale).floor_()  # PIL: int(ix * scale + offset)
+        else:
+            raise AssertionError(op)
+
+    @staticmethod
+    def _integer(op: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Ops that map uint8 to uint8 exactly, computed on uint8 (or int16) tensors."""
+        if op == POSTERIZE:  # keep the top `bits` bits (PIL: img & ~(2**(8 - bits) - 1))
+            mask = (256 - torch.exp2(8 - a)).to(torch.uint8)
+            return x & mask
+        if op == SOLARIZE:  # invert pixels >= threshold (threshold 256: none)
+            return torch.where(x >= a.ceil().to(torch.int16), 255 - x, x)
+        if op == SOLARIZE_ADD:  # timm: add to pixels < 128, clipped at 255
+            return torch.where(x < 128, (x.to(torch.int16) + a.to(torch.int16)).clamp_(max=255).to(torch.uint8), x)
+        if op == EQUALIZE:  # torchvision's batched histogram equalisation (PIL's algorithm)
+            return TF.equalize(x)
+        if op == INVERT:
+            return 255 - x
+        raise AssertionError(op)
+
+
+_UINT8_OPS = frozenset({POSTERIZE, SOLARIZE, SOLARIZE_ADD, EQUALIZE, INVERT})
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class DeviceAugment(nn.Module):
     """Batch augmentation in two stages around normalisation.
 
-    ``pre_normalise``: per-sample RandAugment / TrivialAugment on uint8 NCHW images.
-    ``post_normalise``: per-sample random erasing (normal noise, timm's ``mode='pixel'``)
-    on the normalised batch, then mixup or cutmix (one of them per batch, each with
-    probability 1/2 when both are on, as timm's Mixup with ``switch_prob=0.5``), which turn the
-    labels into soft targets.
+    ``pre_normalise``: per-sample RandAugment / TrivialAugment on uint8 NCHW images
+    (:class:`BatchedAutoAugment`).
+    ``post_normalise``: per-sample random erasing (``erase_mode='pixel'``: N(0, 1) noise per
+    pixel, timm's ``RandomErasing(mode='pixel')``; ``'zero'``: zeros, torchvision's
+    ``RandomErasing(value=0)``, i.e. the mean colour after normalisation) on the normalised
+    batch, then mixup or cutmix (one of them per batch, each with probability 1/2 when both are
+    on, as timm's Mixup with ``switch_prob=0.5``), which turn the labels into soft targets.
     """
 
     def __init__(
@@ -32,6 +350,9 @@ class DeviceAugment(nn.Module):
         random_erasing: float = 0.0,
         auto_augment: Optional[str] = None,
         magnitude: int = 9,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        interpolation: Optional[str] = None,
+        erase_mode: str = "pixel",
     ) -> None:
         super().__init__()
         for name, v in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
@@ -41,17 +362,9 @@ class DeviceAugment(nn.Module):
             raise ValueError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
         if not 0 <= magnitude <= 10:
             raise ValueError(f"auto_augment_magnitude is on timm's 0..10 scale, got {magnitude}")
-        if auto_augment == "randaugment":
-            # RandAugment(N=2, M=9): Cubuk et al. 2020; timm's rand-m9-mstd0.5 recipe uses M=9
-            # on a 0..10 scale (timm _LEVEL_DENOM = 10), hence 11 bins rather than
-            # torchvision's default 31.
-            self.auto = v2.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=11)
-        elif auto_augment == "trivialaugment":
-            self.auto = v2.TrivialAugmentWide()
-        elif auto_augment is None:
-            self.auto = None
-        else:
-            raise ValueError(f"unknown auto_augment {auto_augment!r}; choose randaugment, trivialaugment or null")
+        if erase_mode not in ("pixel", "zero"):
+            raise ValueError(f"random_erasing_mode {erase_mode!r}: use 'pixel' (timm) or 'zero' (torchvision)")
+        self.auto = BatchedAutoAugment(auto_augment, mean, interpolation, magnitude) if auto_augment else None
         mixers = []
         if mixup_alpha > 0:
             mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
@@ -59,16 +372,16 @@ class DeviceAugment(nn.Module):
             mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
         self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
         self.random_erasing = random_erasing
+        self.erase_mode = erase_mode
 
     def pre_normalise(self, images: torch.Tensor) -> torch.Tensor:
         if self.auto is None:
             return images
-        # One policy draw per image: a batch-level call would apply the same ops to all.
-        return torch.stack([self.auto(img) for img in images])
+        return self.auto(images)
 
     def post_normalise(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.random_erasing > 0:
-            x = random_erase(x, self.random_erasing)
+            x = random_erase(x, self.random_erasing, mode=self.erase_mode)
         if self.mix is not None:
             x, y = self.mix(x, y)
         return x, y
@@ -79,11 +392,13 @@ def random_erase(
     p: float,
     area: tuple[float, float] = (0.02, 1 / 3),
     log_ratio: tuple[float, float] = (-1.2040, 1.2040),  # log(0.3), log(1/0.3): Zhong et al. 2017
+    mode: str = "pixel",
 ) -> torch.Tensor:
-    """Erase one random rectangle per sample with probability ``p``, filled with N(0, 1) noise.
+    """Erase one random rectangle per sample with probability ``p``.
 
-    Vectorised over the batch (no per-sample Python loop). Area fraction and aspect-ratio
-    ranges are Zhong et al. 2017's, also timm's RandomErasing defaults.
+    ``mode='pixel'``: filled with N(0, 1) noise (timm); ``'zero'``: zeros (torchvision's
+    ``value=0``). Vectorised over the batch (no per-sample Python loop). Area fraction and
+    aspect-ratio ranges are Zhong et al. 2017's, also timm's and torchvision's defaults.
     """
     n, _, h, w = x.shape
     dev = x.device
@@ -102,4 +417,5 @@ def random_erase(
         & (cols < (left + ew).view(n, 1, 1))
         & (torch.rand(n, 1, 1, device=dev) < p)
     ).unsqueeze(1)
-    return torch.where(mask, torch.randn_like(x), x)
+    fill = torch.randn_like(x) if mode == "pixel" else torch.zeros((), device=dev, dtype=x.dtype)
+    return torch.where(mask, fill, x)

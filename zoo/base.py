@@ -104,8 +104,11 @@ class ImageClassifier(L.LightningModule):
         schedule, warmup_epochs, warmup_start, peak_epoch, milestones, gamma, min_lr_ratio:
             per-step LR schedule, see :func:`lr_factor`.
         label_smoothing: cross-entropy label smoothing (Szegedy et al. 2016: 0.1).
-        mixup_alpha, cutmix_alpha, random_erasing, auto_augment, auto_augment_magnitude:
-            train-time augmentation applied on the device after transfer (any backend).
+        mixup_alpha, cutmix_alpha, random_erasing, random_erasing_mode, auto_augment,
+            auto_augment_magnitude: train-time augmentation applied on the device after transfer
+            (any backend), batched; ``auto_augment`` names the implementation whose semantics it
+            follows: a timm RandAugment string (``rand-m9-mstd0.5-inc1``) or ``ta_wide``
+            (torchvision TrivialAugmentWide), see zoo/augment.py.
         channels_last: NHWC memory format for model and inputs (faster convs on tensor cores).
         compile: wrap the network with ``torch.compile``.
         tta_flip: evaluate on the image and its mirror and average the logits (ffcv-imagenet's
@@ -141,8 +144,9 @@ class ImageClassifier(L.LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         random_erasing: float = 0.0,
-        auto_augment: Optional[Literal["randaugment", "trivialaugment"]] = None,
+        auto_augment: Optional[str] = None,
         auto_augment_magnitude: int = 9,
+        random_erasing_mode: Literal["pixel", "zero"] = "pixel",
         channels_last: bool = False,
         compile: bool = False,
         tta_flip: bool = False,
@@ -175,6 +179,8 @@ class ImageClassifier(L.LightningModule):
             random_erasing=random_erasing,
             auto_augment=auto_augment,
             magnitude=auto_augment_magnitude,
+            mean=self.data_config["mean"],
+            erase_mode=random_erasing_mode,
         )
         k5 = min(5, num_classes)
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -322,17 +328,35 @@ class ImageClassifier(L.LightningModule):
         x, targets = self.augment.post_normalise(x, y)
         logits = self(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step}; "
-                "lower the learning rate or enable warmup (--model.warmup_epochs)"
-            )
+        self._check_finite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
         if targets.ndim == 1:  # hard labels: accuracy is meaningful
             self.train_acc1(logits.detach(), y)
             self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
         self._epoch_images += x.shape[0]
         return loss
+
+    # A diverged loss stays non-finite (its NaN/inf reaches the weights), so remembering it on the
+    # device and reading the flag every FINITE_CHECK_EVERY steps stops the run within that many
+    # steps while the host waits for the device once per check, not at every step
+    # (benchmarks/overhead.py measures the per-step sync).
+    FINITE_CHECK_EVERY = 25
+
+    def _check_finite(self, loss: torch.Tensor | None = None, batch_idx: int = 0) -> None:
+        """Remember a non-finite ``loss`` on the device; raise every FINITE_CHECK_EVERY steps
+        (and at the end of each epoch, ``loss=None``) if one was seen."""
+        flag = getattr(self, "_nonfinite", None)
+        if loss is not None:
+            bad = ~torch.isfinite(loss.detach())
+            flag = self._nonfinite = bad if flag is None else flag | bad
+            if batch_idx % self.FINITE_CHECK_EVERY:
+                return
+        if flag is not None and bool(flag):
+            self._nonfinite = None
+            raise FloatingPointError(
+                f"training loss became non-finite (NaN or inf) by step {self.global_step}; "
+                "lower the learning rate or enable warmup (--model.warmup_epochs)"
+            )
 
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self(x)
@@ -369,6 +393,7 @@ class ImageClassifier(L.LightningModule):
         self._epoch_t0, self._epoch_images = time.perf_counter(), 0
 
     def on_train_epoch_end(self) -> None:
+        self._check_finite()
         if self._epoch_t0 is not None and self._epoch_images:
             dt = time.perf_counter() - self._epoch_t0
             # per process; the dashboard sums over ranks for the global figure

@@ -1,0 +1,198 @@
+"""Batched RandAugment / TrivialAugment against the implementations the recipes cite.
+
+Each kernel is compared with timm's PIL op or torchvision's op on the same images and
+arguments; the sampled policies are compared with timm's ``rand_augment_transform`` and
+torchvision's ``TrivialAugmentWide`` by their statistics on the same inputs (fixed seeds,
+tolerances of 4+ binomial standard deviations).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from zoo import augment as A
+from zoo.augment import BatchedAutoAugment, Policy
+
+timm_aa = pytest.importorskip("timm.data.auto_augment")
+from torchvision.transforms import InterpolationMode, v2  # noqa: E402
+
+MEAN_FILL = (124, 116, 104)  # round(255 * IMAGENET_DEFAULT_MEAN), timm's img_mean
+
+
+def smooth_images(n: int, size: int = 40, seed: int = 0) -> torch.Tensor:
+    """Natural-ish uint8 images: upsampled noise in 30..220 (so AutoContrast/Solarize act)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 5, 5, generator=g)
+    x = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return (30 + 190 * x).round().to(torch.uint8)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def from_pil(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def one_op(aug: BatchedAutoAugment, x: torch.Tensor, op: int, arg: float) -> torch.Tensor:
+    n = x.shape[0]
+    return aug.apply(x, [(torch.full((n,), op), torch.full((n,), float(arg)))])
+
+
+def mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().mean().item()
+
+
+# (our op, timm op name, timm argument, our argument) at M=9 (level 0.9), both signs
+TIMM_CASES = [
+    (A.AUTOCONTRAST, "AutoContrast", (), 0),
+    (A.EQUALIZE, "Equalize", (), 0),
+    (A.INVERT, "Invert", (), 0),
+    (A.ROTATE, "Rotate", (27.0,), 27.0),
+    (A.ROTATE, "Rotate", (-27.0,), -27.0),
+    (A.POSTERIZE, "PosterizeIncreasing", (1,), 1),
+    (A.SOLARIZE, "SolarizeIncreasing", (26,), 26),
+    (A.SOLARIZE_ADD, "SolarizeAdd", (99,), 99),
+    (A.COLOR, "ColorIncreasing", (1.81,), 1.81),
+    (A.CONTRAST, "ContrastIncreasing", (0.19,), 0.19),
+    (A.BRIGHTNESS, "BrightnessIncreasing", (1.81,), 1.81),
+    (A.SHARPNESS, "SharpnessIncreasing", (0.19,), 0.19),
+    (A.SHARPNESS, "SharpnessIncreasing", (1.81,), 1.81),
+    (A.SHEAR_X, "ShearX", (0.27,), 0.27),
+    (A.SHEAR_Y, "ShearY", (-0.27,), -0.27),
+    (A.TRANSLATE_X, "TranslateXRel", (0.405,), 0.405 * 40),
+    (A.TRANSLATE_Y, "TranslateYRel", (-0.405,), -0.405 * 40),
+]
+
+
+@pytest.mark.parametrize("op, name, timm_args, arg", TIMM_CASES, ids=[f"{c[1]}{c[3]}" for c in TIMM_CASES])
+def test_each_kernel_matches_timms_pil_op(op, name, timm_args, arg):
+    x = smooth_images(8)
+    aug = BatchedAutoAugment("rand-m9-mstd0.5-inc1", interpolation="bilinear")
+    ours = one_op(aug, x, op, arg)
+    kw = dict(fillcolor=MEAN_FILL, resample=Image.Resampling.BILINEAR)
+    ref = torch.stack([from_pil(timm_aa.NAME_TO_OP[name](to_pil(img), *timm_args, **kw)) for img in x])
+    # colour ops agree to rounding; warps differ at the border where PIL fills whole pixels
+    tol = 2.5 if op < A.N_AFFINE else 0.6
+    assert mean_abs(ours, ref) < tol, f"{name}: mean |ours - timm| = {mean_abs(ours, ref):.2f}"
+    assert mean_abs(ours, x) > 0.3  # the op did something
+
+
+# (our op, torchvision op name, torchvision magnitude, our argument)
+TV_CASES = [
+    (A.SHEAR_X, "ShearX", 0.66, 0.66),
+    (A.SHEAR_Y, "ShearY", -0.33, -0.33),
+    (A.TRANSLATE_X, "TranslateX", 9.0, -9.0),
+    (A.TRANSLATE_Y, "TranslateY", -14.0, 14.0),
+    (A.ROTATE, "Rotate", 81.0, 81.0),
+    (A.BRIGHTNESS, "Brightness", -0.66, 0.34),
+    (A.COLOR, "Color", 0.99, 1.99),
+    (A.CONTRAST, "Contrast", 0.5, 1.5),
+    (A.SHARPNESS, "Sharpness", 0.9, 1.9),
+    (A.POSTERIZE, "Posterize", 3, 3),
+    (A.SOLARIZE, "Solarize", 0.6, 0.6 * 255),
+    (A.AUTOCONTRAST, "AutoContrast", 0.0, 0),
+    (A.EQUALIZE, "Equalize", 0.0, 0),
+]
+
+
+@pytest.mark.parametrize("op, name, mag, arg", TV_CASES, ids=[c[1] for c in TV_CASES])
+def test_each_kernel_matches_torchvision_trivialaugment_op(op, name, mag, arg):
+    x = smooth_images(8)
+    aug = BatchedAutoAugment("ta_wide")
+    ours = one_op(aug, x, op, arg)
+    ta = v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)
+    ref = torch.stack([ta._apply_image_or_video_transform(img, name, mag, ta.interpolation, ta._fill) for img in x])
+    tol = 2.5 if op < A.N_AFFINE else 1.0  # torchvision truncates blends where we round
+    assert mean_abs(ours, ref) < tol, f"{name}: mean |ours - torchvision| = {mean_abs(ours, ref):.2f}"
+
+
+def _stats(out: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """Fraction of images left unchanged, mean |change| (grey levels) of the changed ones."""
+    d = (out.float() - x.float()).abs().flatten(1).mean(1)
+    changed = d > 0
+    return 1 - changed.float().mean().item(), d[changed].mean().item()
+
+
+N_STAT = 400
+
+
+def test_randaugment_statistics_match_timm():
+    """timm's rand-m9-mstd0.5-inc1 leaves ~1/4 of the images unchanged (2 ops at p=0.5);
+    torchvision's RandAugment (both ops always, ~2x stronger) would fail both checks."""
+    x = smooth_images(N_STAT, size=32, seed=1)
+    torch.manual_seed(0)
+    ours = BatchedAutoAugment("rand-m9-mstd0.5-inc1")(x)
+    random.seed(0)
+    np.random.seed(0)
+    ref_t = timm_aa.rand_augment_transform(
+        "rand-m9-mstd0.5-inc1",
+        dict(translate_const=int(32 * 0.45), img_mean=MEAN_FILL, interpolation=Image.Resampling.BICUBIC),
+    )
+    ref = torch.stack([from_pil(ref_t(to_pil(img))) for img in x])
+    (u_ours, d_ours), (u_ref, d_ref) = _stats(ours, x), _stats(ref, x)
+    sd = (2 * u_ref * (1 - u_ref) / N_STAT) ** 0.5
+    assert abs(u_ours - u_ref) < 4 * sd + 0.01, (u_ours, u_ref)
+    assert 0.15 < u_ref < 0.35  # the reference itself: 0.25 + ops without effect
+    assert abs(d_ours - d_ref) < 0.2 * d_ref, (d_ours, d_ref)
+
+
+def test_trivialaugment_statistics_match_torchvision():
+    x = smooth_images(N_STAT, size=32, seed=2)
+    torch.manual_seed(0)
+    ours = BatchedAutoAugment("ta_wide")(x)
+    torch.manual_seed(1)
+    ta = v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)
+    ref = torch.stack([ta(img) for img in x])
+    (u_ours, d_ours), (u_ref, d_ref) = _stats(ours, x), _stats(ref, x)
+    sd = (2 * max(u_ref, 0.05) * (1 - u_ref) / N_STAT) ** 0.5
+    assert abs(u_ours - u_ref) < 4 * sd + 0.01, (u_ours, u_ref)
+    assert abs(d_ours - d_ref) < 0.2 * d_ref, (d_ours, d_ref)
+
+
+def test_timm_sampler_draws_ops_probabilities_and_magnitudes_as_timm():
+    torch.manual_seed(0)
+    aug = BatchedAutoAugment("rand-m9-mstd0.5-inc1")
+    layers = aug.sample(20000, 32, 32)
+    assert len(layers) == 2
+    ops, arg = layers[0]
+    applied = ops != A.SKIP
+    assert abs(applied.float().mean().item() - 0.5) < 0.02  # each op with p=0.5
+    freq = torch.bincount(ops[applied], minlength=A.IDENTITY)[list(A.TIMM_INC_OPS)].float() / applied.sum()
+    assert (freq - 1 / 15).abs().max() < 0.015  # uniform over the 15 increasing ops
+    level = arg[ops == A.ROTATE].abs() / 30 * 10  # magnitude back from the angle
+    assert abs(level.mean().item() - 9.0) < 0.05 and abs(level.std().item() - 0.5) < 0.05
+    assert (arg[ops == A.ROTATE] < 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_batched_augment_is_per_sample_and_reproducible():
+    x = smooth_images(1).repeat(32, 1, 1, 1)
+    aug = BatchedAutoAugment("ta_wide")
+    torch.manual_seed(3)
+    a = aug(x)
+    torch.manual_seed(3)
+    b = aug(x)
+    assert torch.equal(a, b)
+    assert len({o.flatten()[:200].numpy().tobytes() for o in a}) > 8  # different ops per sample
+
+
+@pytest.mark.parametrize(
+    "name, msg",
+    [("autoaugment", "unknown auto_augment"), ("rand-m9-inc0", "increasing"), ("rand-m9-mstd101-inc1", "uniform")],
+)
+def test_bad_policy_names(name, msg):
+    with pytest.raises(ValueError, match=msg):
+        Policy.parse(name)
+
+
+def test_legacy_names_map_to_the_recipes_variants():
+    assert Policy.parse("randaugment", 7) == Policy.parse("rand-m7-mstd0.5-inc1")
+    assert Policy.parse("trivialaugment").kind == "ta_wide"
+    assert Policy.parse("rand-m9-mstd0.5-inc1") == Policy("timm_rand", 2, 9.0, 0.5, 0.5, "bicubic")
