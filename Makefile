@@ -75,8 +75,10 @@ test: setup $(STAMPS)/test-deps
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not ddp and not slurm" $(PYTEST_ARGS)
 
+# Every CPU benchmark table (augmentation, framework overhead, data- vs compute-bound, loader);
+# the GPU script is `$(PY) benchmarks/gpu.py` (benchmarks/README.md).
 bench: setup
-	$(PY) benchmarks/loader.py
+	$(VENV)/bin/zoo bench
 
 clean:
 	rm -rf $(STAMPS) runs .pytest_cache

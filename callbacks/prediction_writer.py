@@ -53,10 +53,12 @@ class PredictionWriter(BasePredictionWriter):
         self._probs, self._targets, self._batch_indices = [], [], []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        self._probs.append(prediction.detach().float().cpu())  # one host copy per batch
+        # copies: on the CPU .cpu() is a no-op, and ffcv's batches are views into buffers it reuses
+        self._probs.append(prediction.detach().to("cpu", torch.float32, copy=True))
         n = prediction.shape[0]
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        self._targets.append(target.detach().reshape(-1).long().cpu() if torch.is_tensor(target) else torch.full((n,), -1))
+        self._targets.append(target.detach().reshape(-1).to("cpu", torch.int64, copy=True) if torch.is_tensor(target)
+                             else torch.full((n,), -1))
         self._batch_indices.append(batch_indices)
 
     def _local_indices(self, trainer, n: int) -> np.ndarray:

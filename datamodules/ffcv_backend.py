@@ -88,11 +88,13 @@ class FFCVBackend(Backend):
     # ------------------------------------------------------------------ loaders
     def loader(self, split: str, *, train: bool, rank: int, world_size: int):
         from .ffcv_io import beton_info, label_pipeline, make_loader, train_image_pipeline, val_image_pipeline
+        from .samplers import ffcv_ra_order
 
         dm, hp = self.dm, self.dm.hparams
         path = dm.beton_path(split)
         if train:
-            image = train_image_pipeline(dm.train_resolution, hp.scale, hp.ratio, hp.flip)
+            image = train_image_pipeline(dm.train_resolution, hp.scale, hp.ratio, hp.flip, seed=dm.seed,
+                                         distinct_repeats=hp.ra_reps > 1)
         else:
             image = val_image_pipeline(dm.val_resolution, dm.val_crop)
         distributed = train and world_size > 1
@@ -104,7 +106,8 @@ class FFCVBackend(Backend):
         loader = make_loader(
             path, {"image": image, "label": label_pipeline()},
             batch_size=dm.per_device_batch_size, num_workers=max(1, hp.num_workers),
-            order=hp.order if train else "sequential", distributed=distributed, seed=hp.seed,
+            order=(ffcv_ra_order(hp.ra_reps) if hp.ra_reps > 1 else hp.order) if train else "sequential",
+            distributed=distributed, seed=dm.seed,
             drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,
             indices=indices,
         )

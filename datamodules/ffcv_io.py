@@ -296,17 +296,37 @@ def check_beton(path: str | os.PathLike, params: WriteParams | Mapping[str, Any]
 # --------------------------------------------------------------------------- pipelines
 
 
-def train_image_pipeline(res: int, scale: tuple[float, float], ratio: tuple[float, float], flip: float = 0.5) -> list:
-    """RandomResizedCrop decode -> flip -> uint8 NCHW tensor (normalisation happens on the device)."""
+def train_image_pipeline(
+    res: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip: float = 0.5,
+    seed: int | None = None,
+    distinct_repeats: bool = False,
+) -> list:
+    """RandomResizedCrop decode -> flip (probability ``flip``, 0: none) -> uint8 NCHW tensor.
+
+    With ``seed``, crops and flips are drawn from (seed, epoch, sample index) (datamodules/ffcv_ops.py),
+    so a run is reproducible whatever the thread scheduling; the epoch is set by :class:`ClosingLoader`.
+    None: ffcv's own ops (numba's per-thread, OS-seeded generators). Normalisation happens on the device.
+    """
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 
-    return [
-        RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio)),
-        RandomHorizontalFlip(flip_prob=flip),
-        ToTensor(),
-        ToTorchImage(),
-    ]
+    if not 0.0 <= flip <= 1.0:
+        raise DataError(f"flip={flip} is a probability: use 0..1 (0.5 is standard, 0 for data where a mirror changes the class)")
+    if seed is None:
+        ops: list = [RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio))]
+        if flip > 0:
+            ops.append(RandomHorizontalFlip(flip))
+    else:
+        from .ffcv_ops import EpochSeed, make_seeded_decoder, make_seeded_flip
+
+        epoch_seed = EpochSeed(seed)
+        ops = [make_seeded_decoder((res, res), scale, ratio, epoch_seed, distinct_repeats)]
+        if flip > 0:
+            ops.append(make_seeded_flip(flip, epoch_seed, distinct_repeats))
+    return ops + [ToTensor(), ToTorchImage()]
 
 
 def val_image_pipeline(res: int, crop_ratio: float) -> list:
@@ -385,8 +405,9 @@ class ClosingLoader:
     first ``next()``, and closing or dropping the generator stops it.
     """
 
-    def __init__(self, loader: Any):
+    def __init__(self, loader: Any, epoch_seeds: Sequence[Any] = ()):
         self.loader = loader
+        self.epoch_seeds = list(epoch_seeds)  # ffcv_ops.EpochSeed of the seeded ops, told each epoch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -395,6 +416,8 @@ class ClosingLoader:
         return self._epoch()
 
     def _epoch(self):
+        for s in self.epoch_seeds:
+            s.set_epoch(self.loader.next_epoch)  # the epoch ffcv's iter() is about to run
         it = iter(self.loader)
         try:
             yield from it
@@ -421,7 +444,7 @@ def make_loader(
     *,
     batch_size: int,
     num_workers: int,
-    order: OrderName = "random",
+    order: OrderName | Any = "random",
     distributed: bool = False,
     seed: int = 0,
     drop_last: bool = True,
@@ -450,14 +473,16 @@ def make_loader(
         ix = list(reader.handlers).index(name)
         if ops:
             assert_pipeline_safe(ops, reader.metadata[f"f{ix}"], name)
+    epoch_seeds = {id(op.epoch_seed): op.epoch_seed for ops in pipelines.values() for op in (ops or []) if hasattr(op, "epoch_seed")}
     return ClosingLoader(Loader(
         os.fspath(path), batch_size=batch_size, num_workers=num_workers,
-        order=getattr(OrderOption, _ORDERS[order]), distributed=distributed, seed=seed,
+        order=getattr(OrderOption, _ORDERS[order]) if isinstance(order, str) else order,  # or a TraversalOrder
+        distributed=distributed, seed=seed,
         # list copies: ffcv's PipelineSpec pops the decoder out of the list it is given
         pipelines={k: list(v) if v is not None else None for k, v in pipelines.items()},
         drop_last=drop_last, os_cache=os_cache, batches_ahead=batches_ahead,
         indices=None if indices is None else np.asarray(indices, dtype=np.int64),
-    ))
+    ), epoch_seeds=list(epoch_seeds.values()))
 
 
 def beton_info(path: str | os.PathLike) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 
 from . import synthetic
-from .backends import BACKENDS, Backend, eval_indices, get_backend
+from .backends import Backend, eval_indices, get_backend
 from .folder import DataError, SampleList, cache_dir_for
 from .layouts import Layout, detect
 from .ffcv_io import (
@@ -26,7 +26,7 @@ from .ffcv_io import (
     read_sidecar,
 )
 
-__all__ = ["DataError", "ImageNetDataModule", "count_classes", "is_photo_folder"]
+__all__ = ["DataError", "ImageNetDataModule", "count_classes"]
 
 DEFAULT_VAL_RES = 224  # He et al. 2016 / torchvision references: evaluate 224 px center crops
 DEFAULT_CROP_RATIO = 224 / 256  # resize to 256, center-crop 224 (He et al. 2016; ffcv-imagenet DEFAULT_CROP_RATIO)
@@ -53,14 +53,6 @@ def _classes_of(root: str | os.PathLike | None) -> list[str]:
         raise DataError(f"{root} holds images without class folders: only `zoo predict` reads such a folder "
                         "(with --model.weights); to train or validate use train/<class>/ and val/<class>/")
     return layout.classes
-
-
-def is_photo_folder(root: str | os.PathLike) -> bool:
-    """A folder of images without class folders (only `zoo predict` reads it)."""
-    try:
-        return detect(Path(root).expanduser()).kind == "flat"
-    except DataError:
-        return False
 
 
 def count_classes(root: str | None) -> int:
@@ -110,8 +102,12 @@ class ImageNetDataModule(L.LightningDataModule):
         order: ffcv train order; ``quasi_random`` reads page-wise for datasets larger than RAM
             (needs ``os_cache=False``, one process).
         batches_ahead: ffcv batches prepared in advance per loader (ffcv's default 3).
-        seed: seed of the sample order (ffcv) or shuffling (torchvision).
+        seed: seed of the sample order and of every sample's crop and flip (drawn from seed, epoch
+            and sample index, so runs repeat whatever the thread scheduling); None: the
+            ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
         progress: show a progress bar while writing .beton files.
+        ra_reps: repeated augmentation: each train image ``ra_reps`` times per epoch with different
+            crops (torchvision's RASampler, ``--ra-reps 4`` in its ResNet-50 v2 recipe); 1: off.
     """
 
     def __init__(
@@ -136,8 +132,9 @@ class ImageNetDataModule(L.LightningDataModule):
         os_cache: bool = True,  # ffcv's default (FFCV_DEFAULT_CACHE_PROCESS unset)
         order: str = "random",
         batches_ahead: int = 3,  # ffcv Loader default
-        seed: int = 0,
+        seed: int | None = None,
         progress: bool = True,
+        ra_reps: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -155,6 +152,8 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"flip={flip} must be a probability in [0, 1] (0 turns horizontal flips off)")
         if order not in ("random", "quasi_random"):
             raise DataError(f"order={order!r} is unknown: use 'random' or 'quasi_random'")
+        if ra_reps < 1:
+            raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
@@ -196,6 +195,13 @@ class ImageNetDataModule(L.LightningDataModule):
     def is_flat(self) -> bool:
         """A folder of images without classes (a user's photos): predict only."""
         return self.layout is not None and self.layout.kind == "flat"
+
+    @property
+    def seed(self) -> int:
+        """The seed of sample order, crops and flips."""
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning's seed_everything
 
     @property
     def classes(self) -> list[str]:

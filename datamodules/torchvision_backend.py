@@ -152,11 +152,12 @@ def make_dataloader(
     sampler: Sampler | None = None,
 ) -> DataLoader:
     """A torch DataLoader. Train: Lightning swaps in a DistributedSampler under DDP
-    (use_distributed_sampler); a given ``sampler`` that is a DistributedSampler is kept."""
+    (use_distributed_sampler), unless ``sampler`` is one (samplers.RASampler, or the unpadded
+    evaluation sampler), which it keeps."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else None,
+        shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),  # page-locked host memory for async host->device copies
@@ -224,11 +225,15 @@ class TorchvisionBackend(Backend):
         sampler = None
         if not train and world_size > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        if train and world_size == 1:
-            sampler = EpochSampler(len(dataset), hp.seed)
+        if train and hp.ra_reps > 1:
+            from .samplers import RASampler
+
+            sampler = RASampler(dataset, reps=hp.ra_reps, num_replicas=world_size, seed=dm.seed, rank=rank)
+        elif train and world_size == 1:
+            sampler = EpochSampler(len(dataset), dm.seed)
         return make_dataloader(
             dataset, batch_size=dm.per_device_batch_size, num_workers=hp.num_workers,
-            shuffle=train, drop_last=hp.drop_last if train else False, seed=hp.seed, sampler=sampler,
+            shuffle=train, drop_last=hp.drop_last if train else False, seed=dm.seed, sampler=sampler,
         )
 
     def set_train_resolution(self, res: int) -> None:

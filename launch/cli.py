@@ -28,7 +28,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonito
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.imagenet import DataError, ImageNetDataModule, count_classes, is_photo_folder
+from callbacks.fit_diagnosis import FitDiagnosis
+from datamodules.imagenet import DataError, ImageNetDataModule, count_classes
 from zoo.base import ImageClassifier
 from zoo.registry import UnknownModelError
 
@@ -211,19 +212,12 @@ def _resumed_run_dir(ckpt_path: Optional[str]) -> Optional[Path]:
     return None
 
 
-def _num_classes_or_placeholder(root: Optional[str], weights: Optional[str] = None, arch: Optional[str] = None) -> int:
+def _num_classes_or_placeholder(root: Optional[str]) -> int:
     # jsonargparse wraps a link's exception in a usage dump: a bad root gets its one-line
     # DataError from the DataModule instead, which validates the folder again.
     try:
         return count_classes(root)
     except DataError:
-        if weights and root and is_photo_folder(root):  # `zoo predict` on photos: the weights' classes
-            try:
-                from zoo import load
-
-                return int(load(arch, weights=weights).hparams.num_classes)
-            except Exception:  # the model reports a bad weights file itself, in one line
-                pass
         return 2  # the smallest a classifier takes; never trained: the DataModule raises
 
 
@@ -249,8 +243,7 @@ class ZooCLI(LightningCLI):
             help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
         )
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
-        parser.link_arguments(("data.root", "model.weights", "model.arch"), "model.num_classes",
-                              compute_fn=_num_classes_or_placeholder)
+        parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
 
     def after_instantiate_classes(self) -> None:
@@ -352,6 +345,8 @@ class ZooCLI(LightningCLI):
                         enable_version_counter=False,
                     ),
                 ]
+            if not any(isinstance(c, FitDiagnosis) for c in callbacks):
+                callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             from callbacks.prediction_writer import PredictionWriter
 
@@ -571,7 +566,12 @@ def _check_configs(argv: list[str]) -> list[str]:
 # stays fast. Add a command by adding one line here.
 PLAIN_COMMANDS: dict[str, str] = {
     "models": "launch.cli:list_models_main",
+    "bench": "launch.bench:main",
     "ensemble": "launch.ensemble:main",
+    "gradcheck": "launch.diagnose:gradcheck_main",
+    "init-stats": "launch.diagnose:init_stats_main",
+    "sweep": "launch.sweep:main",
+    "landscape": "launch.landscape:main",
 }
 
 

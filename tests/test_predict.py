@@ -124,11 +124,17 @@ def _predict_trainer(dm: ImageNetDataModule, out: Path, devices: int) -> None:
     [pytest.param("ffcv", marks=pytest.mark.skipif(importlib.util.find_spec("ffcv") is None, reason="no ffcv")), "torchvision"],
 )
 def test_ddp_predict_equals_one_process(tiny_imagenet, tmp_path, backend):
-    kw = dict(root=str(tiny_imagenet), backend=backend, batch_size=4, num_workers=1 if backend == "ffcv" else 0,
-              train_res=RES, val_res=RES, beton_dir=str(tmp_path / "betons"), progress=False)
+    # batch 2, batches_ahead 1: more batches than ffcv's ring of batches_ahead + 2 buffers, so a
+    # writer that kept views of ffcv's label buffers would see them overwritten
+    kw = dict(root=str(tiny_imagenet), backend=backend, batch_size=2, num_workers=1 if backend == "ffcv" else 0,
+              train_res=RES, val_res=RES, beton_dir=str(tmp_path / "betons"), progress=False, batches_ahead=1)
     _predict_trainer(ImageNetDataModule(**kw), tmp_path / "one", devices=1)
     _predict_trainer(ImageNetDataModule(**kw), tmp_path / "two", devices=2)  # 9 images: 5 + 4, no padding
     one, two = _read(tmp_path / "one/predictions.csv"), _read(tmp_path / "two/predictions.csv")
-    assert len(one) == 9 and two == one
-    assert np.array_equal(np.load(tmp_path / "one/probabilities.npy"), np.load(tmp_path / "two/probabilities.npy"))
+    assert len(one) == len(two) == 9
+    # other batch shapes round differently in the last float digits: same rows, same classes, close probabilities
+    keys = ["index", "path", "target", "class_1"]
+    assert [[r[k] for k in keys] for r in two] == [[r[k] for k in keys] for r in one]
+    assert [r["target"] for r in one] == ["ant"] * 3 + ["bee"] * 3 + ["cat"] * 3  # labels kept per row (ffcv reuses buffers)
+    assert np.allclose(np.load(tmp_path / "one/probabilities.npy"), np.load(tmp_path / "two/probabilities.npy"), atol=1e-5)
     assert not (tmp_path / "two/.predict-parts").exists()

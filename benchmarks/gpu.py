@@ -1,0 +1,265 @@
+"""The GPU path measured: loader vs on-device ceiling (ResNet-50), augmentation and EMA cost (ConvNeXt-T).
+
+    python benchmarks/gpu.py                 # on a GPU machine: ~5-8 min (JPEG generation, 2 compiles)
+    python benchmarks/gpu.py --smoke         # tiny CPU run of every code path (checks the script)
+
+1. ResNet-50, bf16-mixed, channels_last, torch.compile, batch ``--batch`` (256), 1 device, through
+   ``lightning.Trainer`` as `zoo fit` runs it (cudnn.benchmark on, as the recipes):
+   a. ceiling: uint8 batches already on the device (no loader, no transfer);
+   b. the real FFCV loader (ImageNetDataModule, ``--workers`` decoding threads) on ImageNet-like
+      JPEGs generated on the machine (~500x375, q90, written once under $ZOO_DATA_DIR).
+   Images/s of each (after warm-up steps that include the compile), their ratio, peak device
+   memory, and MFU (model FLOPs counted with torch.utils.flop_counter on the eager network,
+   forward + backward, against the device's dense bf16 peak from ``--peak-tflops`` or a table).
+2. ConvNeXt-T at 224 px, batch ``--convnext-batch`` (128 per GPU in the recipe): step time with
+   nothing, with the recipe's device augmentation (timm RandAugment, random erasing, mixup/cutmix),
+   and with augmentation + EMA (callbacks.ema.WeightEMA, every step); the augmentation's own time
+   per step (pre + post normalisation, synchronised) as a fraction of the step.
+
+Writes benchmarks/results/gpu.md (or gpu-smoke.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import machine_line, write_result  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets (without sparsity).
+PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, v in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return v
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
+    """``root/{train,val}/c<k>/*.JPEG``: ImageNet-like sizes and JPEG quality 90, smooth random content."""
+    from PIL import Image
+
+    marker = root / f".done-{n}"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    shapes = [(500, 375), (500, 333), (375, 500), (500, 400)]  # ImageNet's common (w, h)
+    classes = 10
+    for split, count in (("train", n), ("val", max(classes, n // 50))):
+        for i in range(count):
+            w, h = shapes[i % len(shapes)]
+            low = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3), dtype=np.uint8)
+            img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
+            d = root / split / f"c{i % classes}"
+            d.mkdir(parents=True, exist_ok=True)
+            img.save(d / f"{i}.JPEG", quality=90)
+    marker.touch()
+    return root
+
+
+class Clock:
+    """Lightning callback: images/s and mean step time from the ``warmup``-th step to the end."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        import lightning as L
+
+        clock = self
+
+        class _C(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == warmup and clock.t0 is None:
+                    sync(device)
+                    clock.t0 = time.perf_counter()
+                    clock.steps0 = trainer.global_step
+                if clock.t0 is not None:
+                    clock.images += batch[0].shape[0]
+
+            def on_train_end(self, trainer, pl_module):
+                sync(device)
+                clock.dt = time.perf_counter() - clock.t0
+                clock.steps = trainer.global_step - clock.steps0
+
+        self.callback = _C()
+        self.t0, self.images, self.dt, self.steps, self.steps0 = None, 0, 0.0, 0, 0
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.dt
+
+    @property
+    def step_ms(self) -> float:
+        return 1e3 * self.dt / max(self.steps, 1)
+
+
+def device_batches(n: int, batch: int, res: int, classes: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    return [(x, y)] * n  # the same tensors: no host work, no transfer
+
+
+def fit(model, data, *, steps: int, warmup: int, device: torch.device, precision: str, callbacks=()) -> Clock:
+    import lightning as L
+
+    clock = Clock(warmup, device)
+    trainer = L.Trainer(
+        max_steps=steps + warmup, accelerator=device.type, devices=1, precision=precision, benchmark=True,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock.callback, *callbacks],
+    )
+    if isinstance(data, list):
+        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    else:
+        trainer.fit(model, datamodule=data)
+    return clock
+
+
+def train_flops_per_image(arch: str, res: int, classes: int) -> float:
+    """Forward + backward FLOPs of one image (counted on the eager network, CPU, batch 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zoo.base import ImageClassifier
+
+    net = ImageClassifier(arch=arch, num_classes=classes).net
+    x = torch.randn(2, 3, res, res)
+    with FlopCounterMode(display=False) as counter:
+        net(x).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every path")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--res", type=int, default=176, help="ResNet-50 train resolution (recipes ramp 160 -> 192)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=15, help="steps before timing (includes torch.compile)")
+    ap.add_argument("--images", type=int, default=12800, help="generated train JPEGs")
+    ap.add_argument("--workers", type=int, default=None, help="FFCV threads (default: cores - 1)")
+    ap.add_argument("--convnext-batch", type=int, default=128)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device's dense bf16 peak, for MFU")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.res, args.steps, args.warmup, args.images, args.convnext_batch = 8, 32, 3, 1, 64, 4
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    compile_ = device.type == "cuda"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = args.workers or max(1, cores - 1)
+    load0 = os.getloadavg()[0]
+    from zoo.base import ImageClassifier
+
+    classes = 10
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def rn50():
+        return ImageClassifier(arch="resnet50", num_classes=classes, channels_last=True, compile=compile_,
+                               lr=0.1, lr_reference_batch=None, schedule="constant", label_smoothing=0.1)
+
+    # 1a. ceiling: batches already on the device
+    ceiling = fit(rn50(), device_batches(args.steps + args.warmup, args.batch, args.res, classes, device),
+                  steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    print(f"resnet50 ceiling: {ceiling.rate:.0f} img/s", flush=True)
+    # 1b. the real FFCV loader on generated JPEGs
+    from datamodules.folder import cache_root
+    from datamodules.imagenet import ImageNetDataModule
+
+    root = make_jpegs(cache_root() / f"gpu-bench-jpegs-{args.images}", args.images)
+    dm = ImageNetDataModule(root=str(root), backend="ffcv", batch_size=args.batch, num_workers=workers,
+                            train_res=args.res, val_res=args.res, progress=False)
+    real = fit(rn50(), dm, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+    print(f"resnet50 ffcv loader: {real.rate:.0f} img/s", flush=True)
+    flops = train_flops_per_image("resnet50", args.res, classes)
+    peak = peak_tflops(device, args.peak_tflops)
+    mfu = lambda rate: f"{100 * rate * flops / (peak * 1e12):.1f}%" if peak else "n/a"  # noqa: E731
+
+    # 2. ConvNeXt-T: plain, + device augmentation, + EMA
+    from callbacks.ema import WeightEMA
+
+    cres = 32 if args.smoke else 224
+    aug_kw = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
+
+    def cnx(aug: bool):
+        return ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
+                               optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
+                               label_smoothing=0.1, **(aug_kw if aug else {}))
+
+    cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
+    runs = {
+        "no augmentation, no EMA": fit(cnx(False), cdata, steps=args.steps, warmup=args.warmup, device=device, precision=precision),
+        "device augmentation": fit(cnx(True), cdata, steps=args.steps, warmup=args.warmup, device=device, precision=precision),
+        "device augmentation + EMA": fit(cnx(True), cdata, steps=args.steps, warmup=args.warmup, device=device,
+                                          precision=precision, callbacks=[WeightEMA(decay=0.9999)]),
+    }
+    # the augmentation alone, synchronised, on one batch
+    m = cnx(True).to(device)
+    x, y = cdata[0]
+    aug_ms = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        xx = m.preprocess(m.augment.pre_normalise(x))
+        m.augment.post_normalise(xx, y)
+        sync(device)
+        if i >= args.warmup:
+            aug_ms.append(1e3 * (time.perf_counter() - t0))
+    aug = statistics.median(aug_ms)
+    plain_step = runs["no augmentation, no EMA"].step_ms
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run: not a GPU figure)"
+    cmd = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        f"# GPU path: {dev_name}",
+        "",
+        machine_line(device, load0, f"{workers} FFCV threads, {args.steps} timed steps after {args.warmup} warm-up, precision {precision}, compile {compile_}"),
+        f"Command: `{cmd.strip()}`",
+        "",
+        f"## ResNet-50, batch {args.batch}, {args.res} px, channels_last, cudnn.benchmark",
+        "",
+        "| input | img/s | of ceiling | MFU |",
+        "| --- | ---: | ---: | ---: |",
+        f"| uint8 tensors already on the device (ceiling) | {ceiling.rate:.0f} | 1.00 | {mfu(ceiling.rate)} |",
+        f"| FFCV loader, {args.images} generated JPEGs (~500x375, q90) | {real.rate:.0f} | {real.rate / ceiling.rate:.2f} | {mfu(real.rate)} |",
+        "",
+        f"Peak device memory (ceiling run): {peak_mem:.1f} GiB. Training FLOPs per image at {args.res} px: "
+        f"{flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, fwd + bwd); peak {peak or 'unknown'} TFLOP/s bf16.",
+        "",
+        f"## ConvNeXt-T, batch {args.convnext_batch}, {cres} px (recipe: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0, EMA 0.9999)",
+        "",
+        "| configuration | step (ms) | img/s |",
+        "| --- | ---: | ---: |",
+        *[f"| {k} | {c.step_ms:.1f} | {c.rate:.0f} |" for k, c in runs.items()],
+        "",
+        f"Device augmentation alone (pre + post normalisation, synchronised): {aug:.2f} ms per batch = "
+        f"{100 * aug / plain_step:.1f}% of the plain step (goal <= 5%).",
+    ]
+    out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))
+    write_result(out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""`zoo bench`: run the benchmark scripts of benchmarks/ and print their tables.
+
+    zoo bench                      # augment, overhead (+ data-bound check), loader
+    zoo bench augment overhead     # a subset
+    zoo bench gpu                  # the GPU script (benchmarks/README.md)
+
+Each table is also written to benchmarks/results/<name>.md with its command and machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+BENCHES = ("augment", "overhead", "loader", "gpu")
+DEFAULT = ("augment", "overhead", "loader")
+
+
+def main(argv: list[str]) -> int:
+    names = [a for a in argv if not a.startswith("-")] or list(DEFAULT)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"error: unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "benchmarks").is_dir():
+        print("error: benchmarks/ is not next to launch/: run `zoo bench` from a source checkout", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo))
+    for name in names:
+        print(f"== benchmarks/{name}.py", flush=True)
+        rc = importlib.import_module(f"benchmarks.{name}").main([])
+        if isinstance(rc, int) and rc:  # loader.main returns its table
+            return rc
+    return 0

@@ -1,0 +1,163 @@
+"""`zoo gradcheck MODEL` and `zoo init-stats MODEL`: the model-level checks of zoo/diagnostics.py
+as commands, with a table on stdout, a CSV and (init-stats) a PNG plot.
+
+    zoo gradcheck mlp                       # small float64 instance, 3 entries per tensor
+    zoo gradcheck convnet --arch-args '{"widths": [4, 8], "skip": true}' --threshold 1e-4
+    zoo init-stats mlp --arch-args '{"depth": 6, "width": 256, "input_size": 32}'
+    zoo init-stats convnet --input-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from zoo import diagnostics
+from zoo.registry import UnknownModelError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="registry name (zoo models lists them)")
+    p.add_argument("--arch-args", default="{}", help="JSON architecture arguments, e.g. '{\"depth\": 4}'")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input-size", type=int, default=None, help="image side (fixed-input nets: their input_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default runs/<command>/<model>/<time>)")
+
+
+def _arch_args(text: str) -> dict:
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --arch-args is not JSON ({e.msg}); write e.g. '{{\"depth\": 4}}'")
+    if not isinstance(args, dict):
+        raise SystemExit("error: --arch-args must be a JSON object, e.g. '{\"depth\": 4}'")
+    return args
+
+
+def _out_dir(args, command: str) -> Path:
+    out = Path(args.out) if args.out else Path("runs") / command / args.model.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out.resolve()
+
+
+def _build(args, small: bool):
+    arch_args = _arch_args(args.arch_args)
+    if args.input_size is not None and args.model in diagnostics.SMALL_INPUT_SIZE:
+        arch_args["input_size"] = args.input_size
+    try:
+        if small:
+            net, shape = diagnostics.small_instance(args.model, num_classes=args.num_classes, **arch_args)
+        else:
+            from zoo.registry import create_network, get_data_config
+
+            net = create_network(args.model, num_classes=args.num_classes, **arch_args)
+            size = arch_args.get("input_size", get_data_config(args.model).input_size)
+            shape = (int(arch_args.get("in_chans", 3)), int(size), int(size))
+    except (UnknownModelError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: cannot build {args.model} with {arch_args}: {e}")
+    if args.input_size is not None and args.model not in diagnostics.SMALL_INPUT_SIZE:
+        shape = (shape[0], args.input_size, args.input_size)
+    return net, shape
+
+
+def gradcheck_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="zoo gradcheck", description="backprop vs central finite differences (float64)")
+    _common(p)
+    p.add_argument("--per-tensor", type=int, default=3, help="random entries checked per parameter tensor")
+    p.add_argument("--eps", type=float, default=1e-6, help="finite-difference step")
+    p.add_argument("--threshold", type=float, default=1e-4, help="largest relative error that passes (CS231n: 1e-4 with kinks)")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.manual_seed(args.seed)  # the instance's weights: the same table for the same seed
+    net, shape = _build(args, small=True)
+    print(f"gradcheck {args.model}: {sum(q.numel() for q in net.parameters()):,} parameters, input {shape}, float64, eval mode")
+    rows = diagnostics.gradcheck(
+        net, shape, args.num_classes, per_tensor=args.per_tensor, eps=args.eps, seed=args.seed,
+        progress=lambda xs: tqdm(xs, desc="finite differences", unit="entry", file=sys.stderr),
+    )
+    out = _out_dir(args, "gradcheck")
+    print(f"{'parameter':40s} {'index':14s} {'backprop':>13s} {'numeric':>13s} {'rel. error':>10s}")
+    bad = 0
+    with open(out / "gradcheck.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["parameter", "index", "backprop", "numeric", "rel_error", "abs_error", "pass"])
+        for r in rows:
+            ok = r.rel_error <= args.threshold
+            bad += not ok
+            print(f"{r.param:40s} {str(r.index):14s} {r.backprop:13.6e} {r.numeric:13.6e} {r.rel_error:10.2e}{'' if ok else '  FAIL'}")
+            w.writerow([r.param, r.index, r.backprop, r.numeric, r.rel_error, r.abs_error, ok])
+    worst = max(r.rel_error for r in rows)
+    print(f"max relative error {worst:.2e} over {len(rows)} entries (threshold {args.threshold:g})")
+    print(f"table: {out / 'gradcheck.csv'}")
+    if bad:
+        print(f"error: {bad} of {len(rows)} gradients differ from finite differences by more than {args.threshold:g}; "
+              "the backward of the failing parameters' layers is wrong", file=sys.stderr)
+        return 1
+    return 0
+
+
+NAIVE = {"N(0,1)": 1.0, "0.01*N(0,1)": 0.01}
+
+
+def init_stats_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="zoo init-stats", description="per-layer activation statistics at initialisation")
+    _common(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    results = {}
+    for scheme in tqdm(["default", *NAIVE], desc="init schemes", file=sys.stderr):
+        import torch
+
+        torch.manual_seed(args.seed)
+        net, shape = _build(args, small=False)
+        if scheme != "default":
+            diagnostics.naive_init_(net, NAIVE[scheme])
+        results[scheme] = diagnostics.init_stats(net, shape, batch_size=args.batch_size, seed=args.seed)
+    out = _out_dir(args, "init-stats")
+    layers = [s.layer for s in results["default"]]
+    print(f"init-stats {args.model}: input {shape}, batch {args.batch_size} of N(0,1); E[a^2] (mean, var) per layer")
+    print(f"{'layer':28s}" + "".join(f"{k:>30s}" for k in results))
+    with open(out / "init_stats.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", *[f"{k}_{c}" for k in results for c in ("mean", "var", "mean_square")]])
+        for i, name in enumerate(layers):
+            cells = [results[k][i] for k in results]
+            print(f"{name:28s}" + "".join(f"{c.mean_square:10.3g} ({c.mean:8.2g},{c.var:8.2g})" for c in cells))
+            w.writerow([name, *[v for c in cells for v in (c.mean, c.var, c.mean_square)]])
+    for k, stats in results.items():
+        print(f"{k:14s} largest departure of E[a^2] from 1: x{diagnostics.max_scale_drift(stats):.3g}")
+    png = out / "init_stats.png"
+    _plot(results, layers, png, args.model)
+    print(f"table: {out / 'init_stats.csv'}")
+    print(f"plot: {png}")
+    return 0
+
+
+def _plot(results: dict, layers: list[str], png: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 3), 4))
+    for k, stats in results.items():
+        ys = [min(max(s.mean_square, 1e-300), 1e300) for s in stats]
+        ax.plot(range(len(ys)), ys, marker="o", label=f"{k}" + (" (fan-in, zoo/init.py)" if k == "default" else ""))
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axhspan(0.5, 2.0, color="green", alpha=0.08, label="within x2 of the input")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("E[a^2] after the layer")
+    ax.set_title(f"{model}: activation scale at initialisation (N(0,1) input)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
