@@ -27,7 +27,7 @@ def _fit(root, beton_dir, seed: int) -> tuple[dict, torch.Tensor]:
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
     )
     trainer.fit(model, datamodule=dm)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "train/img_per_s"}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     return metrics, weights
 

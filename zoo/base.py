@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Literal, Optional, Sequence
 
 import lightning as L
@@ -199,8 +198,6 @@ class ImageClassifier(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         self._compiled = None
         self._global_batch: Optional[int] = None  # set in configure_optimizers
-        self._epoch_t0 = None
-        self._epoch_images = 0
 
     def load_pretrained(self, source, *, strict: bool = True):
         """Load ``source`` into ``self.net`` and adopt the preprocessing that travels with it.
@@ -333,7 +330,6 @@ class ImageClassifier(L.LightningModule):
         if targets.ndim == 1:  # hard labels: accuracy is meaningful
             self.train_acc1(logits.detach(), y)
             self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
-        self._epoch_images += x.shape[0]
         return loss
 
     # A diverged loss stays non-finite (its NaN/inf reaches the weights), so remembering it on the
@@ -435,18 +431,14 @@ class ImageClassifier(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self._eval_logits(x).softmax(dim=-1)
 
-    # ----------------------------------------------------------------- throughput
+    # Throughput (per device, global, MFU) is Lightning's ThroughputMonitor, added by the CLI
+    # (callbacks/dashboard.py): it times training steps only, not validation.
     def on_train_epoch_start(self) -> None:
         if self.hparams.freeze_backbone:
             self.train()
-        self._epoch_t0, self._epoch_images = time.perf_counter(), 0
 
     def on_train_epoch_end(self) -> None:
         self._check_finite()
-        if self._epoch_t0 is not None and self._epoch_images:
-            dt = time.perf_counter() - self._epoch_t0
-            # per process; the dashboard sums over ranks for the global figure
-            self.log("train/img_per_s", self._epoch_images / dt)
 
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> Optional[int]:
