@@ -682,7 +682,16 @@ class RedactedSaveConfig(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         from launch.safety import redact
 
-        path = Path(trainer.log_dir or ".") / self.config_filename
+        # Not trainer.log_dir: it broadcasts, and save_config runs on rank 0 only (a collective on
+        # one rank hangs DDP). On rank 0 this is the directory trainer.log_dir would broadcast.
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        if trainer.loggers:
+            first = trainer.loggers[0]
+            log_dir = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+        else:
+            log_dir = trainer.default_root_dir
+        path = Path(log_dir or ".") / self.config_filename
         if path.is_file():
             text = path.read_text()
             if redact(text) != text:
