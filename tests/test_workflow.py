@@ -332,7 +332,7 @@ def test_landscape_of_a_trained_model_is_lowest_near_the_origin(tiny_imagenet, t
     ckpt = next((tmp_path / "ls").glob("*/checkpoints/last.ckpt"))
     capsys.readouterr()
     assert main(["landscape", str(ckpt), "--data.root", str(tiny_imagenet), "--res", "32", "--images", "18",
-                 "--steps", "7", "--grid", "3", "--span", "1.0", "--no-wandb"]) == 0
+                 "--steps", "7", "--grid", "3", "--span", "2.0", "--no-wandb"]) == 0
     out = capsys.readouterr().out
     land = ckpt.parent.parent / "landscape"
     assert f"plots: {land / 'landscape_1d.png'} {land / 'landscape_2d.png'}" in out
