@@ -161,8 +161,8 @@ def _wait(pred, timeout: float, what: str, poll: float = 1.0):
     strict=False,
     reason="known bug, issue #8 open: Lightning 2.6 saves the hpc checkpoint inside the SIGUSR1 handler, "
     "with collectives (a barrier), on each rank wherever the signal lands; when one rank is inside a "
-    "gradient all-reduce the ranks deadlock and the job is never requeued (2 of 4 runs on the loaded CI "
-    "machine). Fix: set a flag in the handler and save + requeue at a batch boundary agreed by all ranks.",
+    "gradient all-reduce the ranks deadlock and the job is never requeued (1 of 2 runs on the loaded CI machine, after BNBufferSync "
+    "stopped saving through a collective). Fix: set a flag in the handler and save + requeue at a batch boundary agreed by all ranks.",
 )
 def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     """SIGUSR1 to a running 2-task train.sbatch job: Lightning saves an hpc checkpoint and requeues;
