@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,10 @@ def test_resume_continues_run_dir_last_ckpt_and_wandb_run(tiny_imagenet, tmp_pat
 
     wid = (run_dir / cli.WANDB_ID_FILE).read_text().strip()
     parts = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and all(p.name.endswith(f"-{wid}") for p in parts), parts
+    # wandb names a folder offline-run-<second>-<id>, with "-1" appended when a second part
+    # starts within the same second (seen on an idle machine)
+    same_id = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(wid)}(-\d+)?")
+    assert len(parts) == 2 and all(same_id.fullmatch(p.name) for p in parts), parts
     steps = []
     for part in parts:
         (run_file,) = part.glob("run-*.wandb")
@@ -234,7 +238,8 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     g = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
     wid = (run_dir / cli.WANDB_ID_FILE).read_text().strip()
     parts = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert [p.name.endswith(f"-{wid}") for p in parts] == [True, True], parts
+    same_id = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(wid)}(-\d+)?")  # "-1": same second
+    assert [bool(same_id.fullmatch(p.name)) for p in parts] == [True, True], parts
     steps = []
     for part in parts:
         (run_file,) = part.glob("run-*.wandb")
