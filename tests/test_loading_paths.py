@@ -15,7 +15,6 @@ default where nothing travels with the weights).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_weights import randomize  # random values in every float tensor, BN statistics too
 from zoo import registry
 from zoo.registry import DataConfig
 
@@ -34,22 +34,6 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(123))
 # preprocessing unlike any architecture's default: a path that drops it cannot pass
 CUSTOM_DC = DataConfig(input_size=48, crop_pct=0.95, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
 CONVNET_ARGS = {"widths": [8, 16]}
-
-
-def randomize(net: nn.Module, seed: int) -> nn.Module:
-    """Random values in every float tensor (BN statistics too): a misplaced key changes the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in net.state_dict().items():
-            if not v.dtype.is_floating_point:
-                continue
-            if k.endswith("running_var"):
-                v.copy_(torch.rand(v.shape, generator=g) + 0.5)
-            elif v.ndim > 1:
-                v.copy_(torch.randn(v.shape, generator=g) / math.sqrt(v[0].numel()))
-            else:
-                v.copy_(0.2 * torch.randn(v.shape, generator=g) + (1.0 if k.endswith("weight") else 0.0))
-    return net.eval()
 
 
 def logits_of(net: nn.Module) -> torch.Tensor:
