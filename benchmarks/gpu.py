@@ -50,29 +50,57 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("lightning", "timm", "ffcv", "numba", "numpy"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            import importlib
+
+            out.append(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    return ", ".join(out)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
-    """``root/{train,val}/c<k>/*.JPEG``: ImageNet-like sizes and JPEG quality 90, smooth random content."""
+def _write_jpegs(job: tuple[str, str, int, int, int]) -> None:
     from PIL import Image
+
+    root, split, start, stop, seed = job
+    shapes = [(500, 375), (500, 333), (375, 500), (500, 400)]  # ImageNet's common (w, h)
+    classes = 10
+    for i in range(start, stop):
+        rng = np.random.default_rng([seed, split == "val", i])  # one stream per image: any chunking, same files
+        w, h = shapes[i % len(shapes)]
+        low = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
+        d = Path(root) / split / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{i}.JPEG", quality=90)
+
+
+def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
+    """``root/{train,val}/c<k>/*.JPEG``: ImageNet-like sizes and JPEG quality 90, smooth random content.
+
+    Written once (a marker file says so), by all cores: 12,800 images take ~1 min on one core.
+    """
+    from multiprocessing import get_context
 
     marker = root / f".done-{n}"
     if marker.exists():
         return root
-    rng = np.random.default_rng(seed)
-    shapes = [(500, 375), (500, 333), (375, 500), (500, 400)]  # ImageNet's common (w, h)
-    classes = 10
-    for split, count in (("train", n), ("val", max(classes, n // 50))):
-        for i in range(count):
-            w, h = shapes[i % len(shapes)]
-            low = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3), dtype=np.uint8)
-            img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
-            d = root / split / f"c{i % classes}"
-            d.mkdir(parents=True, exist_ok=True)
-            img.save(d / f"{i}.JPEG", quality=90)
+    chunk = 256
+    jobs = [(str(root), split, a, min(a + chunk, count), seed)
+            for split, count in (("train", n), ("val", max(10, n // 50))) for a in range(0, count, chunk)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with get_context("spawn").Pool(max(1, cores)) as pool:
+        pool.map(_write_jpegs, jobs)
     marker.touch()
     return root
 
@@ -134,6 +162,65 @@ def fit(model, data, *, steps: int, warmup: int, device: torch.device, precision
     return clock
 
 
+def sync_audit(model, data, *, steps: int, warmup: int, device: torch.device, precision: str, callbacks=()):
+    """Host-device synchronisations per training step, by source line (CUDA only).
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA call warn; each
+    warning is attributed to the innermost frame of this repository (else of Lightning, else
+    torch) on the call stack, so the table says which line of the hot path waits for the GPU.
+    """
+    import collections
+    import traceback
+    import warnings
+
+    import lightning as L
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    counts: collections.Counter = collections.Counter()
+
+    def where() -> str:
+        frames = [f for f in traceback.extract_stack()[:-3] if "warnings" not in f.filename]
+        for pred in (lambda f: f.filename.startswith(repo) and "/benchmarks/" not in f.filename and "/.gpu/" not in f.filename,
+                     lambda f: "/lightning/" in f.filename, lambda f: True):
+            hit = [f for f in frames if pred(f)]
+            if hit:
+                f = hit[-1]
+                name = f.filename[len(repo) + 1:] if f.filename.startswith(repo) else "/".join(Path(f.filename).parts[-3:])
+                return f"{name}:{f.lineno} ({f.line.strip()[:60] if f.line else '?'})"
+        return "?"
+
+    class _Audit(L.Callback):
+        def __init__(self):
+            self.on = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == warmup and not self.on:
+                self.on = True
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.set_sync_debug_mode(0)
+
+    old = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            counts[where()] += 1
+        else:
+            old(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        try:
+            fit(model, data, steps=steps, warmup=warmup, device=device, precision=precision,
+                callbacks=[_Audit(), *callbacks])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = old
+    return counts
+
+
 def train_flops_per_image(arch: str, res: int, classes: int) -> float:
     """Forward + backward FLOPs of one image (counted on the eager network, CPU, batch 2)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -187,11 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     from datamodules.folder import cache_root
     from datamodules.imagenet import ImageNetDataModule
 
+    t = time.perf_counter()
     root = make_jpegs(cache_root() / f"gpu-bench-jpegs-{args.images}", args.images)
+    print(f"JPEGs ready in {time.perf_counter() - t:.0f} s", flush=True)
     dm = ImageNetDataModule(root=str(root), backend="ffcv", batch_size=args.batch, num_workers=workers,
                             train_res=args.res, val_res=args.res, progress=False)
+    t = time.perf_counter()
     real = fit(rn50(), dm, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
-    print(f"resnet50 ffcv loader: {real.rate:.0f} img/s", flush=True)
+    print(f"resnet50 ffcv loader: {real.rate:.0f} img/s (fit incl. .beton write and compile: "
+          f"{time.perf_counter() - t:.0f} s)", flush=True)
     flops = train_flops_per_image("resnet50", args.res, classes)
     peak = peak_tflops(device, args.peak_tflops)
     mfu = lambda rate: f"{100 * rate * flops / (peak * 1e12):.1f}%" if peak else "n/a"  # noqa: E731
@@ -208,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
                                label_smoothing=0.1, **(aug_kw if aug else {}))
 
     cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
+    t = time.perf_counter()
     runs = {
         "no augmentation, no EMA": fit(cnx(False), cdata, steps=args.steps, warmup=args.warmup, device=device, precision=precision),
         "device augmentation": fit(cnx(True), cdata, steps=args.steps, warmup=args.warmup, device=device, precision=precision),
         "device augmentation + EMA": fit(cnx(True), cdata, steps=args.steps, warmup=args.warmup, device=device,
                                           precision=precision, callbacks=[WeightEMA(decay=0.9999)]),
     }
+    print(f"convnext runs: {', '.join(f'{k} {c.step_ms:.1f} ms' for k, c in runs.items())} "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
     # the augmentation alone, synchronised, on one batch
     m = cnx(True).to(device)
     x, y = cdata[0]
@@ -229,12 +323,31 @@ def main(argv: list[str] | None = None) -> int:
     aug = statistics.median(aug_ms)
     plain_step = runs["no augmentation, no EMA"].step_ms
 
+    # 3. host-device syncs per step, eager (no compile), the recipe's full hot path
+    syncs_lines = []
+    if device.type == "cuda":
+        audit_steps = 5
+        eager = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=False,
+                                optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
+                                label_smoothing=0.1, **aug_kw)
+        try:
+            counts = sync_audit(eager, cdata[: audit_steps + 2], steps=audit_steps, warmup=2, device=device,
+                                precision=precision, callbacks=[WeightEMA(decay=0.9999)])
+            total = sum(counts.values())
+            syncs_lines = [f"## Host-device synchronisations per training step (ConvNeXt-T eager, augmentation + EMA, "
+                           f"{audit_steps} steps, torch.cuda.set_sync_debug_mode)", "",
+                           f"{total / audit_steps:.1f} per step in all.", "", "| where | per step |", "| --- | ---: |",
+                           *[f"| `{k}` | {v / audit_steps:.1f} |" for k, v in counts.most_common(15)], ""]
+        except Exception as e:  # the audit is informative: never lose the tables above to it
+            syncs_lines = [f"Sync audit failed: {type(e).__name__}: {e}", ""]
+        print("\n".join(syncs_lines), flush=True)
+
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run: not a GPU figure)"
     cmd = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"# GPU path: {dev_name}",
         "",
-        machine_line(device, load0, f"{workers} FFCV threads, {args.steps} timed steps after {args.warmup} warm-up, precision {precision}, compile {compile_}"),
+        machine_line(device, load0, f"{cores} CPU cores; {versions()}; {workers} FFCV threads, {args.steps} timed steps after {args.warmup} warm-up, precision {precision}, compile {compile_}"),
         f"Command: `{cmd.strip()}`",
         "",
         f"## ResNet-50, batch {args.batch}, {args.res} px, channels_last, cudnn.benchmark",
@@ -255,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Device augmentation alone (pre + post normalisation, synchronised): {aug:.2f} ms per batch = "
         f"{100 * aug / plain_step:.1f}% of the plain step (goal <= 5%).",
+        "",
+        *syncs_lines,
     ]
     out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))
     write_result(out, lines)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.test_base import TinyData, model, trainer
+from zoo.base import ImageClassifier
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,3 +26,48 @@ def test_compile_on_gpu_keeps_state_dict_keys():
     m = model(compile=True)
     trainer(accelerator="gpu", devices=1, max_steps=2, limit_val_batches=0).fit(m, datamodule=TinyData())
     assert not any("_orig_mod" in k for k in m.state_dict())
+
+
+def test_ffcv_fit_with_ema_and_bn_check_on_gpu(tiny_imagenet, tmp_path, monkeypatch):
+    """The FFCV loader, the weight EMA and the BN-statistics check (with recalibration) on a CUDA device."""
+    from callbacks.bn_stats import BNStatsCheck
+    from callbacks.ema import WeightEMA
+    from datamodules.imagenet import ImageNetDataModule
+
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
+    dm = ImageNetDataModule(root=str(tiny_imagenet), backend="ffcv", batch_size=4, num_workers=1,
+                            train_res=32, val_res=32, progress=False)
+    m = ImageClassifier(arch="convnet", num_classes=3, channels_last=True)
+    check = BNStatsCheck(num_samples=8, val_samples=8, action="recalibrate")
+    t = trainer(accelerator="gpu", devices=1, max_epochs=2, precision="bf16-mixed", default_root_dir=str(tmp_path),
+                callbacks=[WeightEMA(decay=0.9), check])
+    t.fit(m, datamodule=dm)
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    assert check.last_summary, "the BN check did not run"
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in check.last_summary.values())
+    assert next(m.parameters()).device.type == "cuda"
+
+
+def test_cli_fit_on_gpu(tiny_imagenet, tmp_path, monkeypatch):
+    """`zoo fit` with the demo recipe and the FFCV backend on one GPU, end to end."""
+    from launch.cli import main
+    from tests.test_cli import REPO, tiny_data
+
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "cache"))
+    rc = main(["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet, "ffcv"),
+               "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+               "--trainer.num_nodes", "1", "--trainer.max_epochs", "1",
+               "--run.root", str(tmp_path), "--run.logger", "csv"])
+    assert rc == 0
+
+
+def test_batched_auto_augment_on_gpu():
+    """RandAugment/TrivialAugment keep a uint8 batch on the device, and change most images."""
+    from zoo.augment import DeviceAugment
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    for policy in ("rand-m9-mstd0.5-inc1", "ta_wide"):
+        out = DeviceAugment(num_classes=4, auto_augment=policy).pre_normalise(x)
+        assert out.device.type == "cuda" and out.dtype == torch.uint8 and out.shape == x.shape
+        changed = (out != x).flatten(1).any(1).float().mean().item()
+        assert changed > 0.3, f"{policy}: only {changed:.0%} of images changed"
