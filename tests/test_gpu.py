@@ -1,5 +1,6 @@
 """On a CUDA device: the uint8 batch is normalised on the device, channels_last, AMP, compile."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -12,12 +13,23 @@ pytestmark = [
 ]
 
 
+class DevicesSeen(L.Callback):
+    """The devices of the module's parameters and buffers during training."""
+
+    def __init__(self):
+        self.devices = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.devices |= {t.device.type for t in (*pl_module.parameters(), *pl_module.buffers())}
+
+
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_fit_on_gpu_channels_last_amp(precision):
     m = model(channels_last=True)
-    t = trainer(accelerator="gpu", devices=1, max_steps=2, limit_val_batches=1, precision=precision)
+    seen = DevicesSeen()
+    t = trainer(accelerator="gpu", devices=1, max_steps=2, limit_val_batches=1, precision=precision, callbacks=[seen])
     t.fit(m, datamodule=TinyData())
-    assert m.pixel_mean.device.type == "cuda"
+    assert seen.devices == {"cuda"}  # Lightning moves the module back to the CPU at teardown
     assert torch.isfinite(t.callback_metrics["train/loss"])
 
 
@@ -38,14 +50,14 @@ def test_ffcv_fit_with_ema_and_bn_check_on_gpu(tiny_imagenet, tmp_path, monkeypa
     dm = ImageNetDataModule(root=str(tiny_imagenet), backend="ffcv", batch_size=4, num_workers=1,
                             train_res=32, val_res=32, progress=False)
     m = ImageClassifier(arch="convnet", num_classes=3, channels_last=True)
-    check = BNStatsCheck(num_samples=8, val_samples=8, action="recalibrate")
+    check, seen = BNStatsCheck(num_samples=8, val_samples=8, action="recalibrate"), DevicesSeen()
     t = trainer(accelerator="gpu", devices=1, max_epochs=2, precision="bf16-mixed", default_root_dir=str(tmp_path),
-                callbacks=[WeightEMA(decay=0.9), check])
+                callbacks=[WeightEMA(decay=0.9), check, seen])
     t.fit(m, datamodule=dm)
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert check.last_summary, "the BN check did not run"
     assert all(torch.isfinite(torch.as_tensor(v)) for v in check.last_summary.values())
-    assert next(m.parameters()).device.type == "cuda"
+    assert seen.devices == {"cuda"}
 
 
 def test_cli_fit_on_gpu(tiny_imagenet, tmp_path, monkeypatch):

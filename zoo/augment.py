@@ -133,6 +133,7 @@ class BatchedAutoAugment(nn.Module):
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ValueError(f"augment interpolation {self.interpolation!r}: use bilinear, bicubic or nearest")
         self.register_buffer("fill", torch.tensor([float(v) for v in fill]).view(1, 3, 1, 1), persistent=False)
+        self.fill_is_zero = not any(fill)  # a Python bool: testing the buffer would wait for the device
         self.last_params: dict | None = None  # the last draw, for tests and diagnostics
 
     # ------------------------------------------------------------------ sampling (CPU)
@@ -274,9 +275,9 @@ class BatchedAutoAugment(nn.Module):
         """
         n, _, h, w = x.shape
         grid = F.affine_grid(theta.to(x.dtype), [n, 1, h, w], align_corners=False)
-        if not self.fill.any():  # torchvision's fill 0: nothing to shift
+        if self.fill_is_zero:  # torchvision's fill 0: nothing to shift
             return F.grid_sample(x, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
-        fill = self.fill.to(x.dtype)
+        fill = self.fill.to(x.device, x.dtype)  # also when the augmentation was not moved with a model
         out = F.grid_sample(x - fill, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
         return out.add_(fill)
 
