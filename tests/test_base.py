@@ -146,6 +146,43 @@ def test_freeze_backbone_trains_only_the_head_and_keeps_bn_stats():
 
 
 # ----------------------------------------------------------------------------- loss guard
+@pytest.mark.parametrize("rate", [1, 3])
+def test_loss_is_read_only_when_the_progress_bar_redraws(rate):
+    """Lightning turns progress-bar metrics into Python numbers (a host-device sync) at each batch end:
+    the loss is not one of them; the bar reads it when it redraws (every ``rate`` batches and the last)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    pbar_metrics, shown = [], []
+
+    class Bar(TQDMProgressBar):
+        def init_train_tqdm(self):
+            tq = super().init_train_tqdm()
+            set_postfix = tq.set_postfix
+
+            def spy(ordered_dict=None, refresh=True, **kw):
+                shown.append(dict(ordered_dict or {}, **kw))
+                return set_postfix(ordered_dict, refresh, **kw)
+
+            tq.set_postfix = spy
+            return tq
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pbar_metrics.append(dict(trainer.progress_bar_metrics))
+
+    bar = Bar(refresh_rate=rate)
+    real = bar.get_metrics
+
+    t = trainer(max_epochs=1, limit_val_batches=0, enable_progress_bar=True, callbacks=[Spy(), bar])
+    m = model()
+    t.fit(m, datamodule=TinyData())
+    assert all(not any("loss" in k for k in d) for d in pbar_metrics), pbar_metrics  # nothing converted per step
+    assert bar.get_metrics is not real  # the bar reads the loss itself
+    # 4 batches: a redraw every `rate` batches, at the last one, and at the epoch's end, each with the loss
+    assert len(shown) == {1: 5, 3: 3}[rate] and all("loss" in d for d in shown), shown
+    assert "loss" not in bar.get_metrics(t, m)  # fit is over: no stale training loss in an evaluation bar
+
+
 def test_nonfinite_loss_names_the_fix():
     m = model(lr=1e30, lr_reference_batch=None, schedule="constant")
     with pytest.raises(FloatingPointError, match="lower the learning rate"):

@@ -320,17 +320,43 @@ class ImageClassifier(L.LightningModule):
         return self
 
     # ----------------------------------------------------------------- steps
+    def on_fit_start(self) -> None:
+        self._show_loss_in_bar()
+
     def training_step(self, batch, batch_idx: int):
         x, y = batch
         x, targets = self.augment.post_normalise(x, y)
         logits = self(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         self._check_finite(loss, batch_idx, x)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, sync_dist=False)  # not prog_bar: see _show_loss_in_bar
+        self._bar_loss = loss.detach()
         if targets.ndim == 1:  # hard labels: accuracy is meaningful
             self.train_acc1(logits.detach(), y)
             self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
         return loss
+
+    def _show_loss_in_bar(self) -> None:
+        """Put the training loss in the progress bar when the bar redraws, not at every step.
+
+        A metric logged with ``prog_bar=True`` is turned into a Python number by Lightning at
+        every batch end: a host-device sync per step, even with the bar off (benchmarks/gpu.py's
+        sync audit found it). The bar's own ``get_metrics`` runs only when it redraws (every
+        ``refresh_rate`` batches), so the loss is read there.
+        """
+        bar = self.trainer.progress_bar_callback
+        if bar is None or getattr(bar, "_zoo_shows_loss", False):
+            return
+        get_metrics = bar.get_metrics
+
+        def with_loss(trainer, pl_module):
+            items = get_metrics(trainer, pl_module)
+            loss = getattr(pl_module, "_bar_loss", None)
+            if loss is not None and trainer.training:
+                items["loss"] = f"{float(loss):.3f}"
+            return items
+
+        bar.get_metrics, bar._zoo_shows_loss = with_loss, True
 
     # A diverged loss stays non-finite (its NaN/inf reaches the weights), so remembering it on the
     # device and reading the flag every FINITE_CHECK_EVERY steps stops the run within that many
