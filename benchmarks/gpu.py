@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convnext-batch", type=int, default=128)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device's dense bf16 peak, for MFU")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-resnet50", action="store_true", help="only the ConvNeXt-T part and the sync audit")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch, args.res, args.steps, args.warmup, args.images, args.convnext_batch = 8, 32, 3, 1, 64, 4
@@ -265,27 +266,42 @@ def main(argv: list[str] | None = None) -> int:
         return ImageClassifier(arch="resnet50", num_classes=classes, channels_last=True, compile=compile_,
                                lr=0.1, lr_reference_batch=None, schedule="constant", label_smoothing=0.1)
 
-    # 1a. ceiling: batches already on the device
-    ceiling = fit(rn50(), device_batches(args.steps + args.warmup, args.batch, args.res, classes, device),
-                  steps=args.steps, warmup=args.warmup, device=device, precision=precision)
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    print(f"resnet50 ceiling: {ceiling.rate:.0f} img/s", flush=True)
-    # 1b. the real FFCV loader on generated JPEGs
-    from datamodules.folder import cache_root
-    from datamodules.imagenet import ImageNetDataModule
+    rn50_lines: list[str] = []
+    if not args.skip_resnet50:
+        # 1a. ceiling: batches already on the device
+        ceiling = fit(rn50(), device_batches(args.steps + args.warmup, args.batch, args.res, classes, device),
+                      steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        print(f"resnet50 ceiling: {ceiling.rate:.0f} img/s", flush=True)
+        # 1b. the real FFCV loader on generated JPEGs
+        from datamodules.folder import cache_root
+        from datamodules.imagenet import ImageNetDataModule
 
-    t = time.perf_counter()
-    root = make_jpegs(cache_root() / f"gpu-bench-jpegs-{args.images}", args.images)
-    print(f"JPEGs ready in {time.perf_counter() - t:.0f} s", flush=True)
-    dm = ImageNetDataModule(root=str(root), backend="ffcv", batch_size=args.batch, num_workers=workers,
-                            train_res=args.res, val_res=args.res, progress=False)
-    t = time.perf_counter()
-    real = fit(rn50(), dm, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
-    print(f"resnet50 ffcv loader: {real.rate:.0f} img/s (fit incl. .beton write and compile: "
-          f"{time.perf_counter() - t:.0f} s)", flush=True)
-    flops = train_flops_per_image("resnet50", args.res, classes)
-    peak = peak_tflops(device, args.peak_tflops)
-    mfu = lambda rate: f"{100 * rate * flops / (peak * 1e12):.1f}%" if peak else "n/a"  # noqa: E731
+        t = time.perf_counter()
+        root = make_jpegs(cache_root() / f"gpu-bench-jpegs-{args.images}", args.images)
+        print(f"JPEGs ready in {time.perf_counter() - t:.0f} s", flush=True)
+        dm = ImageNetDataModule(root=str(root), backend="ffcv", batch_size=args.batch, num_workers=workers,
+                                train_res=args.res, val_res=args.res, progress=False)
+        t = time.perf_counter()
+        real = fit(rn50(), dm, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+        print(f"resnet50 ffcv loader: {real.rate:.0f} img/s (fit incl. .beton write and compile: "
+              f"{time.perf_counter() - t:.0f} s)", flush=True)
+        flops = train_flops_per_image("resnet50", args.res, classes)
+        peak = peak_tflops(device, args.peak_tflops)
+        mfu = lambda rate: f"{100 * rate * flops / (peak * 1e12):.1f}%" if peak else "n/a"  # noqa: E731
+
+        rn50_lines = [
+            f"## ResNet-50, batch {args.batch}, {args.res} px, channels_last, cudnn.benchmark",
+            "",
+            "| input | img/s | of ceiling | MFU |",
+            "| --- | ---: | ---: | ---: |",
+            f"| uint8 tensors already on the device (ceiling) | {ceiling.rate:.0f} | 1.00 | {mfu(ceiling.rate)} |",
+            f"| FFCV loader, {args.images} generated JPEGs (~500x375, q90) | {real.rate:.0f} | {real.rate / ceiling.rate:.2f} | {mfu(real.rate)} |",
+            "",
+            f"Peak device memory (ceiling run): {peak_mem:.1f} GiB. Training FLOPs per image at {args.res} px: "
+            f"{flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, fwd + bwd); peak {peak or 'unknown'} TFLOP/s bf16.",
+            "",
+        ]
 
     # 2. ConvNeXt-T: plain, + device augmentation, + EMA
     from callbacks.ema import WeightEMA
@@ -350,16 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         machine_line(device, load0, f"{cores} CPU cores; {versions()}; {workers} FFCV threads, {args.steps} timed steps after {args.warmup} warm-up, precision {precision}, compile {compile_}"),
         f"Command: `{cmd.strip()}`",
         "",
-        f"## ResNet-50, batch {args.batch}, {args.res} px, channels_last, cudnn.benchmark",
-        "",
-        "| input | img/s | of ceiling | MFU |",
-        "| --- | ---: | ---: | ---: |",
-        f"| uint8 tensors already on the device (ceiling) | {ceiling.rate:.0f} | 1.00 | {mfu(ceiling.rate)} |",
-        f"| FFCV loader, {args.images} generated JPEGs (~500x375, q90) | {real.rate:.0f} | {real.rate / ceiling.rate:.2f} | {mfu(real.rate)} |",
-        "",
-        f"Peak device memory (ceiling run): {peak_mem:.1f} GiB. Training FLOPs per image at {args.res} px: "
-        f"{flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, fwd + bwd); peak {peak or 'unknown'} TFLOP/s bf16.",
-        "",
+        *rn50_lines,
         f"## ConvNeXt-T, batch {args.convnext_batch}, {cres} px (recipe: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0, EMA 0.9999)",
         "",
         "| configuration | step (ms) | img/s |",
