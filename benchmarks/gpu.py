@@ -337,6 +337,26 @@ def main(argv: list[str] | None = None) -> int:
         if i >= args.warmup:
             aug_ms.append(1e3 * (time.perf_counter() - t0))
     aug = statistics.median(aug_ms)
+    prof_line = ""
+    if device.type == "cuda":  # launch-bound or compute-bound: kernels and GPU-busy time per call
+        try:
+            from torch.autograd import DeviceType
+            from torch.profiler import ProfilerActivity, profile
+
+            calls = 5
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    xx = m.preprocess(m.augment.pre_normalise(x))
+                    m.augment.post_normalise(xx, y)
+                sync(device)
+            ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in ev) / 1e3 / calls
+            prof_line = (f"Profiled ({calls} calls): {len(ev) / calls:.0f} GPU kernels/copies per call, "
+                         f"{busy:.2f} ms of GPU time per call vs {aug:.2f} ms wall: "
+                         f"{'launch/host-bound' if busy < aug / 2 else 'GPU-bound'}.")
+        except Exception as e:  # informative only
+            prof_line = f"Profile failed: {type(e).__name__}: {e}"
+        print(prof_line, flush=True)
     plain_step = runs["no augmentation, no EMA"].step_ms
 
     # 3. host-device syncs per step, eager (no compile), the recipe's full hot path
@@ -375,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Device augmentation alone (pre + post normalisation, synchronised): {aug:.2f} ms per batch = "
         f"{100 * aug / plain_step:.1f}% of the plain step (goal <= 5%).",
+        "",
+        prof_line,
         "",
         *syncs_lines,
     ]

@@ -83,3 +83,31 @@ def test_batched_auto_augment_on_gpu():
         assert out.device.type == "cuda" and out.dtype == torch.uint8 and out.shape == x.shape
         changed = (out != x).flatten(1).any(1).float().mean().item()
         assert changed > 0.3, f"{policy}: only {changed:.0%} of images changed"
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "ta_wide"])
+def test_augmentation_does_not_wait_for_the_device(policy):
+    """With ~0.5 s of work queued on the GPU, augmenting a batch returns long before it ends.
+
+    A host -> device copy from pageable memory waits for the stream to drain; the per-sample op
+    parameters must travel from pinned memory, or every training step stalls behind the last one.
+    """
+    import time
+
+    from zoo.augment import DeviceAugment
+
+    aug = DeviceAugment(num_classes=4, auto_augment=policy, random_erasing=0.25, mixup_alpha=0.8,
+                        cutmix_alpha=1.0).cuda()
+    x = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 4, (64,), device="cuda")
+    aug.post_normalise(aug.pre_normalise(x).float(), y)  # warm-up: kernels loaded, pinned pool ready
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(10**9)  # a spinning kernel: ~0.5 s at ~2 GHz
+    queued = time.perf_counter()
+    aug.post_normalise(aug.pre_normalise(x).float(), y)
+    host = time.perf_counter() - queued
+    torch.cuda.synchronize()
+    device = time.perf_counter() - t0
+    assert device > 0.2, f"the sleep kernel took only {device:.3f} s: the test cannot tell"
+    assert host < device / 2, f"augmentation held the host {host:.3f} s of a {device:.3f} s queue"

@@ -214,12 +214,12 @@ class BatchedAutoAugment(nn.Module):
         if active == 0:
             return
         dev = x.device
-        idx = order[:active].to(dev, non_blocking=True)
-        a = arg[order[:active]].to(dev, non_blocking=True)
+        idx = _to_device(order[:active], dev)
+        a = _to_device(arg[order[:active]], dev)
         xs = x.index_select(0, idx)  # uint8, sorted by op; each op rewrites its slice
         na = bounds[N_AFFINE]  # geometric ops: one grid_sample for all of them
         if na:
-            theta = self._theta(sorted_ops[:na], arg[order[:na]], x.shape[-2], x.shape[-1]).to(dev, non_blocking=True)
+            theta = _to_device(self._theta(sorted_ops[:na], arg[order[:na]], x.shape[-2], x.shape[-1]), dev)
             xs[:na] = _to_uint8(self._warp(xs[:na].float(), theta))
         for op in range(N_AFFINE, IDENTITY):
             lo, hi = bounds[op], bounds[op + 1]
@@ -386,6 +386,18 @@ class DeviceAugment(nn.Module):
         if self.mix is not None:
             x, y = self.mix(x, y)
         return x, y
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor to ``device`` without waiting for the device.
+
+    CUDA copies from pageable host memory synchronise the stream first (the CUDA runtime's rule
+    for cudaMemcpyAsync from pageable memory), which would stall the training step behind the
+    previous one's kernels; a copy from pinned memory is queued like a kernel.
+    """
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def random_erase(
