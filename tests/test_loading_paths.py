@@ -141,6 +141,14 @@ def via_zoo_create(s: Source, tmp: Path):
                                     arch_args=s.arch_args or None, use_ema=s.use_ema))
 
 
+def via_zoo_create_classes_from_weights(s: Source, tmp: Path):
+    import zoo
+
+    model = zoo.create(s.arch, weights=str(s.path), arch_args=s.arch_args or None, use_ema=s.use_ema)
+    assert model.hparams.num_classes == NUM_CLASSES, "zoo.create without num_classes: as many as the weights have"
+    return _model_result(model)
+
+
 def via_load_from_checkpoint(s: Source, tmp: Path):
     from zoo.base import ImageClassifier
 
@@ -194,6 +202,7 @@ NOT_LIGHTNING = "needs a Lightning checkpoint (hyper_parameters + state_dict); a
 PATHS: list[tuple[str, Callable, Optional[str], bool]] = [  # name, fn, skip reason for non-Lightning sources, CLI
     ("zoo.load", via_zoo_load, None, False),
     ("zoo.create(weights=)", via_zoo_create, None, False),
+    ("zoo.create(weights=), no num_classes", via_zoo_create_classes_from_weights, None, False),
     ("load_from_checkpoint", via_load_from_checkpoint, NOT_LIGHTNING, False),
     ("torch.hub.load (local)", via_torch_hub, None, False),
     ("zoo validate --model.weights", via_cli_weights, None, True),

@@ -29,14 +29,23 @@ __all__ = [
 ]
 
 
-def create(name: str, *, num_classes: int = 1000, weights=None, **kwargs):
+def create(name: str, *, num_classes: int | None = None, weights=None, **kwargs):
     """Build an :class:`~zoo.base.ImageClassifier` (a LightningModule) for ``name``.
 
     ``kwargs`` are ImageClassifier arguments (optimizer, lr, use_ema, ...); architecture
     arguments go in ``arch_args={...}``. With ``weights``, the network and its preprocessing
     come from them, exactly as :func:`load` with the same ``num_classes`` gives.
+    ``num_classes``: ``None`` means as many as the weights have (as :func:`load`), else 1000.
     """
     from .base import ImageClassifier
+
+    if num_classes is None:
+        num_classes = 1000
+        if weights is not None:
+            from .weights.api import _infer_num_classes, _read
+
+            w = _read(weights, kwargs.get("use_ema", True))
+            num_classes = w.num_classes or _infer_num_classes(name, kwargs.get("arch_args") or {}, w) or 1000
 
     return ImageClassifier(arch=name, num_classes=num_classes, weights=weights, **kwargs)
 
