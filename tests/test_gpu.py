@@ -50,14 +50,21 @@ def test_ffcv_fit_with_ema_and_bn_check_on_gpu(tiny_imagenet, tmp_path, monkeypa
     dm = ImageNetDataModule(root=str(tiny_imagenet), backend="ffcv", batch_size=4, num_workers=1,
                             train_res=32, val_res=32, progress=False)
     m = ImageClassifier(arch="convnet", num_classes=3, channels_last=True)
-    check, seen = BNStatsCheck(num_samples=8, val_samples=8, action="recalibrate"), DevicesSeen()
+    check, seen, ema = BNStatsCheck(num_samples=8, val_samples=8, action="recalibrate"), DevicesSeen(), WeightEMA(decay=0.9)
+    ema_devices = set()
+
+    class EmaSpy(L.Callback):  # the average must live beside the weights, not cross PCIe every step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ema_devices.update(v.device.type for v in (ema.ema or {}).values())
+
     t = trainer(accelerator="gpu", devices=1, max_epochs=2, precision="bf16-mixed", default_root_dir=str(tmp_path),
-                callbacks=[WeightEMA(decay=0.9), check, seen])
+                callbacks=[ema, check, seen, EmaSpy()])
     t.fit(m, datamodule=dm)
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert check.last_summary, "the BN check did not run"
     assert all(torch.isfinite(torch.as_tensor(v)) for v in check.last_summary.values())
     assert seen.devices == {"cuda"}
+    assert ema_devices == {"cuda"}
 
 
 def test_cli_fit_on_gpu(tiny_imagenet, tmp_path, monkeypatch):
