@@ -123,11 +123,41 @@ def test_our_pipelines_pass_the_396_guard(tiny_beton):
 
     meta = Reader(str(tiny_beton["train"])).metadata
     train = ffcv_io.train_image_pipeline(RES, (0.08, 1), (3 / 4, 4 / 3))
-    assert ffcv_io.pipeline_jit_modes(train, meta["f0"]) == [True, True, False, False]
+    assert ffcv_io.pipeline_jit_modes(train, meta["f0"]) == [True, True, False, False]  # ffcv's stock ops
+    seeded = ffcv_io.train_image_pipeline(RES, (0.08, 1), (3 / 4, 4 / 3), seed=0)
+    assert ffcv_io.pipeline_jit_modes(seeded, meta["f0"]) == [True, False, False]  # the flip is in the decoder
     assert ffcv_io.pipeline_jit_modes(ffcv_io.val_image_pipeline(RES, 0.875), meta["f0"]) == [True, False, False]
     assert ffcv_io.pipeline_jit_modes(ffcv_io.label_pipeline(), meta["f1"]) == [True, False, False]
-    for ops in (train, ffcv_io.val_image_pipeline(RES, 0.875), ffcv_io.label_pipeline()):
+    for ops in (train, seeded, ffcv_io.val_image_pipeline(RES, 0.875), ffcv_io.label_pipeline()):
         ffcv_io.assert_pipeline_safe(ops)
+
+
+@needs_ffcv
+def test_seeded_decoder_fuses_the_flip_scales_dct_and_is_cached_on_disk(tiny_beton):
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from datamodules import ffcv_ops
+
+    def epoch(decoder, *more, os_cache=True) -> torch.Tensor:
+        ld = ffcv_io.make_loader(tiny_beton["train"], {"image": [decoder, *more, ToTensor(), ToTorchImage()],
+                                                       "label": ffcv_io.label_pipeline()},
+                                 batch_size=6, num_workers=2, order="sequential", drop_last=False, os_cache=os_cache)
+        return torch.cat([x.clone() for x, _ in ld])
+
+    def decoder(seed: ffcv_ops.EpochSeed, **kw):
+        return ffcv_ops.make_seeded_decoder((RES, RES), (0.08, 1.0), (3 / 4, 4 / 3), seed, **kw)
+
+    shared = ffcv_ops.EpochSeed(7)
+    fused = epoch(decoder(ffcv_ops.EpochSeed(7), flip=0.5))
+    assert torch.equal(fused, epoch(decoder(shared), ffcv_ops.make_seeded_flip(0.5, shared)))  # same draws
+    assert not torch.equal(fused, epoch(decoder(ffcv_ops.EpochSeed(7))))  # and it does flip some
+    assert torch.equal(fused, epoch(decoder(ffcv_ops.EpochSeed(7), flip=0.5), os_cache=False))  # process-cache reads
+    # decode at 1/2 size where the crop is >= 2x the output (64-100 px images, 32 px output): close, not equal
+    diff = (epoch(decoder(ffcv_ops.EpochSeed(7), flip=0.5, dct_scaling=True)).float() - fused.float()).abs().mean((1, 2, 3))
+    assert 0 < (diff > 0).sum() < len(diff) and diff.max() < 12, diff
+    # the decode loop is in numba's on-disk cache (a ctypes call in it would make it uncachable)
+    loop = ffcv_ops._decode_batch
+    assert loop.signatures and all(loop._cache.load_overload(sig, loop.targetctx) is not None for sig in loop.signatures)
 
 
 @needs_ffcv
