@@ -197,12 +197,16 @@ class BatchedAutoAugment(nn.Module):
         The batch stays uint8 between layers, as PIL's and torchvision's ops return uint8; only
         the samples an op acts on are converted to float, and written back in place.
         """
-        x = images.clone()
+        x = images
         for ops, arg in layers:
-            self._apply_layer(x, ops.long(), arg.float())
-        return x
+            x = self._apply_layer(x, ops.long(), arg.float())
+        return x.clone() if x is images else x
 
-    def _apply_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor) -> None:
+    def _apply_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+        """One layer on a new tensor: the batch is gathered in op order (one ``index_select``),
+        each op rewrites its contiguous slice in place, and a second gather restores the order
+        (two full gathers cost less than clone + gather + ``index_copy_`` of the active samples:
+        ``index_copy_`` was ~9 ms of a 224 px x 64 call on one CPU thread)."""
         order = torch.argsort(ops, stable=True)  # CPU: group the samples by op
         sorted_ops = ops[order]
         counts = torch.bincount(sorted_ops.clamp(max=IDENTITY + 1), minlength=IDENTITY + 2).tolist()
@@ -211,11 +215,10 @@ class BatchedAutoAugment(nn.Module):
             bounds.append(bounds[-1] + c)
         active = bounds[IDENTITY]  # samples with a real op come first (Identity and SKIP last)
         if active == 0:
-            return
+            return x
         dev = x.device
-        idx = order[:active].to(dev, non_blocking=True)
         a = arg[order[:active]].to(dev, non_blocking=True)
-        xs = x.index_select(0, idx)  # uint8, sorted by op; each op rewrites its slice
+        xs = x.index_select(0, order.to(dev, non_blocking=True))  # uint8, sorted by op
         na = bounds[N_AFFINE]  # geometric ops: one grid_sample for all of them
         if na:
             theta = self._theta(sorted_ops[:na], arg[order[:na]], x.shape[-2], x.shape[-1]).to(dev, non_blocking=True)
@@ -231,7 +234,7 @@ class BatchedAutoAugment(nn.Module):
                 f = xs[lo:hi].float()
                 self._colour_(op, f, ai)
                 xs[lo:hi] = _to_uint8(f)
-        x.index_copy_(0, idx, xs)
+        return xs.index_select(0, torch.argsort(order).to(dev, non_blocking=True))
 
     @staticmethod
     def _theta(ops: torch.Tensor, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -273,11 +276,11 @@ class BatchedAutoAugment(nn.Module):
         "ones" channel for the mask; its blend also scales the inside part by the mask).
         """
         n, _, h, w = x.shape
-        grid = F.affine_grid(theta.to(x.dtype), [n, 1, h, w], align_corners=False)
+        grid = _affine_grid(theta.to(x.dtype), h, w)
         if not self.fill.any():  # torchvision's fill 0: nothing to shift
             return F.grid_sample(x, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
         fill = self.fill.to(x.dtype)
-        out = F.grid_sample(x - fill, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(x.sub_(fill), grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
         return out.add_(fill)
 
     @staticmethod
@@ -324,6 +327,23 @@ class BatchedAutoAugment(nn.Module):
 
 
 _UINT8_OPS = frozenset({POSTERIZE, SOLARIZE, SOLARIZE_ADD, EQUALIZE, INVERT})
+
+
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [n, 1, h, w], align_corners=False)`` by broadcasting.
+
+    The same sampling points (to float rounding); affine_grid multiplies an (n, h*w, 3) base
+    grid with a batched matmul whose inner size is 3, which on a CPU cost ~16 ms for 32 images
+    of 224 px vs ~1 ms here.
+    """
+    n = theta.shape[0]
+    xs = (torch.linspace(-1, 1, w, device=theta.device, dtype=theta.dtype) * ((w - 1) / w)).view(1, 1, w)
+    ys = (torch.linspace(-1, 1, h, device=theta.device, dtype=theta.dtype) * ((h - 1) / h)).view(1, h, 1)
+    t = theta.view(n, 6, 1, 1)
+    grid = torch.empty(n, h, w, 2, device=theta.device, dtype=theta.dtype)
+    grid[..., 0].copy_(t[:, 0] * xs + (t[:, 1] * ys + t[:, 2]))
+    grid[..., 1].copy_(t[:, 3] * xs + (t[:, 4] * ys + t[:, 5]))
+    return grid
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
