@@ -331,10 +331,12 @@ def train_image_pipeline(
 
 def val_image_pipeline(res: int, crop_ratio: float) -> list:
     """Center crop of ``crop_ratio`` x the short side, resized to ``res`` -> uint8 NCHW tensor."""
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder
     from ffcv.transforms import ToTensor, ToTorchImage
 
-    return [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio), ToTensor(), ToTorchImage()]
+    from .ffcv_ops import make_center_crop_decoder
+
+    # ffcv's CenterCropRGBImageDecoder, decoded by a loop kept in numba's on-disk cache
+    return [make_center_crop_decoder((res, res), crop_ratio), ToTensor(), ToTorchImage()]
 
 
 def label_pipeline() -> list:

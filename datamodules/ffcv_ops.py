@@ -199,7 +199,9 @@ _DCT_SCALES = (1, 2, 4)  # scale_denom / ... as 1/8 steps: 8/8 -> 4/8 -> 2/8 -> 
 
 @numba.njit(parallel=True, **_JIT)
 def _decode_batch(batch_indices, destination, temp_storage, metadata, storage_state, page_shift, state,
-                  scale, ratio, distinct, flip_p, dct, jpg_mode):
+                  scale, ratio, distinct, flip_p, dct, jpg_mode, center):
+    """Decode, crop, resize (and flip) a batch. ``center`` > 0: the center crop of ffcv's
+    CenterCropRGBImageDecoder (``center`` x the short side), no randomness; else a random crop."""
     seed, epoch = state[0], state[1]
     out_h, out_w = destination.shape[1], destination.shape[2]
     for dst_ix in numba.prange(len(batch_indices)):
@@ -208,9 +210,13 @@ def _decode_batch(batch_indices, destination, temp_storage, metadata, storage_st
         image_data = _read(field["data_ptr"], storage_state, page_shift)
         height = np.uint32(field["height"])
         width = np.uint32(field["width"])
-        stream = 2 * (dst_ix + 1) if distinct else 0  # CROP_STREAM (+ position)
-        np.random.seed(_sample_seed_jit(seed, epoch, source_ix, stream))
-        i, j, h, w = _random_crop(height, width, scale, ratio)
+        if center > 0:  # ffcv 1.0.2 get_center_crop
+            c = int(center * min(height, width))
+            i, j, h, w = (height - c) // 2, (width - c) // 2, c, c
+        else:
+            stream = 2 * (dst_ix + 1) if distinct else 0  # CROP_STREAM (+ position)
+            np.random.seed(_sample_seed_jit(seed, epoch, source_ix, stream))
+            i, j, h, w = _random_crop(height, width, scale, ratio)
         dst = destination[dst_ix]
         if field["mode"] == jpg_mode:
             # decode-time DCT scaling: the largest 1/2^k reduction that keeps the crop at least
@@ -289,7 +295,7 @@ def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed, distin
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
                 return _decode_batch(batch_indices, destination, temp_storage, metadata, storage_state, page_shift,
-                                     read_state(), scale_a, ratio_a, distinct, flip_p, dct, jpg)
+                                     read_state(), scale_a, ratio_a, distinct, flip_p, dct, jpg, 0.0)
 
             return decode
 
@@ -336,3 +342,24 @@ def make_seeded_flip(flip_prob: float, epoch_seed: EpochSeed, distinct_repeats: 
             return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
 
     return SeededRandomHorizontalFlip()
+
+
+def make_center_crop_decoder(output_size, ratio: float):
+    """ffcv's CenterCropRGBImageDecoder (same pixels), decoded by the cached loop above: a
+    validation Loader's first batch then skips numba's compile too."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder
+
+    class CachedCenterCropRGBImageDecoder(CenterCropRGBImageDecoder):
+        def generate_code(self) -> Callable:
+            _register_symbols()
+            jpg, page_shift, center = IMAGE_MODES["jpg"], _page_shift(self.memory_read), float(self.ratio)
+            state, unused = np.zeros(2, dtype=np.int64), np.ones(2, dtype=np.float64)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                return _decode_batch(batch_indices, destination, temp_storage, metadata, storage_state, page_shift,
+                                     state, unused, unused, False, 0.0, False, jpg, center)
+
+            return decode
+
+    return CachedCenterCropRGBImageDecoder(output_size, ratio)

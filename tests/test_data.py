@@ -158,6 +158,12 @@ def test_seeded_decoder_fuses_the_flip_scales_dct_and_is_cached_on_disk(tiny_ima
     full = epoch(decoder(ffcv_ops.EpochSeed(7), res=16, flip=0.5)).float()
     diff = (epoch(decoder(ffcv_ops.EpochSeed(7), res=16, flip=0.5, dct_scaling=True)).float() - full).abs().mean((1, 2, 3))
     assert 0 < (diff > 0).sum() < len(diff) and diff.max() < 12, diff
+    # validation: ffcv's center crop, same pixels through the cached loop
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    assert torch.equal(epoch(CenterCropRGBImageDecoder((RES, RES), ratio=0.875)),
+                       epoch(center := ffcv_ops.make_center_crop_decoder((RES, RES), 0.875)))
+    assert type(ffcv_io.val_image_pipeline(RES, 0.875)[0]).__qualname__ == type(center).__qualname__
     # the decode loop is in numba's on-disk cache (a ctypes call in it would make it uncachable)
     loop = ffcv_ops._decode_batch
     assert loop.signatures and all(loop._cache.load_overload(sig, loop.targetctx) is not None for sig in loop.signatures)
