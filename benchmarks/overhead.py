@@ -6,7 +6,7 @@
    (fp32), loss and uint8 batches already in memory, trained (a) by a minimal hand-written PyTorch
    loop and (b) by a Lightning Trainer configured as `zoo fit` runs (progress bar, a logger every
    `log_every_n_steps`, metrics, the LR scheduler, the loss check, the callbacks the CLI adds).
-   Timed after warm-up steps by CPU time (robust to other jobs) and wall clock, interleaved
+   Timed after warm-up steps by CPU time (less sensitive to other jobs) and wall clock, interleaved
    (bare, Trainer, bare, Trainer, ...), median of ``--repeats``.
 2. Data-bound or compute-bound: the Trainer fed by the real loader (ImageNetDataModule, FFCV,
    embedded synthetic dataset at ``--res``) vs by tensors in memory. A ratio near 1: the model is
@@ -114,7 +114,7 @@ def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tupl
     from callbacks.fit_diagnosis import FitDiagnosis
 
     clock = _Clock(warmup)
-    zoo_fit = [LearningRateMonitor(logging_interval="step"), FitDiagnosis(), Dashboard(),
+    zoo_fit = [LearningRateMonitor(logging_interval="step"), FitDiagnosis(), Dashboard(plots_dir=log_dir),
                ThroughputMonitor(batch_size_fn=batch_size_of, window_size=50), BNBufferSync()]  # cli.py defaults
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=CSVLogger(log_dir),
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | ---: | ---: | ---: | ---: |",
         *[f"| {a} | {b:.1f} | {t:.1f} | {r:.3f} | {rw:.3f} |" for a, b, t, r, rw in rows],
         "",
-        "CPU time: images per second of this process's CPU time (one torch thread), robust to other jobs "
-        "on the machine; wall clock: the same runs timed by the clock on the wall.",
+        "CPU time: images per second of this process's CPU time (one torch thread), far less sensitive to other jobs "
+        "on the machine than the wall clock (yet still a few % apart between runs at load 12); wall clock: the same runs.",
     ]
     if data_rows:
         lines += [
