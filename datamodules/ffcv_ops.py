@@ -8,6 +8,10 @@ of (seed, epoch, sample index) and then draw exactly as ffcv does (the crop is f
 ``get_random_crop``), so a run is reproducible whatever the thread scheduling, and the
 distribution of crops is unchanged.
 
+The decode loop itself (crop, resize, flip; also the validation center crop) is one numba
+function kept in numba's on-disk cache, so a Loader's first batch does not wait ~10 s for a
+compile when nothing changed since the last run (see ``_decode_batch``).
+
 The epoch reaches the compiled code through a two-int64 array (``EpochSeed``) read by address:
 numba freezes global arrays as constants, and recompiling per epoch costs seconds. The array
 lives as long as the ops that hold it. :class:`datamodules.ffcv_io.ClosingLoader` sets the epoch
