@@ -172,6 +172,18 @@ def test_timm_sampler_draws_ops_probabilities_and_magnitudes_as_timm():
     assert (arg[ops == A.ROTATE] < 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
 
 
+@pytest.mark.parametrize("policy", ["ta_wide", "rand-m9-mstd0.5-inc1"])  # fill 0 / mean colour; bilinear / bicubic
+def test_whole_pixel_translations_shift_exactly_as_the_warp(policy):
+    aug = BatchedAutoAugment(policy)
+    x = smooth_images(24, size=36)
+    for op in (A.TRANSLATE_X, A.TRANSLATE_Y):
+        ops, arg = torch.full((24,), op), torch.arange(-12.0, 12.0) * 3  # shifts past the border included
+        warped = A._to_uint8(aug._warp(x.float(), aug._theta(ops, arg, 36, 36)))
+        assert torch.equal(aug.apply(x, [(ops, arg)]), warped)  # the shift path
+        frac = arg + 0.5  # not whole pixels: the warp path, a different image
+        assert not torch.equal(aug.apply(x, [(ops, frac)]), warped)
+
+
 def test_batched_augment_is_per_sample_and_reproducible():
     x = smooth_images(1).repeat(32, 1, 1, 1)
     aug = BatchedAutoAugment("ta_wide")

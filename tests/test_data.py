@@ -123,11 +123,50 @@ def test_our_pipelines_pass_the_396_guard(tiny_beton):
 
     meta = Reader(str(tiny_beton["train"])).metadata
     train = ffcv_io.train_image_pipeline(RES, (0.08, 1), (3 / 4, 4 / 3))
-    assert ffcv_io.pipeline_jit_modes(train, meta["f0"]) == [True, True, False, False]
+    assert ffcv_io.pipeline_jit_modes(train, meta["f0"]) == [True, True, False, False]  # ffcv's stock ops
+    seeded = ffcv_io.train_image_pipeline(RES, (0.08, 1), (3 / 4, 4 / 3), seed=0)
+    assert ffcv_io.pipeline_jit_modes(seeded, meta["f0"]) == [True, False, False]  # the flip is in the decoder
     assert ffcv_io.pipeline_jit_modes(ffcv_io.val_image_pipeline(RES, 0.875), meta["f0"]) == [True, False, False]
     assert ffcv_io.pipeline_jit_modes(ffcv_io.label_pipeline(), meta["f1"]) == [True, False, False]
-    for ops in (train, ffcv_io.val_image_pipeline(RES, 0.875), ffcv_io.label_pipeline()):
+    for ops in (train, seeded, ffcv_io.val_image_pipeline(RES, 0.875), ffcv_io.label_pipeline()):
         ffcv_io.assert_pipeline_safe(ops)
+
+
+@needs_ffcv
+def test_seeded_decoder_fuses_the_flip_scales_dct_and_is_cached_on_disk(tiny_imagenet, tmp_path):
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from datamodules import ffcv_ops
+
+    path = tmp_path / "jpeg.beton"  # all JPEG: the writer picks JPEG vs raw at random per image
+    ffcv_io.write_beton(tiny_imagenet / "train", path, max_resolution=100, compress_probability=1.0, progress=False)
+
+    def epoch(decoder, *more, os_cache=True) -> torch.Tensor:
+        ld = ffcv_io.make_loader(path, {"image": [decoder, *more, ToTensor(), ToTorchImage()], "label": ffcv_io.label_pipeline()},
+                                 batch_size=6, num_workers=2, order="sequential", drop_last=False, os_cache=os_cache)
+        return torch.cat([x.clone() for x, _ in ld])
+
+    def decoder(seed: ffcv_ops.EpochSeed, res: int = RES, **kw):
+        return ffcv_ops.make_seeded_decoder((res, res), (0.08, 1.0), (3 / 4, 4 / 3), seed, **kw)
+
+    shared = ffcv_ops.EpochSeed(7)
+    fused = epoch(decoder(ffcv_ops.EpochSeed(7), flip=0.5))
+    assert torch.equal(fused, epoch(decoder(shared), ffcv_ops.make_seeded_flip(0.5, shared)))  # same draws
+    assert not torch.equal(fused, epoch(decoder(ffcv_ops.EpochSeed(7))))  # and it does flip some
+    assert torch.equal(fused, epoch(decoder(ffcv_ops.EpochSeed(7), flip=0.5), os_cache=False))  # process-cache reads
+    # 64-100 px JPEGs, 16 px output: crops >= 32 px decode at 1/2 size (or less): close, not equal
+    full = epoch(decoder(ffcv_ops.EpochSeed(7), res=16, flip=0.5)).float()
+    diff = (epoch(decoder(ffcv_ops.EpochSeed(7), res=16, flip=0.5, dct_scaling=True)).float() - full).abs().mean((1, 2, 3))
+    assert 0 < (diff > 0).sum() < len(diff) and diff.max() < 12, diff
+    # validation: ffcv's center crop, same pixels through the cached loop
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    assert torch.equal(epoch(CenterCropRGBImageDecoder((RES, RES), ratio=0.875)),
+                       epoch(center := ffcv_ops.make_center_crop_decoder((RES, RES), 0.875)))
+    assert type(ffcv_io.val_image_pipeline(RES, 0.875)[0]).__qualname__ == type(center).__qualname__
+    # the decode loop is in numba's on-disk cache (a ctypes call in it would make it uncachable)
+    loop = ffcv_ops._decode_batch
+    assert loop.signatures and all(loop._cache.load_overload(sig, loop.targetctx) is not None for sig in loop.signatures)
 
 
 @needs_ffcv
