@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from launch import cli
 from launch.cli import main, run_id
-from tests.test_cli import REPO, tiny_data
+from tests.test_cli import REPO, ZOO, tiny_data
 from tests.wandb_records import history, wait_complete
 from tests.wandb_records import run_id as wandb_file_run_id
 
@@ -135,6 +136,94 @@ def test_resume_continues_run_dir_last_ckpt_and_wandb_run(tiny_imagenet, tmp_pat
     # 9 train images / batch 4 = 3 steps per epoch (drop_last keeps 2): steps go on where they stopped
     assert first and second and second[0] == first[-1] + 1, steps
     assert first == list(range(first[0], first[-1] + 1)) and second == list(range(second[0], second[-1] + 1))
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def _srun_task_env(job: str, rank: int, ntasks: int, port: int, bin_dir: Path) -> dict[str, str]:
+    """What srun gives task ``rank`` of a one-node step (Lightning's SLURMEnvironment reads it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
+            "SLURM_JOB_NAME": "zoo", "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks),
+            "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+            "SLURM_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_preemption_signal_to_one_rank_stops_every_rank_at_one_step(tiny_imagenet, tmp_path):
+    """SIGUSR1 reaches rank 1 of a 2-task step only (on several nodes the signal arrives at
+    different times; here, never on rank 0). Lightning 2.6's own handler saves from inside the
+    handler on rank 1 alone and waits in the save's barrier while rank 0 trains on: a deadlock
+    (seen: rank 0 in a metric all_gather, rank 1 in Trainer.save_checkpoint's barrier).
+    callbacks.preemption.SlurmRequeue: both ranks save at the same step, exit 0, rank 0 runs
+    `scontrol requeue JOB` (a stub here), and the "requeued" step resumes from the hpc
+    checkpoint with one W&B run whose steps go on without a gap or a repeat.
+    Processes are started as srun would (SLURM_* variables), so no Slurm is needed."""
+    import subprocess
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    job, epochs = "4242", 10  # 3 steps per epoch (18 images, global batch 6): 30 steps
+    args = [ZOO, "fit", "--config", DEMO, *tiny_data(tiny_imagenet, batch=6), "--trainer.accelerator", "cpu",
+            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", str(epochs),
+            "--trainer.log_every_n_steps", "1", "--run.root", str(tmp_path / "runs"), "--run.logger", "wandb",
+            "--run.dashboard", "false",
+            "--trainer.callbacks+=callbacks.preemption.SlurmRequeue", "--trainer.callbacks.check_every_n_steps=2"]
+
+    def start(part: str) -> list[subprocess.Popen]:
+        port = _free_port()
+        logs = [open(tmp_path / f"{part}-rank{r}.log", "w") for r in range(2)]
+        return [subprocess.Popen(args, cwd=tmp_path, env=_srun_task_env(job, r, 2, port, bin_dir), stdout=logs[r],
+                                 stderr=subprocess.STDOUT) for r in range(2)]
+
+    def finish(procs: list[subprocess.Popen], part: str) -> list[str]:
+        try:
+            for p in procs:
+                p.wait(timeout=240)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()  # the deadlock: both ranks wait for each other forever
+        logs = [(tmp_path / f"{part}-rank{r}.log").read_text(errors="replace") for r in range(2)]
+        assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+        return logs
+
+    ranks = start("part1")
+    log0 = tmp_path / "part1-rank0.log"
+    _wait(lambda: "Epoch 1:" in log0.read_text(errors="replace") or ranks[0].poll() is not None, 240,
+          "part 1 does not train", poll=0.05)
+    ranks[1].send_signal(signal.SIGUSR1)
+    out0, out1 = finish(ranks, "part1")
+    run_dir = tmp_path / "runs" / "convnet" / f"slurm-{job}.0"
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    g = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
+    assert f"every rank stopped at step {g}" in out0 and f"saved {hpc}" in out0, out0[-3000:]
+    assert 3 <= g < epochs * 3 and g % 2 == 0  # after the signal (epoch 1), at a check step
+    assert calls.read_text().split("\n")[0] == f"requeue {job}"  # rank 0 only, once
+    assert f"requeued Slurm job {job}" in out0 and "Traceback" not in out0 + out1
+
+    out0, _ = finish(start("part2"), "part2")  # the requeued job: the same step id, the same command
+    assert f"Restoring states from the checkpoint path at {hpc}" in out0, out0[-3000:]
+    assert calls.read_text().count("requeue") == 1 and "val/acc1: " in out0
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == epochs - 1
+    wid = (run_dir / cli.WANDB_ID_FILE).read_text().strip()
+    parts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2, parts
+    steps = []
+    for part in parts:
+        (run_file,) = part.glob("run-*.wandb")
+        wait_complete(run_file)  # part 1 too: its W&B run was finished before the requeue
+        assert wandb_file_run_id(run_file) == wid
+        steps.append(sorted({row["trainer/global_step"] for row in history(run_file) if "train/loss_step" in row}))
+    # part 1 logged every step up to the checkpoint, part 2 every step after it: no gap, no repeat
+    assert steps == [list(range(0, g)), list(range(g, epochs * 3))], (g, steps)
 
 
 # ----------------------------------------------------------------------------- local Slurm
