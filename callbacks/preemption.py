@@ -93,7 +93,8 @@ class SlurmRequeue(L.Callback):
             every step: this adds a tenth of that). With 10, the save starts at most 10 steps
             after the signal, inside the 90 s that ``--signal=SIGUSR1@90`` leaves
             (launch/slurm/train.sbatch) while a step takes under 9 s.
-        enabled: None: only under Slurm (``SLURMEnvironment.detect()``), as Lightning's handler.
+        enabled: None: where Lightning's own handler would act (the trainer runs in a
+            ``SLURMEnvironment`` with ``auto_requeue=True``, on that environment's signal).
     """
 
     def __init__(self, check_every_n_steps: int = 10, enabled: Optional[bool] = None) -> None:
@@ -115,14 +116,19 @@ class SlurmRequeue(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.signalled, self.saved, self._checked_step = None, None, -1
-        if stage != "fit" or not (SLURMEnvironment.detect() if self.enabled is None else self.enabled):
+        # DDP strategies name their cluster environment; one device under Slurm has none
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if env is None and SLURMEnvironment.detect():
+            env = SLURMEnvironment()
+        on_slurm = isinstance(env, SLURMEnvironment) and env.auto_requeue  # as Lightning's own handler
+        if stage != "fit" or not (on_slurm if self.enabled is None else self.enabled):
             return
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-        env = SLURMEnvironment()
-        self._signum = int(env.requeue_signal or signal.SIGUSR1)
+        requeue_signal = env.requeue_signal if isinstance(env, SLURMEnvironment) else None
+        self._signum = int(requeue_signal or signal.SIGUSR1)
         # Installed before Lightning registers its handlers (after the setup hooks): it sees a
         # handler and does not add its own saving one (_SignalConnector._has_already_handler).
         self._previous = signal.signal(self._signum, self._on_signal)

@@ -151,6 +151,32 @@ def _srun_task_env(job: str, rank: int, ntasks: int, port: int, bin_dir: Path) -
             "SLURM_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
+def test_preemption_requeue_pieces(tmp_path, monkeypatch):
+    """The job id scontrol takes, the next hpc checkpoint's name, and a refused requeue in one line."""
+    from callbacks.preemption import Preempted, hpc_save_path, slurm_job_id
+
+    assert slurm_job_id({"SLURM_JOB_ID": "17"}) == "17"
+    assert slurm_job_id({"SLURM_JOB_ID": "17", "SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "3"}) == "9_3"
+    assert slurm_job_id({"SLURM_JOB_ID": "17; rm -rf /"}) is None and slurm_job_id({}) is None
+    for n in (1, 3):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").touch()
+    (tmp_path / "hpc_ckpt_x.ckpt").touch()
+    assert hpc_save_path(str(tmp_path)) == str(tmp_path / "hpc_ckpt_4.ckpt")  # Lightning resumes from the highest
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'scontrol: error: Requested operation is disabled' >&2\nexit 1\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = Preempted("/runs/x/hpc_ckpt_1.ckpt", 10, True, int(signal.SIGUSR1))
+        error = stop.requeue({"SLURM_JOB_ID": "17"})
+        assert error == ("scontrol requeue 17 failed (scontrol: error: Requested operation is disabled): resubmit the "
+                         "job (sbatch --requeue); it resumes from /runs/x/hpc_ckpt_1.ckpt")
+        assert Preempted("c", 1, False, 10).requeue({"SLURM_JOB_ID": "17"}) is None  # only rank 0 requeues
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the requeue's SIGTERM finds a leaving process
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_preemption_signal_to_one_rank_stops_every_rank_at_one_step(tiny_imagenet, tmp_path):
@@ -224,6 +250,21 @@ def test_preemption_signal_to_one_rank_stops_every_rank_at_one_step(tiny_imagene
         steps.append(sorted({row["trainer/global_step"] for row in history(run_file) if "train/loss_step" in row}))
     # part 1 logged every step up to the checkpoint, part 2 every step after it: no gap, no repeat
     assert steps == [list(range(0, g)), list(range(g, epochs * 3))], (g, steps)
+
+
+def test_preempted_sweep_trial_stays_running_for_the_requeued_task(tiny_imagenet, tmp_path, capsys, monkeypatch):
+    """A trial whose job was preempted (saved, requeued: `_train` exits 75) is neither failed nor
+    retried: it stays RUNNING under this worker, which the requeued task finds and resumes."""
+    from launch import sweep as zsweep
+    from tests.test_workflow import _tiny_spec
+
+    monkeypatch.setattr(zsweep, "_train_in_process", lambda argv, env: zsweep.PREEMPTED_EXIT)
+    spec, root = _tiny_spec(tmp_path, tiny_imagenet), tmp_path / "sweeps"
+    main(["sweep", spec, "--root", str(root), "--in-process", "--no-wandb"])
+    assert "round 1 trial 0: preempted; the requeued task resumes it" in capsys.readouterr().err
+    assert main(["sweep", spec, "--root", str(root), "--status"]) == 0
+    status = capsys.readouterr().out
+    assert "RUNNING" in status and "FAIL" not in status and "WAITING" not in status, status
 
 
 # ----------------------------------------------------------------------------- local Slurm
