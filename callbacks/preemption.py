@@ -11,14 +11,14 @@ Here the handler only notes the signal. At the end of a training batch that ever
 any rank was signalled, every rank saves ``<default_root_dir>/hpc_ckpt_N.ckpt`` (where Lightning
 looks for it under Slurm and resumes from it by itself), the next batch does not start, the
 loggers are flushed and closed, and :class:`Preempted` (a ``SystemExit`` with code 0) leaves
-``trainer.fit``. Requeue after the trainer has torn down, so Slurm's SIGTERM that follows the
-requeue finds nothing half-done::
+``trainer.fit``. Requeue after the trainer has torn down, on every rank, so Slurm's SIGTERM that
+follows the requeue finds nothing half-done::
 
     trainer = Trainer(callbacks=[SlurmRequeue()], ...)
     try:
         trainer.fit(model, datamodule)
     except Preempted as stop:
-        stop.requeue()  # rank 0: scontrol requeue $SLURM_JOB_ID; every rank: ignore the SIGTERM
+        stop.requeue()  # every rank: ignore SIGTERM, barrier; then rank 0: scontrol requeue $SLURM_JOB_ID
 
 ``zoo fit`` does this itself (launch/cli.py). Outside Slurm the callback does nothing.
 """
@@ -47,11 +47,18 @@ class Preempted(SystemExit):
     def requeue(self, env: Optional[dict[str, str]] = None) -> Optional[str]:
         """Rank 0: ``scontrol requeue`` this job; returns an error line, or None when requeued (or not rank 0).
 
-        Every rank first ignores SIGTERM: the requeue makes Slurm send it to the whole step, and
-        a process that is only leaving should not die of it (or run a handler) on its way out;
-        Slurm's SIGKILL after KillWait remains the backstop.
+        Call it on every rank, after the trainer has torn down. The requeue makes Slurm send
+        SIGTERM to the whole step at once; a rank still inside Lightning's teardown would run
+        Lightning's SIGTERM handler, whose broadcast fails against a rank that is gone (a
+        traceback in the job's log, seen on the local Slurm). So every rank first ignores
+        SIGTERM, then all meet in a barrier, and only then does rank 0 requeue. Slurm's SIGKILL
+        after KillWait remains the backstop for a process that does not leave.
         """
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank is out of the trainer (Lightning's DDP teardown keeps the group)
         if not self.is_global_zero:
             return None
         env = dict(os.environ) if env is None else env
