@@ -176,31 +176,6 @@ def save_wandb_run_id(run_dir: Path) -> None:
     os.replace(tmp, path)
 
 
-def _requeue_aware_wandb_logger():
-    """WandbLogger that logs nothing after Lightning's Slurm requeue handler finalized it.
-
-    On SIGUSR1 Lightning calls ``logger.finalize("finished")``, saves the hpc checkpoint at step
-    N and requeues; the ranks train on until Slurm's SIGTERM arrives. Steps logged then would be
-    logged again by the resumed job, which starts from step N: they are dropped instead, so the
-    W&B run's steps continue without a repeat. (Imported on use: no wandb import for other loggers.)
-    """
-    from lightning.pytorch.loggers import WandbLogger
-
-    class ZooWandbLogger(WandbLogger):
-        _requeued = False
-
-        def finalize(self, status: str) -> None:
-            if status == "finished":  # only SignalConnector._slurm_sigusr_handler_fn says "finished"
-                self._requeued = True
-            super().finalize(status)
-
-        def log_metrics(self, metrics, step=None) -> None:
-            if not self._requeued:
-                super().log_metrics(metrics, step)
-
-    return ZooWandbLogger
-
-
 def _resumed_run_dir(ckpt_path: Optional[str]) -> Optional[Path]:
     """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` or ``<run>/hpc_ckpt_N.ckpt``)."""
     if not ckpt_path or ckpt_path in ("last", "hpc", "best", "registry"):
@@ -347,6 +322,12 @@ class ZooCLI(LightningCLI):
                 ]
             if not any(isinstance(c, FitDiagnosis) for c in callbacks):
                 callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
+            from callbacks.preemption import SlurmRequeue
+
+            if not any(isinstance(c, SlurmRequeue) for c in callbacks):
+                # Slurm's SIGUSR1: all ranks save at one agreed step, then main() requeues (no
+                # save inside Lightning's signal handler, which can deadlock DDP); no-op elsewhere
+                callbacks.append(SlurmRequeue())
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             from callbacks.prediction_writer import PredictionWriter
 
@@ -481,7 +462,9 @@ class ZooCLI(LightningCLI):
 
         # rank 0 (from the launcher's environment) owns the id; other ranks never start a W&B run
         wid = wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None
-        logger = _requeue_aware_wandb_logger()(
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(
             save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline,
             id=wid, resume="allow",
         )
@@ -601,6 +584,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if from_shell:  # LightningCLI warns when given both args= and a different sys.argv
         sys.argv[1:] = argv
     errors = _user_errors()
+    from callbacks.preemption import Preempted
+
     # in-process callers (tests, notebooks) pass args= while sys.argv is their own
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     # The DDP processes Lightning starts re-run this command with a copy of os.environ: they
@@ -616,6 +601,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser_kwargs={"parser_mode": "yaml", "exit_on_error": False},
             save_config_callback=RedactedSaveConfig,
         )
+    except Preempted as stop:
+        return _requeue(stop)
     except errors as e:
         if os.environ.get("ZOO_DEBUG"):
             raise
@@ -633,6 +620,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             os.environ.pop("ZOO_RUN_ID", None)
         else:
             os.environ["ZOO_RUN_ID"] = inherited
+    return 0
+
+
+def _requeue(stop) -> int:
+    """After a preemption stop (callbacks.preemption): the trainer is down; rank 0 requeues the job."""
+    from callbacks.preemption import slurm_job_id
+
+    error = stop.requeue()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if stop.is_global_zero:
+        print(f"zoo: requeued Slurm job {slurm_job_id(dict(os.environ))}: it resumes from {stop.ckpt_path} "
+              f"(step {stop.global_step})", flush=True)
     return 0
 
 

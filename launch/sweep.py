@@ -428,7 +428,8 @@ def run_trial(
             *[a for k, v in params.items() for a in (f"--{k}", _cli_value(v))],
             "--run.root", str(sweep.dir), "--run.name", "trials"]
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    # a preempted trial resumes from its hpc checkpoint (Lightning finds it by itself under Slurm)
+    if last.is_file() and not (slurm and any(run_dir.glob("hpc_ckpt_*.ckpt"))):
         args += ["--ckpt_path", str(last)]
     env = {**os.environ, "ZOO_RUN_ID": rid, "WANDB_RUN_GROUP": sweep.spec.name,
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -449,6 +450,8 @@ def run_trial(
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()).returncode
+    if rc == PREEMPTED_EXIT:  # saved and requeued: the requeued task finds this RUNNING trial ("mine") again
+        raise TrialPreempted(f"round {rnd} trial {number}: preempted; the requeued task resumes it ({run_dir})")
     value = None
     if rc == 0 and result.is_file():
         r = json.loads(result.read_text())
@@ -462,6 +465,14 @@ def run_trial(
     else:
         study.tell(number, value)
     return number, value, str(run_dir)
+
+
+# sysexits.h EX_TEMPFAIL ("try again later"): a trial that callbacks.preemption saved and requeued
+PREEMPTED_EXIT = 75
+
+
+class TrialPreempted(Exception):
+    """The trial's job was requeued; it is neither failed nor complete."""
 
 
 def _train_in_process(argv: list[str], env: dict[str, str]) -> int:
@@ -489,7 +500,8 @@ def _train_main(argv: list[str]) -> int:
     import lightning as L
 
     from datamodules.imagenet import ImageNetDataModule
-    from launch.cli import ZooCLI, _user_errors
+    from callbacks.preemption import Preempted
+    from launch.cli import ZooCLI, _requeue, _user_errors
     from zoo.base import ImageClassifier
 
     class Tracker(L.Callback):
@@ -527,6 +539,8 @@ def _train_main(argv: list[str]) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as stop:  # every rank: saved at one step; rank 0 requeues the job
+        return _requeue(stop) or PREEMPTED_EXIT
     return 0
 
 
@@ -657,7 +671,12 @@ def run_local(sweep: Sweep, in_process: bool = False) -> None:
         tries = 0
         while done() < target and tries < max_tries:
             tries += 1
-            number, value, run_dir = run_trial(sweep, rnd, study, space, in_process=in_process)
+            try:
+                number, value, run_dir = run_trial(sweep, rnd, study, space, in_process=in_process)
+            except TrialPreempted as e:  # a local sweep inside a Slurm job that was preempted and requeued
+                bar.close()
+                tqdm.write(str(e), file=sys.stderr)
+                return
             params = study.get_trials(deepcopy=False)[number].params
             desc = " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
             msg = f"{sweep.spec.metric} {value:.4f}" if value is not None else f"FAILED (log: {sweep.dir / 'logs' / (_trial_id(rnd, number) + '.log')})"
@@ -720,7 +739,11 @@ def worker_main(argv: list[str]) -> int:
         if len(complete) >= sweep.target(rnd) and not waiting:  # a resubmitted or surplus task
             print(f"round {rnd}: {len(complete)} trials complete (target {sweep.target(rnd)}); nothing to do")
             return 0
-        number, value, run_dir = run_trial(sweep, rnd, study, space, slurm=True)
+        try:
+            number, value, run_dir = run_trial(sweep, rnd, study, space, slurm=True)
+        except TrialPreempted as e:
+            print(e, flush=True)
+            return 0
         print(f"round {rnd} trial {number}: {value} ({run_dir})", flush=True)
         if value is not None:
             return 0
