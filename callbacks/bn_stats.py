@@ -50,11 +50,15 @@ HELDOUT_SIZE = 64  # images in check 4's held-out batch (a common per-GPU batch 
 HELDOUT_PER_BATCH = 8
 # BNStatsCheck's default overhead budget: the goal of issue #7 (<= 2% of an epoch)
 MAX_OVERHEAD = 0.02
-# Cost of training one image (forward + backward) in forward passes: the backward pass costs
-# about twice the forward (Kaplan et al. 2020: 6N vs 2N FLOPs per token). Measured on the 2-core
-# CI machine (benchmarks/bn_overhead.py): 2.6x for the demo convnet at 64 px, 2.9x for ResNet-50
-# at 224 px; 3 keeps the budget on the cautious side for neither.
+# Costs in eval forward passes, for BNStatsCheck's schedule. Training one image (forward +
+# backward + step): about 3 (Kaplan et al. 2020: 6N vs 2N FLOPs); measured (benchmarks/
+# bn_overhead.py, README "BNStatsCheck overhead") 2.9 fp32 / 3.3 bf16 for ResNet-50 at 224 px
+# on an H200, 4.9 for the demo convnet on the 2-core CPU. The estimator's forward (BN in train
+# mode, a hook computing fp32 mean/var at every BN input): 1.8 fp32 / 3.2 bf16 (ResNet-50,
+# H200), 2.5 (convnet, CPU). 3 and 3: the training side at its smallest, the estimator near
+# its largest, so the schedule errs towards checking less often.
 TRAIN_COST_IN_FORWARDS = 3.0
+ESTIMATOR_COST_IN_FORWARDS = 3.0
 
 
 def bn_layers(net: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -405,13 +409,13 @@ class BNStatsCheck(L.Callback):
         every_n_epochs: run after every n-th validation (epochs 0, n, 2n, ...). ``None`` (the
             default): chosen so that the checks cost at most ``max_overhead`` of the training
             compute. After the first train epoch the check counts, per rank, its own forward
-            passes (min(num_samples, train images) + 2 x min(val_samples, val images) + 2 x 64)
-            against the epoch's (``TRAIN_COST_IN_FORWARDS`` = 3 per train image) and runs every
-            n = ceil(ratio / max_overhead) epochs, counted back from the last epoch so that the
-            final model is always checked (a fit shorter than n epochs is checked once, at its
-            end). On ImageNet (1.28 M train images, K = 8,192) n = 1; on the demo's 2,944 train
-            images the whole train set is one check, so n is about 20. A count, not a timing:
-            every rank and every rerun of a seed decides the same.
+            passes (3 x min(num_samples, train images) + 2 x min(val_samples, val images) + 2 x 64)
+            against the epoch's (see ``check_cost``) and runs every n = ceil(ratio /
+            max_overhead) epochs, counted back from the last epoch so that the final model is
+            always checked (a fit shorter than n epochs is checked once, at its end). On
+            ImageNet (1.28 M train images, K = 8,192) n = 1; on the demo (2,944 train images,
+            all of them one check) n = 57. A count, not a timing: every rank and every rerun
+            of a seed decides the same.
         max_overhead: the budget of ``every_n_epochs=None`` (issue #7's goal, 2%).
     """
 
@@ -470,10 +474,11 @@ class BNStatsCheck(L.Callback):
             self._val_images += _batch_size(batch)
 
     def check_cost(self) -> float:
-        """Forward passes of one check per rank, as a fraction of one train epoch's compute
-        (``TRAIN_COST_IN_FORWARDS`` forward passes per train image)."""
+        """Forward passes of one check per rank (``ESTIMATOR_COST_IN_FORWARDS`` per estimator
+        image, 1 per val image), as a fraction of one train epoch's compute
+        (``TRAIN_COST_IN_FORWARDS`` per train image)."""
         ws = world_size()
-        train = min(math.ceil(self.num_samples / ws), self._train_images)
+        train = ESTIMATOR_COST_IN_FORWARDS * min(math.ceil(self.num_samples / ws), self._train_images)
         val = min(math.ceil(self.val_samples / ws), self._val_images)
         held = 2 * min(HELDOUT_SIZE, self._val_images)
         return (train + 2 * val + held) / max(TRAIN_COST_IN_FORWARDS * self._train_images, 1.0)
@@ -489,9 +494,14 @@ class BNStatsCheck(L.Callback):
                 return False
             cost = self.check_cost()
             self.auto_every = max(1, math.ceil(cost / self.max_overhead - 1e-9))
-            _say(f"BNStatsCheck: one check costs {100 * cost:.2g}% of a train epoch here (forward passes counted); "
-                 f"it runs every {self.auto_every} epoch(s), the last epoch included, to stay within "
-                 f"{100 * self.max_overhead:g}% (every_n_epochs to choose)")
+            epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+            if epochs is not None and epochs < self.auto_every:
+                plan = (f"this fit has {epochs} epochs: one check at its end, ~{100 * cost / epochs:.2g}% of the fit, "
+                        f"above the {100 * self.max_overhead:g}% budget (every_n_epochs to choose)")
+            else:
+                plan = (f"it runs every {self.auto_every} epoch(s), the last epoch included, to stay within "
+                        f"{100 * self.max_overhead:g}% (every_n_epochs to choose)")
+            _say(f"BNStatsCheck: one check costs {100 * cost:.2g}% of a train epoch here (forward passes counted); {plan}")
         last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else None
         if last is None:
             return (epoch + 1) % self.auto_every == 0

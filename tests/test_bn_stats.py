@@ -188,21 +188,21 @@ def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
     """every_n_epochs=None: the period comes from counted forward passes, counted back from
     the last epoch; it survives a checkpoint (a resumed partial epoch would count otherwise)."""
     torch.manual_seed(0)
-    # 64 train images (8 batches of 8), 16 val images (2 batches): one check is 32 estimator +
-    # 2 x 8 val + 2 x 16 held-out forwards = 80 against 3 x 64 for training, 0.417 of an epoch;
-    # a 20% budget gives a period of ceil(0.417 / 0.2) = 3 epochs: epochs 4 and 1 of 0..4
+    # 64 train images (8 batches of 8), 16 val images (2 batches): one check is 3 x 32 estimator
+    # + 2 x 8 val + 2 x 16 held-out forwards = 144 against 3 x 64 for training, 0.75 of an epoch;
+    # a 20% budget gives a period of ceil(0.75 / 0.2) = 4 epochs: epochs 4 and 0 of 0..4
     check = BNStatsCheck(num_samples=32, val_samples=8, max_overhead=0.2)
     ran = []
     run = check.run
     check.run = lambda trainer, pl_module: ran.append(trainer.current_epoch) or run(trainer, pl_module)
     trainer(callbacks=[check], max_epochs=5, limit_val_batches=2, default_root_dir=tmp_path).fit(
         small_model(), datamodule=TinyData(n=64))
-    assert check.check_cost() == pytest.approx(80 / 192)
-    assert check.auto_every == 3 and ran == [1, 4]
-    assert "one check costs 42% of a train epoch here" in capsys.readouterr().out
+    assert check.check_cost() == pytest.approx(144 / 192)
+    assert check.auto_every == 4 and ran == [0, 4]
+    assert "one check costs 75% of a train epoch here (forward passes counted); it runs every 4 epoch(s)" in capsys.readouterr().out
     resumed = BNStatsCheck()
     resumed.load_state_dict(check.state_dict())
-    assert resumed.auto_every == 3
+    assert resumed.auto_every == 4
     # an explicit period: epochs 0, 2, 4
     ran.clear()
     check = BNStatsCheck(num_samples=32, val_samples=8, every_n_epochs=2)
