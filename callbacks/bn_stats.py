@@ -501,7 +501,7 @@ class BNStatsCheck(L.Callback):
             else:
                 plan = (f"it runs every {self.auto_every} epoch(s), the last epoch included, to stay within "
                         f"{100 * self.max_overhead:g}% (every_n_epochs to choose)")
-            _say(f"BNStatsCheck: one check costs {100 * cost:.2g}% of a train epoch here (forward passes counted); {plan}")
+            _say(f"BNStatsCheck: one check costs {100 * cost:.3g}% of a train epoch here (forward passes counted); {plan}")
         last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else None
         if last is None:
             return (epoch + 1) % self.auto_every == 0
