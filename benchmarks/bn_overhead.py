@@ -96,6 +96,7 @@ def per_image_costs(arch: str, res: int, batch: int, classes: int, repeats: int,
     from zoo.registry import create_network
 
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as the GPU recipes train
     net = create_network(arch, num_classes=classes).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=torch.channels_last)
