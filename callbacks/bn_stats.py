@@ -496,7 +496,7 @@ class BNStatsCheck(L.Callback):
             self.auto_every = max(1, math.ceil(cost / self.max_overhead - 1e-9))
             epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
             if epochs is not None and epochs < self.auto_every:
-                plan = (f"this fit has {epochs} epochs: one check at its end, ~{100 * cost / epochs:.2g}% of the fit, "
+                plan = (f"this fit has {epochs} epoch(s): one check at its end, ~{100 * cost / epochs:.3g}% of the fit, "
                         f"above the {100 * self.max_overhead:g}% budget (every_n_epochs to choose)")
             else:
                 plan = (f"it runs every {self.auto_every} epoch(s), the last epoch included, to stay within "

@@ -211,3 +211,15 @@ def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
     trainer(callbacks=[check], max_epochs=5, limit_val_batches=2, default_root_dir=tmp_path).fit(
         small_model(), datamodule=TinyData(n=64))
     assert ran == [0, 2, 4]
+
+
+def test_fit_shorter_than_the_period_is_checked_once_at_its_end(tmp_path, capsys):
+    # the same counts as above with a 5% budget: a period of ceil(0.75 / 0.05) = 15 > 3 epochs
+    check = BNStatsCheck(num_samples=32, val_samples=8, max_overhead=0.05)
+    ran = []
+    run = check.run
+    check.run = lambda trainer, pl_module: ran.append(trainer.current_epoch) or run(trainer, pl_module)
+    trainer(callbacks=[check], max_epochs=3, limit_val_batches=2, default_root_dir=tmp_path).fit(
+        small_model(), datamodule=TinyData(n=64))
+    assert check.auto_every == 15 and ran == [2]
+    assert "this fit has 3 epoch(s): one check at its end, ~25% of the fit, above the 5% budget" in capsys.readouterr().out
