@@ -213,3 +213,23 @@ def test_ema_kill_then_resume_matches_uninterrupted(tmp_path):
     assert (resumed.num_updates, resumed.last_step) == (full.num_updates, full.last_step) == (6, 6)
     for k, v in full.ema.items():
         torch.testing.assert_close(resumed.ema[k], v)
+
+
+@pytest.mark.parametrize("kw, warns", [
+    ({"decay": 0.99}, True),                     # 0.99**8 = 0.92 of the EMA is still the start
+    ({"decay": 0.5}, False),                     # 0.5**8 = 0.004
+    ({"decay": 0.99, "warmup": "timm"}, False),  # the warm-up's first decay is 0
+    ({"decay": 0.9, "every_n_steps": 4}, True),  # 2 updates: 0.9**2 = 0.81
+])
+def test_ema_too_slow_for_the_fit_says_so(kw, warns, recwarn):
+    """A decay whose horizon exceeds the fit leaves the EMA near the starting weights (a seed-0
+    8-epoch demo with the default 0.9999: val_ema/acc1 0.17 to 0.19, near chance)."""
+    torch.manual_seed(0)
+    ema = WeightEMA(**kw, evaluate_with_ema=False)
+    t = trainer(max_epochs=1, callbacks=[ema], limit_val_batches=0)
+    t.fit(model(arch_args={"widths": [8, 16]}), datamodule=TinyData(n=64, batch_size=8))  # 8 steps
+    said = [str(w.message) for w in recwarn if "WeightEMA: decay" in str(w.message)]
+    assert bool(said) == warns, said
+    if warns:
+        share = kw["decay"] ** (8 // kw.get("every_n_steps", 1))
+        assert f"still hold {100 * share:.0f}% of the EMA" in said[0]
