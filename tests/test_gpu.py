@@ -96,8 +96,8 @@ def test_batched_auto_augment_on_gpu():
 def test_augmentation_does_not_wait_for_the_device(policy):
     """With ~0.5 s of work queued on the GPU, augmenting a batch returns long before it ends.
 
-    A host -> device copy from pageable memory waits for the stream to drain; the per-sample op
-    parameters must travel from pinned memory, or every training step stalls behind the last one.
+    Anything in the augmentation that waits for the device (a .item(), a boolean mask index, a
+    blocking copy) would stall every training step behind the previous one's kernels.
     """
     import time
 
