@@ -397,19 +397,43 @@ def assert_pipeline_safe(pipeline: Sequence[Any], metadata: np.ndarray | None = 
 _ORDERS = {"random": "RANDOM", "quasi_random": "QUASI_RANDOM", "sequential": "SEQUENTIAL"}
 
 
+class _EpochSetter:
+    """``ClosingLoader.sampler``: Lightning calls ``loader.sampler.set_epoch(epoch)`` before every
+    train epoch (``lightning.fabric.utilities.data._set_sampler_epoch``), also after a resume,
+    when the loader was built before the checkpoint's epoch was restored."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader  # the ffcv Loader (not the ClosingLoader: no reference cycle)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = int(epoch)
+
+
 class ClosingLoader:
-    """An ffcv Loader whose epochs end their decoding thread when abandoned.
+    """An ffcv Loader whose epochs end their decoding thread when abandoned, and which resumes
+    an epoch at a batch.
 
     ffcv's ``iter(loader)`` starts a thread that fills ``batches_ahead`` buffers and then waits
     for a reader forever: an epoch that is not run to the end (Lightning's ``iter()`` check of
     every dataloader, the sanity check, ``limit_*_batches``) leaks the thread and its buffers,
     and advances the epoch counter. Here ``iter()`` is a generator: the ffcv epoch starts at the
     first ``next()``, and closing or dropping the generator stops it.
+
+    Position: ``state_dict()`` is ``{"epoch", "batches"}`` (batches yielded in that epoch; a
+    sized loader is not prefetched by Lightning, so yielded = trained). After
+    ``load_state_dict``, the next epoch, if it is the saved one, starts at batch ``batches``:
+    the epoch's order (a function of seed and epoch) is sliced, so the skipped batches are not
+    decoded, and the crops, drawn from (seed, epoch, sample index), are those of the
+    uninterrupted run.
     """
 
     def __init__(self, loader: Any, epoch_seeds: Sequence[Any] = ()):
         self.loader = loader
         self.epoch_seeds = list(epoch_seeds)  # ffcv_ops.EpochSeed of the seeded ops, told each epoch
+        self.sampler = _EpochSetter(loader)
+        self.batch_sampler = None  # Lightning's _is_dataloader_shuffled reads both
+        self._position = {"epoch": int(loader.next_epoch), "batches": 0}
+        self._resume_at: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -417,12 +441,33 @@ class ClosingLoader:
     def __iter__(self):
         return self._epoch()
 
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
     def _epoch(self):
+        epoch, skip = self.loader.next_epoch, 0  # the epoch ffcv's iter() is about to run
+        if self._resume_at is not None:
+            if self._resume_at["epoch"] == epoch and 0 < self._resume_at["batches"] < len(self.loader):
+                skip = self._resume_at["batches"]
+            self._resume_at = None
         for s in self.epoch_seeds:
-            s.set_epoch(self.loader.next_epoch)  # the epoch ffcv's iter() is about to run
-        it = iter(self.loader)
+            s.set_epoch(epoch)
+        if skip:
+            keep = len(self.loader) * self.loader.batch_size  # what ffcv's __iter__ keeps (drop_last)
+            order = self.loader.next_traversal_order()[:keep][skip * self.loader.batch_size:]
+            self.loader.next_traversal_order = lambda: order  # read once by ffcv's __iter__
         try:
-            yield from it
+            it = iter(self.loader)
+        finally:
+            self.loader.__dict__.pop("next_traversal_order", None)
+        self._position = {"epoch": int(epoch), "batches": skip}
+        try:
+            for batch in it:
+                self._position["batches"] += 1
+                yield batch
         finally:
             it.close()  # idempotent in ffcv 1.0.2: sets terminate_event, exits the memory context
 

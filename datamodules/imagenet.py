@@ -336,6 +336,7 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         loader = self._loader("train", train=True)
+        self._apply_train_position()
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             self.backend.on_train_epoch(loader, trainer.current_epoch)
@@ -363,11 +364,26 @@ class ImageNetDataModule(L.LightningDataModule):
             self._loaders.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_resolution": self.train_resolution}
+        state: dict[str, Any] = {"train_resolution": self.train_resolution}
+        train = self._loaders.get("train:train")
+        if hasattr(train, "state_dict"):  # the ffcv loader's position in its epoch (ffcv_io.ClosingLoader)
+            state["train_position"] = train.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_resolution" in state_dict:
             self.set_train_resolution(int(state_dict["train_resolution"]))
+        # Lightning restores the datamodule before it builds the loaders; its own restore of a
+        # stateful loader's position is skipped when configure_optimizers reads
+        # estimated_stepping_batches (Lightning-AI/pytorch-lightning#20550), as ImageClassifier does.
+        self._train_position = state_dict.get("train_position")
+        self._apply_train_position()
+
+    def _apply_train_position(self) -> None:
+        train = self._loaders.get("train:train")
+        if getattr(self, "_train_position", None) and hasattr(train, "load_state_dict"):
+            train.load_state_dict(self._train_position)
+            self._train_position = None
 
 
 def _beton_len(path: Path) -> int:

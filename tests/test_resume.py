@@ -56,9 +56,7 @@ KILL_POINTS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torchvision", pytest.param("ffcv", marks=pytest.mark.xfail(
-    reason="measured not exact (README kill matrix): the resumed ffcv run's batches differ from the uninterrupted run's",
-    strict=False))])
+@pytest.mark.parametrize("backend", ["torchvision", "ffcv"])
 def test_killed_anywhere_resumed_exactly(backend, tmp_path):
     if backend == "ffcv":
         pytest.importorskip("ffcv")
