@@ -33,6 +33,22 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def live_objects() -> dict[str, int]:
+    """Objects that should not outlive a fit: a rising count names what holds the memory."""
+    import gc
+    import threading
+
+    gc.collect()
+    names = ("Trainer", "ImageClassifier", "ImageNetDataModule", "ClosingLoader", "Loader", "DataLoader")
+    counts = dict.fromkeys(names, 0)
+    for o in gc.get_objects():
+        n = type(o).__name__
+        if n in counts:
+            counts[n] += 1
+    counts["threads"] = threading.active_count()
+    return counts
+
+
 def cycle(backend: str, data: Path, runs: Path, i: int) -> None:
     """fit one epoch, then resume from its last.ckpt for a second epoch (same run id)."""
     from launch.cli import main
@@ -74,7 +90,8 @@ def main() -> int:
         b = backends[i % len(backends)]
         cycle(b, data, tmp / "runs", i)
         samples[b].append((i, time.monotonic() - start, rss_mib(), open_fds()))
-        print(f"cycle {i:3d} {b:12s} t={samples[b][-1][1]:7.0f}s rss={samples[b][-1][2]:8.1f} MiB fds={samples[b][-1][3]}", flush=True)
+        live = " ".join(f"{k}={v}" for k, v in live_objects().items())
+        print(f"cycle {i:3d} {b:12s} t={samples[b][-1][1]:7.0f}s rss={samples[b][-1][2]:8.1f} MiB fds={samples[b][-1][3]} {live}", flush=True)
         i += 1
     print(f"\nsoak: {args.minutes:g} min, {i} fit+resume cycles in one process, load {os.getloadavg()[0]:.1f}")
     print("| backend | cycles | RSS first (MiB) | RSS last (MiB) | change | fds first | fds last |")

@@ -366,8 +366,13 @@ class ImageNetDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"train_resolution": self.train_resolution}
         train = self._loaders.get("train:train")
+        trainer = getattr(self, "trainer", None)
         if hasattr(train, "state_dict"):  # the ffcv loader's position in its epoch (ffcv_io.ClosingLoader)
             state["train_position"] = train.state_dict()
+        elif train is not None and trainer is not None and trainer.state.fn == "fit":
+            # a torch DataLoader prefetches: the position is the fit loop's count of trained batches
+            state["train_position"] = {"epoch": trainer.current_epoch,
+                                       "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -380,10 +385,18 @@ class ImageNetDataModule(L.LightningDataModule):
         self._apply_train_position()
 
     def _apply_train_position(self) -> None:
-        train = self._loaders.get("train:train")
-        if getattr(self, "_train_position", None) and hasattr(train, "load_state_dict"):
-            train.load_state_dict(self._train_position)
-            self._train_position = None
+        pos, train = getattr(self, "_train_position", None), self._loaders.get("train:train")
+        if not pos or train is None:
+            return
+        if hasattr(train, "load_state_dict"):
+            train.load_state_dict(pos)
+        elif hasattr(getattr(train, "sampler", None), "resume_at"):  # torchvision_backend.EpochSampler
+            if pos["batches"] >= len(train):  # saved at the epoch's end: the next one starts afresh
+                train.sampler.set_epoch(pos["epoch"] + 1)
+            else:  # set now too: a DataLoader with workers draws its order when Lightning calls iter()
+                train.sampler.set_epoch(pos["epoch"])
+                train.sampler.resume_at = (pos["epoch"], pos["batches"] * train.batch_size)
+        self._train_position = None
 
 
 def _beton_len(path: Path) -> int:

@@ -112,6 +112,7 @@ class EpochSampler(Sampler):
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n, self.seed, self.epoch = n, int(seed), 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples already trained)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -119,11 +120,15 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
+    def __iter__(self):  # a generator: the order is drawn (and resume_at used) at the first next()
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        return iter([(i, seeds[i]) for i in order])
+        skip = 0
+        if self.resume_at is not None:  # a mid-epoch resume: the rest of the saved epoch only
+            skip = self.resume_at[1] if self.resume_at[0] == self.epoch else 0
+            self.resume_at = None
+        yield from ((i, seeds[i]) for i in order[skip:])
 
 
 def worker_ignores_job_signals(worker_id: int) -> None:
