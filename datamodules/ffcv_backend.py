@@ -122,7 +122,7 @@ class FFCVBackend(Backend):
             self._train_decoder.output_size = (res, res)
 
     def on_train_epoch(self, loader, epoch: int) -> None:
-        loader.next_epoch = epoch  # ffcv's order is seed + epoch: the same order after a resume
+        loader.next_epoch = epoch  # before a resume restores the epoch; Lightning then calls loader.sampler.set_epoch
 
     # teardown: ffcv loaders hold no processes and are kept; rebuilding one costs a numba
     # compile (~10-20 s).
