@@ -184,6 +184,16 @@ def test_callbacks_leave_the_trained_weights_unchanged(tmp_path):
         torch.testing.assert_close(busy[k], v, msg=k)
 
 
+def epochs_checked(check: BNStatsCheck, max_epochs: int, tmp_path) -> list[int]:
+    """Fit a small model on 64 images with ``check``; the epochs at which the check ran."""
+    ran = []
+    run = check.run
+    check.run = lambda trainer, pl_module: ran.append(trainer.current_epoch) or run(trainer, pl_module)
+    trainer(callbacks=[check], max_epochs=max_epochs, limit_val_batches=2, default_root_dir=tmp_path).fit(
+        small_model(), datamodule=TinyData(n=64))
+    return ran
+
+
 def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
     """every_n_epochs=None: the period comes from counted forward passes, counted back from
     the last epoch; it survives a checkpoint (a resumed partial epoch would count otherwise)."""
@@ -192,11 +202,7 @@ def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
     # + 2 x 8 val + 2 x 16 held-out forwards = 144 against 3 x 64 for training, 0.75 of an epoch;
     # a 20% budget gives a period of ceil(0.75 / 0.2) = 4 epochs: epochs 4 and 0 of 0..4
     check = BNStatsCheck(num_samples=32, val_samples=8, max_overhead=0.2)
-    ran = []
-    run = check.run
-    check.run = lambda trainer, pl_module: ran.append(trainer.current_epoch) or run(trainer, pl_module)
-    trainer(callbacks=[check], max_epochs=5, limit_val_batches=2, default_root_dir=tmp_path).fit(
-        small_model(), datamodule=TinyData(n=64))
+    ran = epochs_checked(check, 5, tmp_path)
     assert check.check_cost() == pytest.approx(144 / 192)
     assert check.auto_every == 4 and ran == [0, 4]
     assert "one check costs 75% of a train epoch here (forward passes counted); it runs every 4 epoch(s)" in capsys.readouterr().out
@@ -204,22 +210,12 @@ def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
     resumed.load_state_dict(check.state_dict())
     assert resumed.auto_every == 4
     # an explicit period: epochs 0, 2, 4
-    ran.clear()
-    check = BNStatsCheck(num_samples=32, val_samples=8, every_n_epochs=2)
-    run = check.run
-    check.run = lambda trainer, pl_module: ran.append(trainer.current_epoch) or run(trainer, pl_module)
-    trainer(callbacks=[check], max_epochs=5, limit_val_batches=2, default_root_dir=tmp_path).fit(
-        small_model(), datamodule=TinyData(n=64))
-    assert ran == [0, 2, 4]
+    assert epochs_checked(BNStatsCheck(num_samples=32, val_samples=8, every_n_epochs=2), 5, tmp_path) == [0, 2, 4]
 
 
 def test_fit_shorter_than_the_period_is_checked_once_at_its_end(tmp_path, capsys):
     # the same counts as above with a 5% budget: a period of ceil(0.75 / 0.05) = 15 > 3 epochs
     check = BNStatsCheck(num_samples=32, val_samples=8, max_overhead=0.05)
-    ran = []
-    run = check.run
-    check.run = lambda trainer, pl_module: ran.append(trainer.current_epoch) or run(trainer, pl_module)
-    trainer(callbacks=[check], max_epochs=3, limit_val_batches=2, default_root_dir=tmp_path).fit(
-        small_model(), datamodule=TinyData(n=64))
+    ran = epochs_checked(check, 3, tmp_path)
     assert check.auto_every == 15 and ran == [2]
     assert "this fit has 3 epoch(s): one check at its end, ~25% of the fit, above the 5% budget" in capsys.readouterr().out
