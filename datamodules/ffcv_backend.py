@@ -124,5 +124,8 @@ class FFCVBackend(Backend):
     def on_train_epoch(self, loader, epoch: int) -> None:
         loader.next_epoch = epoch  # before a resume restores the epoch; Lightning then calls loader.sampler.set_epoch
 
-    # teardown: ffcv loaders hold no processes and are kept; rebuilding one costs a numba
-    # compile (~10-20 s).
+    # teardown: ffcv loaders hold no processes and are kept; rebuilding one costs ~1-3 s of numba
+    # compile with the decode loop in the on-disk cache (tests/test_data.py), ~5 MiB of code that
+    # is never freed (benchmarks/soak.py).
+
+
