@@ -20,6 +20,13 @@ def to_device(pl_module, batch: Any, dataloader_idx: int = 0) -> Any:
     return pl_module.on_after_batch_transfer(batch, dataloader_idx)
 
 
+def batch_size_of(batch: Any) -> int:
+    """Images in an (images, labels) batch, or in a bare image tensor (ThroughputMonitor's
+    ``batch_size_fn``; BNStatsCheck's epoch count)."""
+    x = batch if isinstance(batch, torch.Tensor) else batch[0]
+    return int(x.shape[0])
+
+
 def as_list(loaders: Any) -> list:
     if loaders is None:
         return []

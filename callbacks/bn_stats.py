@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._batches import all_reduce, as_list, distributed, iterate, precision_context, train_loader, world_size
+from ._batches import all_reduce, as_list, batch_size_of, distributed, iterate, precision_context, train_loader, world_size
 
 # pycls config NUM_SAMPLES_PRECISE = 8192 (pycls/core/config.py, "Rethinking 'Batch' in BatchNorm")
 NUM_SAMPLES_PRECISE = 8192
@@ -255,11 +255,6 @@ def _extra_pass_allowed(trainer) -> bool:
     return bool(trainer.is_last_batch or done >= trainer.num_training_batches)
 
 
-def _batch_size(batch) -> int:
-    x = batch if isinstance(batch, torch.Tensor) else batch[0]
-    return int(x.shape[0])
-
-
 def _say(msg: str) -> None:
     rank_zero_only(print)(msg, flush=True)
 
@@ -463,7 +458,7 @@ class BNStatsCheck(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.auto_every is None:
-            self._train_images += _batch_size(batch)
+            self._train_images += batch_size_of(batch)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.auto_every is None:
@@ -471,7 +466,7 @@ class BNStatsCheck(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.auto_every is None and dataloader_idx == 0:
-            self._val_images += _batch_size(batch)
+            self._val_images += batch_size_of(batch)
 
     def check_cost(self) -> float:
         """Forward passes of one check per rank (``ESTIMATOR_COST_IN_FORWARDS`` per estimator

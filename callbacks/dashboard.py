@@ -26,11 +26,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 
-def batch_size_of(batch: Any) -> int:
-    """ThroughputMonitor's ``batch_size_fn`` for (images, labels) batches."""
-    return int(batch[0].shape[0])
-
-
 class Dashboard(Callback):
     def __init__(self, num_images: int = 16, num_wrong: int = 8, max_confusion_classes: int = 100,
                  plots_dir: Optional[str] = None) -> None:

@@ -340,7 +340,8 @@ class ZooCLI(LightningCLI):
         if logger is not False and self.subcommand == "fit" and run["dashboard"]:
             from lightning.pytorch.callbacks import ThroughputMonitor
 
-            from callbacks.dashboard import Dashboard, batch_size_of
+            from callbacks._batches import batch_size_of
+            from callbacks.dashboard import Dashboard
 
             callbacks += [Dashboard(), ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"])]
         if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
