@@ -95,8 +95,11 @@ class FFCVBackend(Backend):
         if train:
             image = train_image_pipeline(dm.train_resolution, hp.scale, hp.ratio, hp.flip, seed=dm.seed,
                                          distinct_repeats=hp.ra_reps > 1)
+            # everything the pipelines are built from (the resolution is reset below: progressive resizing changes it)
+            reuse_key = ("train", tuple(hp.scale), tuple(hp.ratio), hp.flip, dm.seed, hp.ra_reps > 1)
         else:
             image = val_image_pipeline(dm.val_resolution, dm.val_crop)
+            reuse_key = ("eval", dm.val_resolution, dm.val_crop)
         distributed = train and world_size > 1
         if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise DataError("ffcv distributed loading needs the process group first: request dataloaders after Trainer setup")
@@ -109,10 +112,11 @@ class FFCVBackend(Backend):
             order=(ffcv_ra_order(hp.ra_reps) if hp.ra_reps > 1 else hp.order) if train else "sequential",
             distributed=distributed, seed=dm.seed,
             drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,
-            indices=indices,
+            indices=indices, reuse_key=reuse_key,
         )
         if train:
-            self._train_decoder = image[0]  # the same object the Loader decodes with
+            self._train_decoder = loader.ops["image"][0]  # the object the Loader decodes with (reused: not `image`)
+            self._train_decoder.output_size = (dm.train_resolution, dm.train_resolution)
         return loader
 
     def set_train_resolution(self, res: int) -> None:
@@ -124,8 +128,8 @@ class FFCVBackend(Backend):
     def on_train_epoch(self, loader, epoch: int) -> None:
         loader.next_epoch = epoch  # before a resume restores the epoch; Lightning then calls loader.sampler.set_epoch
 
-    # teardown: ffcv loaders hold no processes and are kept; rebuilding one costs ~1-3 s of numba
-    # compile with the decode loop in the on-disk cache (tests/test_data.py), ~5 MiB of code that
-    # is never freed (benchmarks/soak.py).
+    # teardown: ffcv loaders hold no processes and are kept; building one costs ~1-3 s of numba
+    # compile with the decode loop in the on-disk cache (tests/test_data.py) and code that numba
+    # never frees, so a later DataModule with the same settings reuses it (ffcv_io.LoaderPool).
 
 

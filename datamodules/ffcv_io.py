@@ -17,14 +17,21 @@ Facts about ffcv 1.0.2 this module relies on (read in its source):
   copies, and keep a reference to the decoder to change it later.
 - Batches are views into a ring of ``batches_ahead + 2`` preallocated buffers: clone a batch
   if you keep it longer than that. ``ToTorchImage()`` returns NCHW in channels_last memory.
+- Each ``Loader`` compiles its pipeline with numba (new closures, so numba's caches do not
+  apply), and numba never frees compiled code: ~18 MiB per Loader here (benchmarks/soak.py).
+  :class:`LoaderPool` hands a built Loader to the next DataModule with the same settings.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
+import hashlib
 import json
 import os
 import tempfile
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -427,8 +434,9 @@ class ClosingLoader:
     uninterrupted run.
     """
 
-    def __init__(self, loader: Any, epoch_seeds: Sequence[Any] = ()):
+    def __init__(self, loader: Any, epoch_seeds: Sequence[Any] = (), ops: Mapping[str, Sequence[Any]] | None = None):
         self.loader = loader
+        self.ops = dict(ops or {})  # the pipelines the Loader decodes with (ops["image"][0]: its decoder)
         self.epoch_seeds = list(epoch_seeds)  # ffcv_ops.EpochSeed of the seeded ops, told each epoch
         self.sampler = _EpochSetter(loader)
         self.batch_sampler = None  # Lightning's _is_dataloader_shuffled reads both
@@ -485,6 +493,55 @@ class ClosingLoader:
         self.loader.next_epoch = epoch
 
 
+class LoaderPool:
+    """Built ffcv Loaders, reused across DataModules in one process, one holder at a time.
+
+    Why: a Loader's numba code is never freed (about 18 MiB for the train + val pair here), so a
+    process that fits again and again (a sweep, a notebook, fit + resume in one process) grew by
+    that much per fit. A Loader is taken out under its key (the .beton's identity, the
+    pipeline's settings, every Loader argument) and comes back when the :class:`ClosingLoader`
+    holding it is garbage; while one is held, the same key builds another. So two holders never
+    share a Loader, and a reused one behaves as a new one: its epoch counter is reset to 0 and
+    the caller sets its decoder's size again (``ClosingLoader.ops``).
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[Any, list[tuple[Any, dict]]] = {}
+        self._lock = threading.Lock()
+        self.built = 0  # Loaders built under a key (for tests and the soak)
+
+    def take(self, key: Any) -> tuple[Any, dict] | None:
+        for attempt in range(2):
+            with self._lock:
+                free = self._free.get(key)
+                if free:
+                    return free.pop()
+            if attempt == 0:
+                gc.collect()  # a finished fit's loaders are often held only by reference cycles (Trainer <-> module)
+        return None
+
+    def give_back(self, key: Any, entry: tuple[Any, dict]) -> None:
+        with self._lock:
+            self._free.setdefault(key, []).append(entry)
+
+    def hold(self, key: Any, closing: ClosingLoader, entry: tuple[Any, dict]) -> ClosingLoader:
+        weakref.finalize(closing, self.give_back, key, entry).atexit = False
+        return closing
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+LOADER_POOL = LoaderPool()
+
+
+def _file_identity(path: str | os.PathLike) -> tuple:
+    """A rewritten .beton (written to a temp file, then renamed) has a new inode and mtime."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def make_loader(
     path: str | os.PathLike,
     pipelines: Mapping[str, Sequence[Any]],
@@ -498,21 +555,59 @@ def make_loader(
     os_cache: bool = True,
     batches_ahead: int = 3,
     indices: Sequence[int] | None = None,
+    reuse_key: Any = None,
 ) -> ClosingLoader:
     """An ffcv Loader over ``path``, checked by :func:`assert_pipeline_safe`, in a :class:`ClosingLoader`.
 
     ``num_workers`` numba threads decode in this process; ffcv also sets
     ``torch.set_num_threads(num_workers)`` at every epoch, so decoding and CPU compute share cores.
     ``indices``: read only these samples (in this order with ``order='sequential'``).
+    ``reuse_key``: a hashable description of ``pipelines`` (their settings, not their identity);
+    with it, a free Loader built with the same key and arguments comes from :data:`LOADER_POOL`
+    instead of a new one (``pipelines`` is then unused: ``ClosingLoader.ops`` has the ones it runs).
     """
     from ffcv.loader import Loader, OrderOption
-    from ffcv.reader import Reader
 
     if order == "quasi_random" and (distributed or os_cache):
         raise DataError(
             "order='quasi_random' needs os_cache=False and no distributed training (ffcv 1.0.2): "
             "use order='random' or set os_cache=false on one device"
         )
+    key = None
+    order_key = order if isinstance(order, str) else getattr(order, "cache_key", None)
+    if reuse_key is not None and order_key is not None:
+        import torch.distributed as dist
+
+        rank_world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_available() and dist.is_initialized() else None
+        idx = None if indices is None else hashlib.sha1(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+        key = (reuse_key, _file_identity(path), batch_size, num_workers, order_key, distributed, rank_world, seed,
+               drop_last, os_cache, batches_ahead, idx)
+        entry = LOADER_POOL.take(key)
+        if entry is not None:
+            loader, ops = entry
+            loader.next_epoch = 0  # as built
+            return LOADER_POOL.hold(key, ClosingLoader(loader, _epoch_seeds(ops), ops), entry)
+    _check_pipelines(path, pipelines)
+    ops = {k: list(v) if v is not None else None for k, v in pipelines.items()}
+    loader = Loader(
+        os.fspath(path), batch_size=batch_size, num_workers=num_workers,
+        order=getattr(OrderOption, _ORDERS[order]) if isinstance(order, str) else order,  # or a TraversalOrder
+        distributed=distributed, seed=seed,
+        # list copies: ffcv's PipelineSpec pops the decoder out of the list it is given
+        pipelines={k: list(v) if v is not None else None for k, v in ops.items()},
+        drop_last=drop_last, os_cache=os_cache, batches_ahead=batches_ahead,
+        indices=None if indices is None else np.asarray(indices, dtype=np.int64),
+    )
+    closing = ClosingLoader(loader, _epoch_seeds(ops), ops)
+    if key is None:
+        return closing
+    LOADER_POOL.built += 1
+    return LOADER_POOL.hold(key, closing, (loader, ops))
+
+
+def _check_pipelines(path: str | os.PathLike, pipelines: Mapping[str, Sequence[Any]]) -> None:
+    from ffcv.reader import Reader
+
     reader = Reader(os.fspath(path))
     for name, ops in pipelines.items():
         if name not in reader.handlers:
@@ -520,16 +615,11 @@ def make_loader(
         ix = list(reader.handlers).index(name)
         if ops:
             assert_pipeline_safe(ops, reader.metadata[f"f{ix}"], name)
-    epoch_seeds = {id(op.epoch_seed): op.epoch_seed for ops in pipelines.values() for op in (ops or []) if hasattr(op, "epoch_seed")}
-    return ClosingLoader(Loader(
-        os.fspath(path), batch_size=batch_size, num_workers=num_workers,
-        order=getattr(OrderOption, _ORDERS[order]) if isinstance(order, str) else order,  # or a TraversalOrder
-        distributed=distributed, seed=seed,
-        # list copies: ffcv's PipelineSpec pops the decoder out of the list it is given
-        pipelines={k: list(v) if v is not None else None for k, v in pipelines.items()},
-        drop_last=drop_last, os_cache=os_cache, batches_ahead=batches_ahead,
-        indices=None if indices is None else np.asarray(indices, dtype=np.int64),
-    ), epoch_seeds=list(epoch_seeds.values()))
+
+
+def _epoch_seeds(pipelines: Mapping[str, Sequence[Any] | None]) -> list:
+    seeds = {id(op.epoch_seed): op.epoch_seed for ops in pipelines.values() for op in (ops or []) if hasattr(op, "epoch_seed")}
+    return list(seeds.values())
 
 
 def beton_info(path: str | os.PathLike) -> dict:

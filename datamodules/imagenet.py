@@ -278,6 +278,10 @@ class ImageNetDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Check the batch split and the prepared files on every process; loaders are built lazily."""
         ws = self._world_size()
+        if ws > 1:
+            from .process_exit import settle_gloo_at_exit
+
+            settle_gloo_at_exit()  # a gloo rank could otherwise abort at exit after a finished run
         bs = self.hparams.batch_size
         if bs % ws:
             lo, hi = (bs // ws) * ws, (bs // ws + 1) * ws

@@ -62,6 +62,8 @@ def ffcv_ra_order(reps: int):
     from ffcv.traversal_order.base import TraversalOrder
 
     class RAOrder(TraversalOrder):
+        cache_key = ("ra", reps)  # ffcv_io.make_loader: Loaders built with an equal order may be reused
+
         def __init__(self, loader=None):
             self.reps = reps
             if loader is not None:

@@ -8,7 +8,9 @@ interpolation (ffcv uses OpenCV INTER_AREA).
 
 from __future__ import annotations
 
+import atexit
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -131,6 +133,45 @@ class EpochSampler(Sampler):
         yield from ((i, seeds[i]) for i in order[skip:])
 
 
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes end when this process exits.
+
+    Its workers ignore SIGTERM (:func:`worker_ignores_job_signals`), and at exit
+    ``multiprocessing`` ends daemonic children with SIGTERM and then joins them: a persistent
+    worker still alive then (a loader referenced until exit: a notebook's DataModule, a trainer
+    in a reference cycle) made the process wait forever after its work was done. Each
+    iterator with workers is remembered (weakly) and :func:`_end_workers_at_exit` shuts them
+    down the way a finished iterator does, before ``multiprocessing``'s exit hook runs.
+    """
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if self.num_workers > 0:
+            _WORKER_ITERATORS.add(it)
+        return it
+
+
+_WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _end_workers_at_exit() -> None:
+    for it in list(_WORKER_ITERATORS):
+        try:
+            it._shutdown_workers()  # what the iterator's __del__ does: a None to each worker, then join
+        except Exception:  # noqa: BLE001 - exiting anyway; the kill below still ends the workers
+            pass
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                w.kill()  # SIGKILL: the one signal a worker cannot ignore
+                w.join(5)
+
+
+# Registered after torch.utils.data's and multiprocessing's own exit hooks (at import of torch),
+# so it runs before both (atexit is last in, first out): torch's flag turns _shutdown_workers into
+# a no-op, and multiprocessing's hook is the join that waited forever.
+atexit.register(_end_workers_at_exit)
+
+
 def worker_ignores_job_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: workers ignore SIGUSR1 and SIGTERM.
 
@@ -138,7 +179,8 @@ def worker_ignores_job_signals(worker_id: int) -> None:
     process of the job step. The training process handles them (Lightning saves an hpc
     checkpoint and requeues); a worker, which does not, would die of them, and the rank would
     end in "DataLoader worker (pid N) is killed by signal" instead of stopping cleanly. The
-    training process ends its workers itself, and a worker whose parent is gone exits.
+    training process ends its workers itself (:class:`WorkerLoader`, also at exit), and a
+    worker whose parent is gone exits.
     """
     import signal
 
@@ -159,7 +201,7 @@ def make_dataloader(
     """A torch DataLoader. Train: Lightning swaps in a DistributedSampler under DDP
     (use_distributed_sampler), unless ``sampler`` is one (samplers.RASampler, or the unpadded
     evaluation sampler), which it keeps."""
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytest_plugins = ["tests.exit_guard"]  # tests/exit_guard.py: a stuck exit cannot hang CI
+
 
 def ramp_image(h: int, w: int, label: int) -> np.ndarray:
     """An asymmetric RGB image: R rises left -> right, G top -> bottom, B encodes the label.
