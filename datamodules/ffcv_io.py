@@ -18,7 +18,7 @@ Facts about ffcv 1.0.2 this module relies on (read in its source):
 - Batches are views into a ring of ``batches_ahead + 2`` preallocated buffers: clone a batch
   if you keep it longer than that. ``ToTorchImage()`` returns NCHW in channels_last memory.
 - Each ``Loader`` compiles its pipeline with numba (new closures, so numba's caches do not
-  apply), and numba never frees compiled code: ~18 MiB per Loader here (benchmarks/soak.py).
+  apply), and numba never frees compiled code: ~9 MiB per fit's train + val pair (benchmarks/soak.py).
   :class:`LoaderPool` hands a built Loader to the next DataModule with the same settings.
 """
 
@@ -496,9 +496,9 @@ class ClosingLoader:
 class LoaderPool:
     """Built ffcv Loaders, reused across DataModules in one process, one holder at a time.
 
-    Why: a Loader's numba code is never freed (about 18 MiB for the train + val pair here), so a
-    process that fits again and again (a sweep, a notebook, fit + resume in one process) grew by
-    that much per fit. A Loader is taken out under its key (the .beton's identity, the
+    Why: a Loader's numba code is never freed (about 9 MiB for a fit's train + val pair, README
+    "Soak"), so a process that fits again and again (a sweep, a notebook, fit + resume in one
+    process) grew by that much per fit. A Loader is taken out under its key (the .beton's identity, the
     pipeline's settings, every Loader argument) and comes back when the :class:`ClosingLoader`
     holding it is garbage; while one is held, the same key builds another. So two holders never
     share a Loader, and a reused one behaves as a new one: its epoch counter is reset to 0 and
@@ -507,10 +507,13 @@ class LoaderPool:
 
     def __init__(self) -> None:
         self._free: dict[Any, list[tuple[Any, dict]]] = {}
+        self._keys: set = set()  # every key a Loader was built under
         self._lock = threading.Lock()
         self.built = 0  # Loaders built under a key (for tests and the soak)
 
     def take(self, key: Any) -> tuple[Any, dict] | None:
+        if key not in self._keys:
+            return None  # never built: nothing to wait for, no collection to pay for
         for attempt in range(2):
             with self._lock:
                 free = self._free.get(key)
@@ -525,12 +528,9 @@ class LoaderPool:
             self._free.setdefault(key, []).append(entry)
 
     def hold(self, key: Any, closing: ClosingLoader, entry: tuple[Any, dict]) -> ClosingLoader:
+        self._keys.add(key)
         weakref.finalize(closing, self.give_back, key, entry).atexit = False
         return closing
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
 
 
 LOADER_POOL = LoaderPool()
