@@ -1,5 +1,13 @@
 """What a training process needs at interpreter exit so that it neither aborts nor hangs.
 
+Daemonic children that ignore SIGTERM (DataLoader workers: torchvision_backend's
+``worker_ignores_job_signals``, or any child forked after something set SIGTERM to SIG_IGN):
+at exit ``multiprocessing`` ends daemonic children with SIGTERM and then joins them, forever for
+one that ignores it. :func:`end_deaf_children` (registered at import, so before
+``multiprocessing``'s own hook) ends those with SIGKILL first, which is what "daemonic" promises.
+In CI, a worker left alive by a DataLoader iterator that was collected mid-run (its shutdown
+joins for 5 s, then sends the SIGTERM the worker ignores) held `make test` after its summary.
+
 Gloo (CPU DDP): each collective's Work object is destroyed by gloo's worker thread once done,
 and its destructor takes the GIL (it releases a Python object torch keeps in its thread-local
 state). If that happens after the main thread has started finalising the interpreter, CPython
@@ -16,6 +24,9 @@ all-reduces, then exit): a rank aborted in 6 of 16 runs without this, 0 of 16 wi
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import os
+import signal
 import time
 
 # 0.25 s: 5x the 50 ms that measured 0 aborts in 16 runs, for a loaded machine; paid once per
@@ -40,3 +51,29 @@ def settle_gloo_at_exit() -> bool:
     atexit.register(_let_gloo_threads_finish)  # atexit runs before finalisation, LIFO: after later hooks
     _registered = True
     return True
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (Linux: its SigIgn mask in /proc; elsewhere: False)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def end_deaf_children() -> list[int]:
+    """SIGKILL this process's daemonic children that ignore SIGTERM; return their pids."""
+    ended = []
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None and ignores_sigterm(child.pid):
+            child.kill()
+            child.join(5)
+            ended.append(child.pid)
+    return ended
+
+
+atexit.register(end_deaf_children)  # after multiprocessing's hook (imported with torch), so it runs first

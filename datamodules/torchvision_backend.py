@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from . import process_exit  # noqa: F401 - registers the SIGKILL of workers still alive at exit
 from .backends import Backend
 from .folder import DataError, atomic_write_json, cache_dir_for, check_headers, corrupt_error, load_rgb, read_json
 
@@ -141,7 +142,9 @@ class WorkerLoader(DataLoader):
     worker still alive then (a loader referenced until exit: a notebook's DataModule, a trainer
     in a reference cycle) made the process wait forever after its work was done. Each
     iterator with workers is remembered (weakly) and :func:`_end_workers_at_exit` shuts them
-    down the way a finished iterator does, before ``multiprocessing``'s exit hook runs.
+    down the way a finished iterator does, before ``multiprocessing``'s exit hook runs; any
+    worker still alive then (one whose iterator was collected earlier and whose SIGTERM was
+    ignored) gets SIGKILL from :func:`process_exit.end_deaf_children`.
     """
 
     def _get_iterator(self):
@@ -158,17 +161,14 @@ def _end_workers_at_exit() -> None:
     for it in list(_WORKER_ITERATORS):
         try:
             it._shutdown_workers()  # what the iterator's __del__ does: a None to each worker, then join
-        except Exception:  # noqa: BLE001 - exiting anyway; the kill below still ends the workers
+        except Exception:  # noqa: BLE001 - exiting anyway; process_exit.end_deaf_children ends the rest
             pass
-        for w in getattr(it, "_workers", ()):
-            if w.is_alive():
-                w.kill()  # SIGKILL: the one signal a worker cannot ignore
-                w.join(5)
 
 
 # Registered after torch.utils.data's and multiprocessing's own exit hooks (at import of torch),
-# so it runs before both (atexit is last in, first out): torch's flag turns _shutdown_workers into
-# a no-op, and multiprocessing's hook is the join that waited forever.
+# and after process_exit's SIGKILL of deaf children, so it runs before all three (atexit is last
+# in, first out): workers are asked to stop first, torch's flag would turn _shutdown_workers into a
+# no-op, and multiprocessing's hook is the join that waited forever.
 atexit.register(_end_workers_at_exit)
 
 

@@ -34,6 +34,35 @@ def test_live_persistent_workers_do_not_hold_the_exit(tmp_path):
     assert "trained" in proc.stdout
 
 
+DEAF_CHILD = textwrap.dedent(f"""
+    import multiprocessing, signal, sys, time
+    sys.path.insert(0, {str(ROOT)!r})
+    import datamodules.torchvision_backend  # noqa: F401 - what `zoo` imports
+
+    def deaf():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(3600)
+
+    if __name__ == "__main__":
+        multiprocessing.set_start_method("fork")
+        child = multiprocessing.Process(target=deaf, daemon=True)
+        child.start()
+        time.sleep(1)  # its SIGTERM handler is set
+        print("child", child.pid, flush=True)
+""")
+
+
+def test_a_daemonic_child_that_ignores_sigterm_does_not_hold_the_exit(tmp_path):
+    # The case the loader's own shutdown cannot reach: a worker whose iterator was collected
+    # mid-run (it joins 5 s, then sends the SIGTERM the worker ignores); CI held on one.
+    script = tmp_path / "deaf_child.py"
+    script.write_text(DEAF_CHILD)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pid = int(proc.stdout.split()[1])
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_gloo_ranks_do_not_abort_at_exit():
