@@ -9,12 +9,13 @@ interpolation (ffcv uses OpenCV INTER_AREA).
 from __future__ import annotations
 
 import atexit
+import math
 import warnings
 import weakref
 from collections.abc import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
@@ -109,8 +110,7 @@ class EpochSampler(Sampler):
     with it, so epoch e's batches are the same whether the process ran epochs 0..e-1 or
     resumed from a checkpoint at the end of epoch e-1 (torch's RandomSampler draws from one
     generator across epochs: a resumed run would repeat epoch 0's order). Lightning calls
-    :meth:`set_epoch` before each epoch. Under DDP Lightning uses its DistributedSampler
-    instead (order by (seed, epoch); crops from the workers' RNG).
+    :meth:`set_epoch` before each epoch. Under DDP: :class:`DistributedEpochSampler`.
     """
 
     def __init__(self, n: int, seed: int = 0) -> None:
@@ -132,6 +132,33 @@ class EpochSampler(Sampler):
             skip = self.resume_at[1] if self.resume_at[0] == self.epoch else 0
             self.resume_at = None
         yield from ((i, seeds[i]) for i in order[skip:])
+
+
+class DistributedEpochSampler(DistributedSampler):
+    """:class:`EpochSampler` for one rank of ``num_replicas``: the same (seed, epoch) order and
+    per-sample seeds, padded and split the way torch's DistributedSampler does (rank ``r``
+    takes positions ``r, r + world, ...``). A DistributedSampler, so Lightning keeps it instead
+    of putting in its own, whose crops would come from the workers' RNG (not resumable)."""
+
+    def __init__(self, n: int, seed: int = 0, *, num_replicas: int, rank: int, drop_last: bool = False) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.n = n
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples this rank already trained)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # EpochSampler's draws
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:
+            order += (order * math.ceil(self.total_size / max(len(order), 1)))[: self.total_size - len(order)]
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        skip = 0
+        if self.resume_at is not None:
+            skip = self.resume_at[1] if self.resume_at[0] == self.epoch else 0
+            self.resume_at = None
+        yield from ((i, seeds[i]) for i in mine[skip:])
 
 
 class WorkerLoader(DataLoader):
@@ -218,9 +245,9 @@ def make_dataloader(
 class TorchvisionBackend(Backend):
     """PIL decoding in DataLoader worker processes; files are checked once (headers) and remembered.
 
-    Under DDP, Lightning gives the train loader a DistributedSampler; evaluation loaders get
-    Lightning's UnrepeatedDistributedSampler (rank ``r`` reads ``r::world_size``, no padding),
-    which Lightning keeps because it is a DistributedSampler.
+    Under DDP the train loader gets :class:`DistributedEpochSampler` and evaluation loaders
+    Lightning's UnrepeatedDistributedSampler (rank ``r`` reads ``r::world_size``, no padding);
+    Lightning keeps both because they are DistributedSamplers.
     """
 
     name = "torchvision"
@@ -278,6 +305,9 @@ class TorchvisionBackend(Backend):
             sampler = RASampler(dataset, reps=hp.ra_reps, num_replicas=world_size, seed=dm.seed, rank=rank)
         elif train and world_size == 1:
             sampler = EpochSampler(len(dataset), dm.seed)
+        elif train:
+            # padded to a multiple of world_size like Lightning's own DistributedSampler (drop_last=False)
+            sampler = DistributedEpochSampler(len(dataset), dm.seed, num_replicas=world_size, rank=rank)
         return make_dataloader(
             dataset, batch_size=dm.per_device_batch_size, num_workers=hp.num_workers,
             shuffle=train, drop_last=hp.drop_last if train else False, seed=dm.seed, sampler=sampler,

@@ -44,3 +44,25 @@ def test_torchvision_backend_serves_repeated_images(tiny_imagenet):
     x, y = next(iter(loader))
     assert y[0] == y[1] == y[2]  # three copies of one image in a row
     assert not (torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]))  # with different crops/flips
+
+
+def test_distributed_epoch_sampler_splits_epoch_sampler_draws_across_ranks():
+    from datamodules.torchvision_backend import DistributedEpochSampler, EpochSampler
+
+    one = EpochSampler(10, seed=5)
+    one.set_epoch(2)
+    whole = dict(one)  # index -> its crop seed, for epoch 2
+    ranks = [DistributedEpochSampler(10, seed=5, num_replicas=3, rank=r) for r in range(3)]
+    for s in ranks:
+        assert isinstance(s, torch.utils.data.DistributedSampler)  # Lightning keeps it, calls set_epoch
+        s.set_epoch(2)
+    parts = [list(s) for s in ranks]
+    assert [len(p) for p in parts] == [len(s) for s in ranks] == [4, 4, 4]  # 10 padded to 12, as torch's
+    seen = [i for p in parts for i, _ in p]
+    assert set(seen) == set(range(10)) and len(seen) == 12
+    assert all(whole[i] == seed for p in parts for i, seed in p)  # the 1-process crops, split
+    ranks[1].set_epoch(3)
+    assert list(ranks[1]) != parts[1]  # a new order every epoch
+    ranks[1].set_epoch(2)
+    ranks[1].resume_at = (2, 3)  # 3 samples of epoch 2 trained before the kill: the rest only
+    assert list(ranks[1]) == parts[1][3:]
