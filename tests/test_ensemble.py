@@ -88,8 +88,12 @@ def test_stacked_equals_looped():
     torch.testing.assert_close(unfolded(x), looped(x), rtol=1e-4, atol=1e-5)
     # mixed architectures: one stacked group plus a looped member, in the members' order
     other = _nets(1, skip=True)[0]
-    mixed = MemberRunner(nets[:2] + [other], [0, 0, 1])
+    mixed = MemberRunner(nets[:2] + [other], [0, 0, 1], stack=True)
     torch.testing.assert_close(mixed(x)[2], other(x), rtol=1e-4, atol=1e-5)
+    assert [len(idx) for idx, _ in mixed.groups] == [2, 1]
+    auto = MemberRunner(nets, [0, 0, 0])  # the default: stacked on a GPU only (measured slower on CPU)
+    torch.testing.assert_close(auto(x), looped(x), rtol=1e-4, atol=1e-5)
+    assert auto.stack is (x.device.type == "cuda") and len(auto.groups) == (1 if auto.stack else 3)
 
 
 @pytest.mark.slow
