@@ -41,7 +41,7 @@ DEAF_CHILD = textwrap.dedent(f"""
 
     def deaf():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        time.sleep(3600)
+        time.sleep(300)  # a bounded orphan if the exit hook ever fails
 
     if __name__ == "__main__":
         multiprocessing.set_start_method("fork")
