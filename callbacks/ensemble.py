@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Optional
