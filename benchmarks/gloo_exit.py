@@ -37,15 +37,12 @@ def rank_main(rank: int, port: int, grace: bool, pending: int) -> None:
 
 def count_aborts(runs: int, grace: bool, pending: int = 50) -> list[list[int]]:
     """Exit codes of the runs in which a rank did not exit with 0."""
-    import socket
-
     import torch.multiprocessing as mp
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
     bad = []
     for _ in range(runs):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = find_free_network_port()
         ctx = mp.start_processes(rank_main, args=(port, grace, pending), nprocs=2, join=False, start_method="spawn")
         for p in ctx.processes:
             p.join(120)

@@ -124,14 +124,20 @@ class EpochSampler(Sampler):
         return self.n
 
     def __iter__(self):  # a generator: the order is drawn (and resume_at used) at the first next()
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        skip = 0
-        if self.resume_at is not None:  # a mid-epoch resume: the rest of the saved epoch only
-            skip = self.resume_at[1] if self.resume_at[0] == self.epoch else 0
-            self.resume_at = None
-        yield from ((i, seeds[i]) for i in order[skip:])
+        order, seeds = _epoch_draws(self.n, self.seed, self.epoch)
+        yield from ((i, seeds[i]) for i in order[_take_resume(self):])
+
+
+def _epoch_draws(n: int, seed: int, epoch: int) -> tuple[list[int], list[int]]:
+    """Epoch ``epoch``'s order of ``n`` samples and each sample's crop seed: a function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist(), torch.randint(0, 2**62, (n,), generator=g).tolist()
+
+
+def _take_resume(sampler) -> int:
+    """Samples of this epoch already trained before a mid-epoch resume (0 otherwise); used once."""
+    at, sampler.resume_at = sampler.resume_at, None
+    return at[1] if at is not None and at[0] == sampler.epoch else 0
 
 
 class DistributedEpochSampler(DistributedSampler):
@@ -146,19 +152,13 @@ class DistributedEpochSampler(DistributedSampler):
         self.resume_at: tuple[int, int] | None = None  # (epoch, samples this rank already trained)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # EpochSampler's draws
-        order = torch.randperm(self.n, generator=g).tolist()
-        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        order, seeds = _epoch_draws(self.n, self.seed, self.epoch)  # EpochSampler's draws
         if self.drop_last:
             order = order[: self.total_size]
         else:
             order += (order * math.ceil(self.total_size / max(len(order), 1)))[: self.total_size - len(order)]
         mine = order[self.rank : self.total_size : self.num_replicas]
-        skip = 0
-        if self.resume_at is not None:
-            skip = self.resume_at[1] if self.resume_at[0] == self.epoch else 0
-            self.resume_at = None
-        yield from ((i, seeds[i]) for i in mine[skip:])
+        yield from ((i, seeds[i]) for i in mine[_take_resume(self):])
 
 
 class WorkerLoader(DataLoader):
