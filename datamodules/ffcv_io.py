@@ -434,10 +434,10 @@ class ClosingLoader:
     uninterrupted run.
     """
 
-    def __init__(self, loader: Any, epoch_seeds: Sequence[Any] = (), ops: Mapping[str, Sequence[Any]] | None = None):
+    def __init__(self, loader: Any, ops: Mapping[str, Sequence[Any] | None] | None = None):
         self.loader = loader
         self.ops = dict(ops or {})  # the pipelines the Loader decodes with (ops["image"][0]: its decoder)
-        self.epoch_seeds = list(epoch_seeds)  # ffcv_ops.EpochSeed of the seeded ops, told each epoch
+        self.epoch_seeds = _epoch_seeds(self.ops)  # ffcv_ops.EpochSeed of the seeded ops, told each epoch
         self.sampler = _EpochSetter(loader)
         self.batch_sampler = None  # Lightning's _is_dataloader_shuffled reads both
         self._position = {"epoch": int(loader.next_epoch), "batches": 0}
@@ -573,20 +573,22 @@ def make_loader(
             "order='quasi_random' needs os_cache=False and no distributed training (ffcv 1.0.2): "
             "use order='random' or set os_cache=false on one device"
         )
+    if indices is not None:
+        indices = np.asarray(indices, dtype=np.int64)
     key = None
     order_key = order if isinstance(order, str) else getattr(order, "cache_key", None)
     if reuse_key is not None and order_key is not None:
         import torch.distributed as dist
 
         rank_world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_available() and dist.is_initialized() else None
-        idx = None if indices is None else hashlib.sha1(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+        idx = None if indices is None else hashlib.sha1(indices.tobytes()).hexdigest()
         key = (reuse_key, _file_identity(path), batch_size, num_workers, order_key, distributed, rank_world, seed,
                drop_last, os_cache, batches_ahead, idx)
         entry = LOADER_POOL.take(key)
         if entry is not None:
             loader, ops = entry
             loader.next_epoch = 0  # as built
-            return LOADER_POOL.hold(key, ClosingLoader(loader, _epoch_seeds(ops), ops), entry)
+            return LOADER_POOL.hold(key, ClosingLoader(loader, ops), entry)
     _check_pipelines(path, pipelines)
     ops = {k: list(v) if v is not None else None for k, v in pipelines.items()}
     loader = Loader(
@@ -596,9 +598,9 @@ def make_loader(
         # list copies: ffcv's PipelineSpec pops the decoder out of the list it is given
         pipelines={k: list(v) if v is not None else None for k, v in ops.items()},
         drop_last=drop_last, os_cache=os_cache, batches_ahead=batches_ahead,
-        indices=None if indices is None else np.asarray(indices, dtype=np.int64),
+        indices=indices,
     )
-    closing = ClosingLoader(loader, _epoch_seeds(ops), ops)
+    closing = ClosingLoader(loader, ops)
     if key is None:
         return closing
     LOADER_POOL.built += 1
