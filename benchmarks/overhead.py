@@ -113,10 +113,12 @@ def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tupl
     from callbacks.bn_stats import BNBufferSync
     from callbacks.dashboard import Dashboard
     from callbacks.fit_diagnosis import FitDiagnosis
+    from callbacks.progress import ThrottledProgressBar
 
     clock = _Clock(warmup)
     zoo_fit = [LearningRateMonitor(logging_interval="step"), FitDiagnosis(), Dashboard(plots_dir=log_dir),
-               ThroughputMonitor(batch_size_fn=batch_size_of, window_size=50), BNBufferSync()]  # cli.py defaults
+               ThroughputMonitor(batch_size_fn=batch_size_of, window_size=50), BNBufferSync(),
+               ThrottledProgressBar()]  # cli.py defaults
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=CSVLogger(log_dir),
         log_every_n_steps=10,  # demo recipe

@@ -407,10 +407,13 @@ class BNStatsCheck(L.Callback):
             passes (3 x min(num_samples, train images) + 2 x min(val_samples, val images) + 2 x 64)
             against the epoch's (see ``check_cost``) and runs every n = ceil(ratio /
             max_overhead) epochs, counted back from the last epoch so that the final model is
-            always checked (a fit shorter than n epochs is checked once, at its end). On
-            ImageNet (1.28 M train images, K = 8,192) n = 1; on the demo (2,944 train images,
-            all of them one check) n = 57. A count, not a timing: every rank and every rerun
-            of a seed decides the same.
+            always checked. A fit shorter than n epochs is checked once, at its end, on fewer
+            images: ``num_samples`` and ``val_samples`` scaled down so that the one check fits
+            ``max_overhead`` of the fit, but not below ``min_samples`` each. On ImageNet
+            (1.28 M train images, K = 8,192) n = 1; on the demo (2,944 train images, all of them
+            one check at the full K) n = 57, so its 20-epoch fit gets one check on ~1,000 train
+            and 256 val images. A count, not a timing: every rank and every rerun of a seed
+            decides the same.
         max_overhead: the budget of ``every_n_epochs=None`` (issue #7's goal, 2%).
     """
 
@@ -438,6 +441,8 @@ class BNStatsCheck(L.Callback):
         self.acc_tol, self.rank_tol, self.every_n_epochs = acc_tol, rank_tol, every_n_epochs
         self.max_overhead = max_overhead
         self.auto_every: Optional[int] = None  # every_n_epochs=None: decided after the first train epoch
+        # (train, val) images of the one check of a fit too short for auto_every; None: the full K
+        self.short_fit_samples: Optional[tuple[int, int]] = None
         self._train_images = self._val_images = 0
         self._ran_epoch: Optional[int] = None
         self._said: set[str] = set()
@@ -468,15 +473,45 @@ class BNStatsCheck(L.Callback):
         if self.auto_every is None and dataloader_idx == 0:
             self._val_images += batch_size_of(batch)
 
-    def check_cost(self) -> float:
+    @property
+    def min_samples(self) -> int:
+        """The fewest images a shrunken check uses (train and val each): (4 / mean_tol)^2, 256 at
+        the default 0.25. The population mean of a channel estimated from N images has a
+        standard error of at most sigma / sqrt(N) (per-image means vary by at most sigma), here
+        a quarter of the staleness tolerance; a val-accuracy change of ``acc_tol`` (0.05) is
+        then 13 images or more."""
+        return math.ceil((4.0 / self.mean_tol) ** 2)
+
+    def _samples(self) -> tuple[int, int]:
+        """(train, val) images a check uses now: the full ``num_samples``/``val_samples``, or
+        the shrunken pair of a fit too short for ``auto_every``."""
+        return self.short_fit_samples or (self.num_samples, self.val_samples)
+
+    def check_cost(self, samples: Optional[tuple[int, int]] = None) -> float:
         """Forward passes of one check per rank (``ESTIMATOR_COST_IN_FORWARDS`` per estimator
         image, 1 per val image), as a fraction of one train epoch's compute
-        (``TRAIN_COST_IN_FORWARDS`` per train image)."""
+        (``TRAIN_COST_IN_FORWARDS`` per train image). ``samples``: (train, val) images, all
+        ranks together (default: the full ``num_samples``, ``val_samples``)."""
         ws = world_size()
-        train = ESTIMATOR_COST_IN_FORWARDS * min(math.ceil(self.num_samples / ws), self._train_images)
-        val = min(math.ceil(self.val_samples / ws), self._val_images)
+        k_train, k_val = samples or (self.num_samples, self.val_samples)
+        train = ESTIMATOR_COST_IN_FORWARDS * min(math.ceil(k_train / ws), self._train_images)
+        val = min(math.ceil(k_val / ws), self._val_images)
         held = 2 * min(HELDOUT_SIZE, self._val_images)
         return (train + 2 * val + held) / max(TRAIN_COST_IN_FORWARDS * self._train_images, 1.0)
+
+    def _shrink(self, budget: float) -> tuple[int, int]:
+        """(train, val) images, all ranks, for one check costing at most ``budget`` train epochs:
+        both scaled by one factor, each at least :attr:`min_samples` (or all there are)."""
+        ws = world_size()
+        full_train = min(self.num_samples, self._train_images * ws)
+        full_val = min(self.val_samples, self._val_images * ws)
+        fixed = self.check_cost((0, 0))  # the held-out batch
+        scale = max(0.0, budget - fixed) / max(self.check_cost((full_train, full_val)) - fixed, 1e-12)
+
+        def scaled(full: int) -> int:
+            return min(full, max(self.min_samples, math.floor(full * min(scale, 1.0))))
+
+        return scaled(full_train), scaled(full_val)
 
     def _due(self, trainer) -> bool:
         epoch = trainer.current_epoch
@@ -491,8 +526,12 @@ class BNStatsCheck(L.Callback):
             self.auto_every = max(1, math.ceil(cost / self.max_overhead - 1e-9))
             epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
             if epochs is not None and epochs < self.auto_every:
-                plan = (f"this fit has {epochs} epoch(s): one check at its end, ~{100 * cost / epochs:.3g}% of the fit, "
-                        f"above the {100 * self.max_overhead:g}% budget (every_n_epochs to choose)")
+                self.short_fit_samples = self._shrink(self.max_overhead * epochs)
+                k_train, k_val = self.short_fit_samples
+                share = self.check_cost(self.short_fit_samples) / epochs
+                plan = (f"this fit has {epochs} epoch(s): one check at its end, on {k_train} train and {k_val} val "
+                        f"images (at least {self.min_samples} each), ~{100 * share:.3g}% of the fit "
+                        f"(every_n_epochs to choose)")
             else:
                 plan = (f"it runs every {self.auto_every} epoch(s), the last epoch included, to stay within "
                         f"{100 * self.max_overhead:g}% (every_n_epochs to choose)")
@@ -551,14 +590,15 @@ class BNStatsCheck(L.Callback):
             self._once("mid", "BNStatsCheck: validation in the middle of an epoch: check 3 (population statistics) "
                               "runs only at epoch ends")
         else:
-            inputs = _train_inputs(trainer, pl_module, self.num_samples)
+            k_train = self._samples()[0]
+            inputs = _train_inputs(trainer, pl_module, k_train)
             if inputs is None:
                 self._once("nodata", "BNStatsCheck: no training data in this stage; check 3 (population statistics) skipped")
             else:
                 with precision_context(trainer):
-                    stats, used = estimate_population_stats(net, inputs, self.num_samples)
-                if used < self.num_samples:
-                    self._once("few", f"BNStatsCheck: the train data gave {used} samples < {self.num_samples} "
+                    stats, used = estimate_population_stats(net, inputs, k_train)
+                if used < k_train:
+                    self._once("few", f"BNStatsCheck: the train data gave {used} samples < {k_train} "
                                       "requested; estimated from all of them")
         if stats:
             worst_mean = worst_var = 0.0
@@ -637,10 +677,12 @@ class BNStatsCheck(L.Callback):
     def state_dict(self) -> dict:
         # the period chosen in the first epoch: a resume from a mid-epoch checkpoint would count
         # a partial epoch and choose another
-        return {"auto_every": self.auto_every}
+        return {"auto_every": self.auto_every, "short_fit_samples": self.short_fit_samples}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.auto_every = state_dict.get("auto_every")
+        short = state_dict.get("short_fit_samples")
+        self.short_fit_samples = tuple(short) if short is not None else None
 
     # ------------------------------------------------------------------ pieces
     def _val_loader(self, trainer):
@@ -650,12 +692,13 @@ class BNStatsCheck(L.Callback):
     @torch.no_grad()
     def _val_accuracy(self, trainer, pl_module, stats) -> Optional[tuple[float, float]]:
         loader = self._val_loader(trainer)
-        if loader is None or self.val_samples == 0:
+        k_val = self._samples()[1]
+        if loader is None or k_val == 0:
             return None
         net = pl_module.net
         hits = torch.zeros(3, device=pl_module.device)  # running, recomputed, count
         picks_x, picks_y = [], []
-        for x, y in iterate(loader, pl_module, max_samples=math.ceil(self.val_samples / world_size())):
+        for x, y in iterate(loader, pl_module, max_samples=math.ceil(k_val / world_size())):
             if y is None:
                 return None
             # the held-out batch of check 4: a few images from every val batch, so that it

@@ -24,7 +24,7 @@ from typing import Optional
 
 from jsonargparse import ArgumentError
 
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -351,6 +351,10 @@ class ZooCLI(LightningCLI):
                 # DDP without SyncBN: average BN buffers across ranks before validation and saving
                 # (timm's --dist-bn reduce default); a no-op on one process
                 callbacks.append(BNBufferSync())
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            from callbacks.progress import ThrottledProgressBar
+
+            callbacks.append(ThrottledProgressBar())  # Lightning's bar, redrawn at most every 0.1 s
         trainer_cfg["callbacks"] = callbacks
         trainer_cfg["default_root_dir"] = str(run_dir)  # Lightning's hpc checkpoints go here
         kwargs.setdefault("logger", logger)

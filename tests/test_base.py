@@ -230,6 +230,43 @@ def test_bad_augment_args(kw, msg):
         DeviceAugment(num_classes=2, **kw)
 
 
+# ----------------------------------------------------------------------------- train loss logging
+class _LoggedEveryStep(ImageClassifier):
+    """The reference: Lightning's own per-step ``self.log`` of the loss."""
+
+    def _log_train_loss(self, loss, n):
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
+
+
+def _logged_rows(tmp_path, cls, log_every, accumulate=1):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(0)
+    m = cls(arch="convnet", num_classes=NUM_CLASSES)
+    t = trainer(max_epochs=2, limit_val_batches=0, log_every_n_steps=log_every, accumulate_grad_batches=accumulate,
+                logger=CSVLogger(tmp_path / cls.__name__, name="", version=""))
+    t.fit(m, datamodule=TinyData(n=36))  # 5 batches an epoch, the last one of 4 images
+    with open(tmp_path / cls.__name__ / "metrics.csv") as f:
+        rows = {(r["step"], r["epoch"], k): float(v) for r in csv.DictReader(f) for k, v in r.items()
+                if k.startswith("train/loss") and v}
+    cb = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("train/loss")}
+    return rows, cb
+
+
+@pytest.mark.parametrize("log_every,accumulate", [(2, 1), (1, 1), (3, 2)])
+def test_train_loss_is_logged_as_lightning_logs_it(tmp_path, log_every, accumulate):
+    """``train/loss_step`` at the logger's steps and the batch-size weighted ``train/loss_epoch``,
+    the same keys, steps and values as ``self.log(on_step=True, on_epoch=True)`` at every step."""
+    rows, cb = _logged_rows(tmp_path, ImageClassifier, log_every, accumulate)
+    ref_rows, ref_cb = _logged_rows(tmp_path, _LoggedEveryStep, log_every, accumulate)
+    assert sorted(rows) == sorted(ref_rows) and {k[2] for k in rows} == {"train/loss_step", "train/loss_epoch"}
+    assert rows == pytest.approx(ref_rows, rel=1e-6)
+    assert sorted(cb) == sorted(ref_cb) == ["train/loss", "train/loss_epoch", "train/loss_step"]
+    assert cb == pytest.approx(ref_cb, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_fit_with_all_device_augmentations_and_labels_smoothing():
     m = model(

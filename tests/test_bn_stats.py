@@ -218,4 +218,30 @@ def test_fit_shorter_than_the_period_is_checked_once_at_its_end(tmp_path, capsys
     check = BNStatsCheck(num_samples=32, val_samples=8, max_overhead=0.05)
     ran = epochs_checked(check, 3, tmp_path)
     assert check.auto_every == 15 and ran == [2]
-    assert "this fit has 3 epoch(s): one check at its end, ~25% of the fit, above the 5% budget" in capsys.readouterr().out
+    # fewer images than min_samples (256): the one check keeps them all
+    assert check.short_fit_samples == (32, 8)
+    assert ("this fit has 3 epoch(s): one check at its end, on 32 train and 8 val images (at least 256 each), "
+            "~25% of the fit") in capsys.readouterr().out
+
+
+def test_the_one_check_of_a_short_fit_shrinks_to_the_budget(tmp_path, capsys, monkeypatch):
+    """A fit too short for the period: num_samples and val_samples scaled by one factor so the
+    check fits max_overhead of the fit, floored at min_samples; the choice survives a checkpoint."""
+    import callbacks.bn_stats as bn_stats
+
+    asked = []
+    real = bn_stats.estimate_population_stats
+    monkeypatch.setattr(bn_stats, "estimate_population_stats",
+                        lambda net, inputs, num_samples, **kw: asked.append(num_samples) or real(net, inputs, num_samples, **kw))
+    # mean_tol 2: min_samples (4 / 2)^2 = 4. A 10% budget: period ceil(0.75 / 0.1) = 8 > 3 epochs, so
+    # 0.3 of an epoch for the one check; the held-out batch takes 32 / 192, the rest scales 112 / 192
+    # (3 x 32 + 2 x 8) by (0.3 - 1/6) / (7/12) = 0.229: 7 train images, 1 val image -> 4
+    check = BNStatsCheck(num_samples=32, val_samples=8, max_overhead=0.1, mean_tol=2.0)
+    assert check.min_samples == 4 and BNStatsCheck().min_samples == 256
+    ran = epochs_checked(check, 3, tmp_path)
+    assert check.auto_every == 8 and ran == [2] and check.short_fit_samples == (7, 4) and asked == [7]
+    assert check.check_cost((7, 1)) / 3 <= 0.1 < check.check_cost((8, 1)) / 3  # before the floor: the budget's largest
+    assert "one check at its end, on 7 train and 4 val images (at least 4 each)" in capsys.readouterr().out
+    resumed = BNStatsCheck()
+    resumed.load_state_dict(check.state_dict())
+    assert resumed.short_fit_samples == (7, 4)

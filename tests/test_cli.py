@@ -224,6 +224,7 @@ def test_every_recipe_parses_and_instantiates(tiny_imagenet, tmp_path, monkeypat
         wanted = [c["class_path"].rsplit(".", 1)[-1] for c in (cfg.get("trainer") or {}).get("callbacks") or []]
         built = [type(c).__name__ for c in cli.trainer.callbacks]
         assert all(w in built for w in wanted), (recipe.name, wanted, built)
+        assert type(cli.trainer.progress_bar_callback).__name__ == "ThrottledProgressBar", recipe.name
 
 
 def test_recipes_are_grouped_for_the_real_step():
