@@ -1,13 +1,11 @@
 """BN statistics: the estimator is exact, each planted fault fires naming its layer, a healthy
 model raises nothing, PreciseBN recomputes, and the cases without BN or with little data."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from callbacks.bn_stats import BNStatsCheck, BNStatsError, PreciseBN, bn_layers, estimate_population_stats
+from callbacks.bn_stats import BNStatsCheck, BNStatsError, PreciseBN, estimate_population_stats
 from tests.test_base import NUM_CLASSES, TinyData, trainer
 from zoo.base import ImageClassifier
 

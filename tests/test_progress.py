@@ -1,8 +1,6 @@
 """ThrottledProgressBar: Lightning's bar, redrawn at most every min_interval_s."""
 
-import lightning as L
 import pytest
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from callbacks.progress import ThrottledProgressBar
