@@ -1,6 +1,6 @@
 """Stacked (torch.func vmap) vs looped inference of a same-architecture ensemble, images/s.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/ensemble.py [--members 4] [--archs convnet resnet18] [--res 64]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/ensemble.py [--members 4] [--archs convnet resnet18 mlp] [--res 64]
 
 Interleaved (looped, stacked, looped, stacked, ...) in one process so that other jobs on a
 shared machine load both alike; prints the median of ``--repeats`` timings per batch size and
@@ -30,7 +30,7 @@ from zoo.registry import create_network  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--members", type=int, default=4)
-    ap.add_argument("--archs", nargs="+", default=["convnet", "resnet18"])
+    ap.add_argument("--archs", nargs="+", default=["convnet", "resnet18", "mlp"])
     ap.add_argument("--res", type=int, default=64)  # the demo's resolution
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         nets = []
         for s in range(args.members):
             torch.manual_seed(s)
-            nets.append(create_network(arch, num_classes=args.classes).eval().to(dev))
+            net = create_network(arch, num_classes=args.classes)
+            if getattr(net, "input_shape", (3, args.res, args.res))[1:] != (args.res, args.res):  # mlp, logreg
+                net = create_network(arch, num_classes=args.classes, input_size=args.res)
+            nets.append(net.eval().to(dev))
         looped = MemberRunner(nets, [0] * args.members, stack=False)
         stacked = MemberRunner(nets, [0] * args.members, stack=True)
         for bs in args.batch:

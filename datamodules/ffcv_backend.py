@@ -48,6 +48,7 @@ class FFCVBackend(Backend):
             with beton_lock(path):  # another node may be writing it: wait, then check again
                 if self._cached_beton(path, classes):
                     continue
+                _remove_unfinished(path)
                 source = dm.sample_list(split)
                 rank_zero_info(f"writing {path} from {source.source} ({dm.write_params})")
                 workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -133,3 +134,12 @@ class FFCVBackend(Backend):
     # never frees, so a later DataModule with the same settings reuses it (ffcv_io.LoaderPool).
 
 
+def _remove_unfinished(path: Path) -> None:
+    """Delete the temporary files of earlier writers of ``path`` that were killed (write_beton
+    names them ``.<name>.<random>.tmp``; a SIGKILL leaves them behind). Called with the
+    ``beton_lock`` held: no other writer of ``path`` is running."""
+    stale = [p for pattern in (f".{path.name}.*.tmp", f".{path.name}.*.tmp.errors") for p in path.parent.glob(pattern)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        rank_zero_info(f"removed {len(stale)} unfinished file(s) of an earlier writer of {path} that did not finish")

@@ -306,6 +306,19 @@ class ImageNetDataModule(L.LightningDataModule):
                 )
             self.prepare_data()
         self.backend.setup()
+        self._check_eval_split_covers_ranks(stage, ws)
+
+    def _check_eval_split_covers_ranks(self, stage: str | None, ws: int) -> None:
+        """Each process evaluates its share of the val images, none padded (eval_indices); a
+        process with none would stop Lightning's evaluation loop on a failed assertion."""
+        if ws < 2 or stage == "predict":  # a folder of photos is checked by its own loader
+            return
+        n = self._num_eval("val")
+        if n < ws:
+            raise DataError(
+                f"the val split has {n} image(s) for {ws} processes: every process needs at least one (each image "
+                f"is evaluated once, without padding); use at most {n} devices or more val images"
+            )
 
     # ------------------------------------------------------------------ loaders
     def set_train_resolution(self, res: int) -> None:
@@ -321,10 +334,12 @@ class ImageNetDataModule(L.LightningDataModule):
             self._loaders[key] = self.backend.loader(split, train=train, rank=self._rank(), world_size=self._world_size())
         return self._loaders[key]
 
+    def _num_eval(self, split: str) -> int:
+        return len(self.samples(split)) if not self.is_beton_root else _beton_len(self.beton_path(split))
+
     def eval_indices(self, split: str = "val") -> list[int]:
         """Indices (into :meth:`samples`) this process evaluates or predicts, in the order it does."""
-        n = len(self.samples(split)) if not self.is_beton_root else _beton_len(self.beton_path(split))
-        return list(eval_indices(n, self._rank(), self._world_size()))
+        return list(eval_indices(self._num_eval(split), self._rank(), self._world_size()))
 
     # what callbacks.prediction_writer.PredictionWriter asks (duck-typed: callbacks don't import datamodules)
     def _predict_split(self) -> str:

@@ -456,6 +456,18 @@ def test_batch_size_must_divide_by_world_size(tiny_imagenet):
     assert dm.per_device_batch_size == 64
 
 
+def test_every_process_gets_a_val_image(tiny_imagenet):
+    """9 val images: 16 processes would leave 7 without any (Lightning's loop then fails an assert)."""
+    dm = ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=16)
+    dm.prepare_data()
+    dm.trainer = SimpleNamespace(world_size=16, global_rank=0, current_epoch=0)
+    for stage in ("fit", "validate", "test"):
+        with pytest.raises(DataError, match=r"^the val split has 9 image\(s\) for 16 processes: .* use at most 9 devices"):
+            dm.setup(stage)
+    dm.trainer = SimpleNamespace(world_size=8, global_rank=0, current_epoch=0)
+    dm.setup("fit")
+
+
 @pytest.mark.parametrize(
     ("kw", "pattern"),
     [

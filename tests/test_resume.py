@@ -120,6 +120,8 @@ def test_killed_anywhere_resumed_exactly(backend, tmp_path):
     if backend == "ffcv":  # the reference run rewrote the half-written .beton (and trained as the others)
         for beton in betons.glob("*.beton"):
             assert ffcv_io.check_beton(beton, ffcv_io.read_sidecar(beton)["params"]) is not None
+        # the first killed writer's temporary file was removed by the next writer of that .beton
+        assert not [p.name for p in betons.iterdir() if ".tmp" in p.name], sorted(p.name for p in betons.iterdir())
     print("\n".join(f"{backend} {p}: max |w - w_ref| = {d:.3g}" for p, d in table))
     assert all(d == 0.0 for _, d in table), table
 
