@@ -221,6 +221,22 @@ class ZooCLI(LightningCLI):
         parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        """A constructor's own argument check (a ValueError or TypeError while the model, data,
+        trainer or a callback is built, e.g. ``WeightEMA(decay=2)``) is a user's mistake: one
+        line naming it, instead of jsonargparse's traceback and union-type dump."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:
+            if os.environ.get("ZOO_DEBUG"):
+                raise
+            from launch.safety import ConfigError
+
+            root = e
+            while root.__cause__ is not None:  # jsonargparse wraps the constructor's error
+                root = root.__cause__
+            raise ConfigError(str(root).strip().splitlines()[0] if str(root).strip() else repr(root)) from e
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if self.subcommand is None:

@@ -4,7 +4,6 @@ code 2, and nothing half-written (no run directory, no W&B run, no temporary fil
 from __future__ import annotations
 
 import errno
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +133,12 @@ ROWS = {
     "data-disk-full-writing-beton": (_disk_full(errno.ENOSPC), r"no space left on device writing .*\.beton.*: free space or point data.beton_dir"),
     "data-read-only-beton-dir": (_disk_full(errno.EROFS), r"read-only file system writing .*: free space or point data.beton_dir"),
     "data-bad-option": (lambda t, d: ("fit", ["--data.root", str(d), "--data.flip", "2"], {}), r"flip=2.0 must be a probability in \[0, 1\]"),
+    "config-bad-callback-arg": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.callbacks+=callbacks.ema.WeightEMA",
+                                                      "--trainer.callbacks.decay", "2"], {}),
+                                r"^error: WeightEMA decay must be in \(0, 1\), got 2.0; 0.9999 is a common value$"),
     # models
+    "model-bad-option": (lambda t, d: ("fit", ["--data.root", str(d), "--model.auto_augment", "autoaugment"], {}),
+                         r"^error: unknown auto_augment 'autoaugment': use a timm RandAugment string"),
     "model-unknown-arch": (lambda t, d: ("fit", ["--data.root", str(d), "--model.arch", "resnet51"], {}), r"resnet51"),
     "model-unknown-timm-name": (lambda t, d: ("fit", ["--data.root", str(d), "--model.arch", "timm/not_a_net"], {}), r"not_a_net"),
     "model-num-classes-given": (lambda t, d: ("fit", ["--data.root", str(d), "--model.num_classes", "7"], {}), r"model.num_classes comes from the data .* drop --model.num_classes"),
