@@ -143,9 +143,17 @@ def via_zoo_create(s: Source, tmp: Path):
 
 def via_zoo_create_classes_from_weights(s: Source, tmp: Path):
     import zoo
+    from zoo.weights import sources
 
-    model = zoo.create(s.arch, weights=str(s.path), arch_args=s.arch_args or None, use_ema=s.use_ema)
+    reads = []  # files read (a snapshot folder here holds one weights file)
+    real = sources._read_file
+    sources._read_file = lambda *a, **k: reads.append(a[0]) or real(*a, **k)
+    try:
+        model = zoo.create(s.arch, weights=str(s.path), arch_args=s.arch_args or None, use_ema=s.use_ema)
+    finally:
+        sources._read_file = real
     assert model.hparams.num_classes == NUM_CLASSES, "zoo.create without num_classes: as many as the weights have"
+    assert len(reads) == 1, f"the weights were read {len(reads)} times"  # the class count and the load share one read
     return _model_result(model)
 
 

@@ -43,9 +43,13 @@ def create(name: str, *, num_classes: int | None = None, weights=None, **kwargs)
         num_classes = 1000
         if weights is not None:
             from .weights.api import _infer_num_classes, _read
+            from .weights.sources import reuse_read
 
-            w = _read(weights, kwargs.get("use_ema", True))
+            use_ema = kwargs.get("use_ema", True)
+            w = _read(weights, use_ema)
             num_classes = w.num_classes or _infer_num_classes(name, kwargs.get("arch_args") or {}, w) or 1000
+            with reuse_read(weights, use_ema, w):  # the model loads what was just read
+                return ImageClassifier(arch=name, num_classes=num_classes, weights=weights, **kwargs)
 
     return ImageClassifier(arch=name, num_classes=num_classes, weights=weights, **kwargs)
 
