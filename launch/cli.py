@@ -394,6 +394,11 @@ class ZooCLI(LightningCLI):
             from launch.safety import safe_load
 
             safe_load(ckpt_path, mmap=True)
+        # LightningCLI parses the checkpoint's hyper-parameters over the command line's, and a
+        # checkpoint saves weights=None (ImageClassifier.on_save_checkpoint): --model.weights given
+        # with --ckpt_path is dropped here; _start_run says so
+        model_cfg = self.config[sub].get("model") if ckpt_path else None
+        self._overridden_weights = model_cfg.get("weights") if model_cfg is not None else None
         super()._parse_ckpt_path()
 
     @staticmethod
@@ -447,6 +452,10 @@ class ZooCLI(LightningCLI):
 
         self._preflight()
         trainer = self.trainer
+        weights = getattr(self, "_overridden_weights", None)
+        if weights and trainer.is_global_zero:
+            print(f"zoo: the weights come from --ckpt_path {self.config[self.subcommand].get('ckpt_path')}; "
+                  f"model.weights {weights} (initial weights) is overridden by it", flush=True)
         if trainer.is_global_zero:
             make_run_dir(self.run_dir)
             save_wandb_run_id(self.run_dir)

@@ -206,6 +206,17 @@ def via_cli_ckpt_path(s: Source, tmp: Path, data: Path):
     return _zoo_validate(["--ckpt_path", str(s.path), "--model.use_ema", str(s.use_ema).lower()], tmp, data)
 
 
+@pytest.mark.slow
+def test_ckpt_path_wins_over_model_weights_and_says_so(sources, tmp_path, tiny_imagenet, capsys):
+    """Both given: Lightning restores the checkpoint over the initial weights; one line says so."""
+    ckpt, other = sources["ckpt (EMA)"], sources["safetensors"]
+    assert other.arch == ckpt.arch and not torch.allclose(other.logits, ckpt.logits)
+    result = _zoo_validate(["--ckpt_path", str(ckpt.path), "--model.weights", str(other.path)], tmp_path, tiny_imagenet)
+    check("zoo validate --ckpt_path --model.weights", ckpt, result)
+    out = capsys.readouterr().out
+    assert f"zoo: the weights come from --ckpt_path {ckpt.path}; model.weights {other.path} (initial weights) is overridden" in out
+
+
 NOT_LIGHTNING = "needs a Lightning checkpoint (hyper_parameters + state_dict); a bare state dict has neither"
 PATHS: list[tuple[str, Callable, Optional[str], bool]] = [  # name, fn, skip reason for non-Lightning sources, CLI
     ("zoo.load", via_zoo_load, None, False),
