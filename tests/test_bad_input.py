@@ -157,6 +157,8 @@ ROWS = {
     "config-run-name-escapes-root": (lambda t, d: ("fit", ["--data.root", str(d), "--run.name", "../../x"], {}), r"run.name='../../x' must be one folder name"),
     # distribution
     "dist-batch-not-divisible": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.devices", "3", "--trainer.strategy", "ddp_spawn", "--data.batch_size", "4"], {}), r"data.batch_size=4 does not divide by 3 processes"),
+    "dist-ddp-spawn": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"], {}),
+                       r"start method 'spawn' cannot start zoo's processes .*: use --trainer.strategy ddp"),
     "dist-ntasks-not-devices": (_slurm_tasks, r"--ntasks-per-node=4 but --trainer.devices=2: Slurm starts one task per device, so set both to the same number"),
 }
 
