@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class Preempted(SystemExit):
@@ -139,6 +140,10 @@ class SlurmRequeue(L.Callback):
         # Installed before Lightning registers its handlers (after the setup hooks): it sees a
         # handler and does not add its own saving one (_SignalConnector._has_already_handler).
         self._previous = signal.signal(self._signum, self._on_signal)
+        # in place of Lightning's "SLURM auto-requeueing enabled" (launch/output.py hides it):
+        # its handler is not the one that runs
+        rank_zero_info(f"zoo: Slurm preemption: {signal.Signals(self._signum).name} saves a checkpoint at a step "
+                       f"every rank agrees on (checked every {self.check_every_n_steps} steps), then the job is requeued")
 
     def _restore(self) -> None:
         if self._signum is not None and signal.getsignal(self._signum) == self._on_signal:

@@ -7,6 +7,8 @@ Hidden by default (each is printed on every run, on every machine, and needs no 
 * Lightning's tip recommending the LitLogger product (``logger_connector.py``).
 * "The `srun` command is available on your system but is not used" (Lightning's
   SLURMEnvironment, shown on any machine where Slurm is installed, also outside a job).
+* "SLURM auto-requeueing enabled. Setting signal handlers." (Lightning's; under Slurm the zoo's
+  SlurmRequeue handler runs instead and prints its own line).
 * "GPU available: ..., used: ...", "TPU available: ...", "Seed set to N" (the run's config.yaml
   holds the seed and the accelerator), "Loading `train_dataloader` to estimate ...".
 * Lightning's internal use of a deprecated torch pytree API, and its hint that the model
@@ -28,6 +30,8 @@ NOISE = (
     "HPU available:",
     "Seed set to",
     "Loading `train_dataloader` to estimate number of stepping batches",
+    # callbacks.preemption.SlurmRequeue's handler runs instead of Lightning's; it says so itself
+    "SLURM auto-requeueing enabled",
 )
 
 # Warnings that ask nothing of a zoo user: Lightning's own use of a deprecated torch API, and
@@ -57,7 +61,7 @@ def configure(verbose: bool) -> None:
     for message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda"):
+                 "lightning.pytorch.accelerators.cuda", "lightning.pytorch.trainer.connectors.signal_connector"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
