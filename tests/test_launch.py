@@ -189,7 +189,6 @@ def test_preemption_signal_to_one_rank_stops_every_rank_at_one_step(tiny_imagene
     Processes are started as srun would (SLURM_* variables), so no Slurm is needed; the resume
     is test_preempted_job_requeues_and_resumes's (local Slurm)."""
     import subprocess
-    import time
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
