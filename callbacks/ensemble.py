@@ -260,7 +260,7 @@ class Ensemble(L.Callback):
 
     Args:
         use_ema: snapshot the WeightEMA weights when that callback is on.
-        stack: run the snapshots stacked (vmap); None: on a GPU only (:class:`MemberRunner`).
+        stack: run the snapshots stacked (vmap); None: on a GPU, and MLPs on any device (:class:`MemberRunner`).
     """
 
     def __init__(self, k: int = 5, every_n_epochs: int = 1, monitor: Optional[str] = "val/acc1",

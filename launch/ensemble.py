@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--combine", default="mean_prob", choices=["mean_prob", "mean_logit", "vote"])
     ap.add_argument("--no-ema", dest="use_ema", action="store_false", help="the trained weights, not the EMA")
     ap.add_argument("--stack", dest="stack", action="store_true", default=None,
-                    help="run same-architecture members stacked (vmap); default: on a GPU only")
+                    help="run same-architecture members stacked (vmap); default: on a GPU, and MLPs on any device")
     ap.add_argument("--no-stack", dest="stack", action="store_false", help="loop over members (no vmap)")
     ap.add_argument("--run.root", dest="run_root", default="runs")
     args = ap.parse_args(argv)
