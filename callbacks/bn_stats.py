@@ -482,10 +482,13 @@ class BNStatsCheck(L.Callback):
         then 13 images or more."""
         return math.ceil((4.0 / self.mean_tol) ** 2)
 
-    def _samples(self) -> tuple[int, int]:
-        """(train, val) images a check uses now: the full ``num_samples``/``val_samples``, or
-        the shrunken pair of a fit too short for ``auto_every``."""
-        return self.short_fit_samples or (self.num_samples, self.val_samples)
+    def _samples(self, trainer) -> tuple[int, int]:
+        """(train, val) images a check uses now: the shrunken pair of a fit too short for
+        ``auto_every`` during that fit, else the full ``num_samples``/``val_samples`` (also in
+        ``zoo validate``, which pays for one check only)."""
+        if self.short_fit_samples and trainer.state.fn == "fit":
+            return self.short_fit_samples
+        return self.num_samples, self.val_samples
 
     def check_cost(self, samples: Optional[tuple[int, int]] = None) -> float:
         """Forward passes of one check per rank (``ESTIMATOR_COST_IN_FORWARDS`` per estimator
@@ -590,7 +593,7 @@ class BNStatsCheck(L.Callback):
             self._once("mid", "BNStatsCheck: validation in the middle of an epoch: check 3 (population statistics) "
                               "runs only at epoch ends")
         else:
-            k_train = self._samples()[0]
+            k_train = self._samples(trainer)[0]
             inputs = _train_inputs(trainer, pl_module, k_train)
             if inputs is None:
                 self._once("nodata", "BNStatsCheck: no training data in this stage; check 3 (population statistics) skipped")
@@ -692,7 +695,7 @@ class BNStatsCheck(L.Callback):
     @torch.no_grad()
     def _val_accuracy(self, trainer, pl_module, stats) -> Optional[tuple[float, float]]:
         loader = self._val_loader(trainer)
-        k_val = self._samples()[1]
+        k_val = self._samples(trainer)[1]
         if loader is None or k_val == 0:
             return None
         net = pl_module.net

@@ -27,7 +27,6 @@ class ThrottledProgressBar(TQDMProgressBar):
             raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
         self.min_interval_s = min_interval_s
         self._drawn_at: dict[int, float] = {}  # bar id -> monotonic time of its last redraw
-        self._bar = None  # the bar the next _should_update call is about
 
     def _should_update(self, current: int, total) -> bool:
         if not super()._should_update(current, total):

@@ -243,3 +243,6 @@ def test_the_one_check_of_a_short_fit_shrinks_to_the_budget(tmp_path, capsys, mo
     resumed = BNStatsCheck()
     resumed.load_state_dict(check.state_dict())
     assert resumed.short_fit_samples == (7, 4)
+    # `zoo validate` pays for one check only: the full num_samples
+    trainer(callbacks=[check], limit_val_batches=2, default_root_dir=tmp_path).validate(small_model(), datamodule=TinyData(n=64))
+    assert asked == [7, 32]
