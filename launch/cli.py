@@ -429,18 +429,18 @@ class ZooCLI(LightningCLI):
                 env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
             except ValueError as e:
                 raise ConfigError(f"{str(e).splitlines()[0]} (sbatch --ntasks-per-node must equal trainer.devices)") from None
-        if getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver") and trainer.world_size > 1:
-            raise ConfigError(
-                f"--trainer.strategy with start method {trainer.strategy._start_method!r} cannot start zoo's processes "
-                "(the parsed config holds objects that do not pickle): use --trainer.strategy ddp, which starts the "
-                "same processes by running this command again"
-            )
         ws = trainer.world_size
         bs = getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
         if isinstance(bs, int) and bs % ws:
             raise ConfigError(
                 f"data.batch_size={bs} does not divide by {ws} processes (devices x num_nodes): use a multiple "
                 f"of {ws}, e.g. {max(ws, bs // ws * ws)}; batch_size is the global batch"
+            )
+        if getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver") and trainer.world_size > 1:
+            raise ConfigError(
+                f"--trainer.strategy with start method {trainer.strategy._start_method!r} cannot start zoo's processes "
+                "(the parsed config holds objects that do not pickle): use --trainer.strategy ddp, which starts the "
+                "same processes by running this command again"
             )
         hp = getattr(model, "hparams", {})
         warmup, epochs = hp.get("warmup_epochs") or 0, trainer.max_epochs
