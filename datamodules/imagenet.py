@@ -313,6 +313,8 @@ class ImageNetDataModule(L.LightningDataModule):
         process with none would stop Lightning's evaluation loop on a failed assertion."""
         if ws < 2 or stage == "predict":  # a folder of photos is checked by its own loader
             return
+        if stage == "fit" and getattr(getattr(self, "trainer", None), "limit_val_batches", 1) == 0:
+            return  # no validation in this fit
         n = self._num_eval("val")
         if n < ws:
             raise DataError(
