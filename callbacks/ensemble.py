@@ -11,7 +11,8 @@
   ``MulticlassCalibrationError``, Guo et al. 2017).
 - On a GPU, members of the same architecture run *stacked*: ``torch.func.stack_module_state``
   + ``functional_call`` + ``vmap`` (every member in eval mode), one batched call instead of one
-  per member; other members, and every member on a CPU (where stacking measured slower), loop.
+  per member; on a CPU only MLPs do (convnets stacked measured slower there); the rest loop
+  (:class:`MemberRunner`).
 """
 
 from __future__ import annotations
