@@ -12,9 +12,11 @@
    memory, and MFU (model FLOPs counted with torch.utils.flop_counter on the eager network,
    forward + backward, against the device's dense bf16 peak from ``--peak-tflops`` or a table).
 2. ConvNeXt-T at 224 px, batch ``--convnext-batch`` (128 per GPU in the recipe): step time with
-   nothing, with the recipe's device augmentation (timm RandAugment, random erasing, mixup/cutmix),
-   and with augmentation + EMA (callbacks.ema.WeightEMA, every step); the augmentation's own time
-   per step (pre + post normalisation, synchronised) as a fraction of the step.
+   nothing, with the recipe's device augmentation (timm RandAugment, random erasing, mixup/cutmix)
+   in its previous form (RandAugment grouped by op, eager) and its current one (masked, compiled
+   with the model), and with augmentation + EMA (callbacks.ema.WeightEMA, every step); then the
+   augmentation alone per variant: synchronised wall time as a fraction of the plain step, host
+   time to return, kernels and GPU-busy time per call (torch.profiler).
 
 Writes benchmarks/results/gpu.md (or gpu-smoke.md).
 """
@@ -303,61 +305,83 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
 
-    # 2. ConvNeXt-T: plain, + device augmentation, + EMA
+    # 2. ConvNeXt-T: plain, + device augmentation (the previous grouped path, the masked compiled one), + EMA
     from callbacks.ema import WeightEMA
 
     cres = 32 if args.smoke else 224
     aug_kw = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
 
-    def cnx(aug: bool):
-        return ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
-                               optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
-                               label_smoothing=0.1, **(aug_kw if aug else {}))
+    def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None):
+        m = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
+                            optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
+                            label_smoothing=0.1, **(aug_kw if aug else {}))
+        if aug:  # the augmentation's variants, on the same machine: grouped = the path before the masked one
+            m.augment.auto.impl = impl
+            m.augment.compile = m.augment.auto.compile = compile_ if aug_compile is None else aug_compile
+        return m
 
     cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
     t = time.perf_counter()
+    kw = dict(steps=args.steps, warmup=args.warmup, device=device, precision=precision)
     runs = {
-        "no augmentation, no EMA": fit(cnx(False), cdata, steps=args.steps, warmup=args.warmup, device=device, precision=precision),
-        "device augmentation": fit(cnx(True), cdata, steps=args.steps, warmup=args.warmup, device=device, precision=precision),
-        "device augmentation + EMA": fit(cnx(True), cdata, steps=args.steps, warmup=args.warmup, device=device,
-                                          precision=precision, callbacks=[WeightEMA(decay=0.9999)]),
+        "no augmentation, no EMA": fit(cnx(False), cdata, **kw),
+        "device augmentation, grouped RandAugment, eager (before)": fit(cnx(True, "grouped", False), cdata, **kw),
+        f"device augmentation, masked{', compiled' if compile_ else ''} (after)": fit(cnx(True), cdata, **kw),
+        "device augmentation (after) + EMA": fit(cnx(True), cdata, **kw, callbacks=[WeightEMA(decay=0.9999)]),
     }
     print(f"convnext runs: {', '.join(f'{k} {c.step_ms:.1f} ms' for k, c in runs.items())} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
-    # the augmentation alone, synchronised, on one batch
-    m = cnx(True).to(device)
-    x, y = cdata[0]
-    aug_ms = []
-    for i in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        xx = m.preprocess(m.augment.pre_normalise(x))
-        m.augment.post_normalise(xx, y)
-        sync(device)
-        if i >= args.warmup:
-            aug_ms.append(1e3 * (time.perf_counter() - t0))
-    aug = statistics.median(aug_ms)
-    prof_line = ""
-    if device.type == "cuda":  # launch-bound or compute-bound: kernels and GPU-busy time per call
-        try:
-            from torch.autograd import DeviceType
-            from torch.profiler import ProfilerActivity, profile
-
-            calls = 5
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(calls):
-                    xx = m.preprocess(m.augment.pre_normalise(x))
-                    m.augment.post_normalise(xx, y)
-                sync(device)
-            ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-            busy = sum(e.time_range.elapsed_us() for e in ev) / 1e3 / calls
-            prof_line = (f"Profiled ({calls} calls): {len(ev) / calls:.0f} GPU kernels/copies per call, "
-                         f"{busy:.2f} ms of GPU time per call vs {aug:.2f} ms wall: "
-                         f"{'launch/host-bound' if busy < aug / 2 else 'GPU-bound'}.")
-        except Exception as e:  # informative only
-            prof_line = f"Profile failed: {type(e).__name__}: {e}"
-        print(prof_line, flush=True)
     plain_step = runs["no augmentation, no EMA"].step_ms
+    # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
+    # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
+    x, y = cdata[0]
+    variants = {"grouped, eager (before)": ("grouped", False), "masked, eager": ("masked", False)}
+    if compile_:
+        variants["masked, compiled (after)"] = ("masked", True)
+    aug_rows = []
+    for name, (impl, comp) in variants.items():
+        m = cnx(True, impl, comp).to(device)
+
+        def call():
+            xx = m.preprocess(m.augment.pre_normalise(x))
+            return m.augment.post_normalise(xx, y)
+
+        wall, host = [], []
+        for i in range(args.warmup + args.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            call()
+            t1 = time.perf_counter()
+            sync(device)
+            if i >= args.warmup:
+                wall.append(1e3 * (time.perf_counter() - t0))
+                host.append(1e3 * (t1 - t0))
+        kernels = busy = float("nan")
+        if device.type == "cuda":
+            try:
+                from torch.autograd import DeviceType
+                from torch.profiler import ProfilerActivity, profile
+
+                calls = 5
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        call()
+                    sync(device)
+                ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+                kernels, busy = len(ev) / calls, sum(e.time_range.elapsed_us() for e in ev) / 1e3 / calls
+            except Exception as e:  # informative only
+                print(f"profile of {name} failed: {type(e).__name__}: {e}", flush=True)
+        aug_rows.append((name, statistics.median(wall), statistics.median(host), kernels, busy))
+        print(f"augmentation {name}: {aug_rows[-1]}", flush=True)
+    aug_lines = [
+        "Device augmentation alone, one batch (RandAugment + uint8->float normalisation + erasing + mixup/cutmix), "
+        f"median of {args.steps} calls:",
+        "",
+        "| variant | wall, synchronised (ms) | % of plain step | host time to return (ms) | GPU kernels per call | GPU busy (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {n} | {w:.2f} | {100 * w / plain_step:.1f}% | {h:.2f} | {k:.0f} | {b:.2f} |" for n, w, h, k, b in aug_rows],
+        "",
+    ]
 
     # 3. host-device syncs per step, eager (no compile), the recipe's full hot path
     syncs_lines = []
@@ -393,11 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | ---: | ---: |",
         *[f"| {k} | {c.step_ms:.1f} | {c.rate:.0f} |" for k, c in runs.items()],
         "",
-        f"Device augmentation alone (pre + post normalisation, synchronised): {aug:.2f} ms per batch = "
-        f"{100 * aug / plain_step:.1f}% of the plain step (goal <= 5%).",
+        *(f"Step cost of the augmentation: {name}: {100 * (c.step_ms / plain_step - 1):+.1f}% of the plain step "
+          "(goal <= 5%)." for name, c in runs.items() if name.startswith("device augmentation,")),
         "",
-        prof_line,
-        "",
+        *aug_lines,
         *syncs_lines,
     ]
     out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))

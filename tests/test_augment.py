@@ -208,3 +208,86 @@ def test_legacy_names_map_to_the_recipes_variants():
     assert Policy.parse("randaugment", 7) == Policy.parse("rand-m7-mstd0.5-inc1")
     assert Policy.parse("trivialaugment").kind == "ta_wide"
     assert Policy.parse("rand-m9-mstd0.5-inc1") == Policy("timm_rand", 2, 9.0, 0.5, 0.5, "bicubic")
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "ta_wide"])
+def test_masked_path_gives_the_grouped_paths_images(policy):
+    """The GPU's fixed-shape path (every op on the whole batch, each sample keeping its own) and
+    the CPU's grouped path give the same images for the same draw: whole-pixel shifts, warps,
+    colour and integer ops, skipped layers."""
+    aug = BatchedAutoAugment(policy)
+    x = smooth_images(256, size=32, seed=5)
+    torch.manual_seed(0)
+    layers = aug.sample(256, 32, 32)
+    grouped = aug.apply(x, layers)
+    assert (grouped != x).flatten(1).any(1).float().mean() > 0.5  # the draw changes most images
+    assert torch.equal(aug.apply_masked(x, layers), grouped)
+
+
+def test_auto_impl_picks_the_grouped_path_on_a_cpu(monkeypatch):
+    aug = BatchedAutoAugment("ta_wide")
+    monkeypatch.setattr(aug, "apply_masked", lambda *a: pytest.fail("masked path on a CPU"))
+    aug(smooth_images(4))
+    with pytest.raises(ValueError, match="use auto, grouped or masked"):
+        BatchedAutoAugment("ta_wide", impl="fast")
+
+
+@pytest.mark.slow
+def test_compiled_masked_path_gives_the_same_images():
+    """torch.compile (inductor, CPU here; tests/test_gpu.py on a GPU) fuses the masked path
+    without changing a pixel."""
+    aug = BatchedAutoAugment("rand-m9-mstd0.5-inc1", impl="masked", compile=True)
+    x = smooth_images(64, size=32, seed=6)
+    torch.manual_seed(1)
+    layers = aug.sample(64, 32, 32)
+    assert torch.equal(aug.apply_masked(x, layers), aug.apply(x, layers))
+    assert aug._compiled is not None
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0), dict(mixup_alpha=0.8, cutmix_alpha=1.0)],
+    ids=["mixup", "cutmix", "both"],
+)
+def test_mixup_cutmix_give_torchvisions_batches(kw):
+    """DeviceAugment draws its mixup/cutmix numbers on the CPU as v2.RandomChoice([MixUp, CutMix])
+    does: with the same seed, the same images and soft targets, to the bit."""
+    from zoo.augment import DeviceAugment
+
+    ours = DeviceAugment(10, **kw)
+    mixers = [cls(alpha=kw[k], num_classes=10) for cls, k in ((v2.MixUp, "mixup_alpha"), (v2.CutMix, "cutmix_alpha"))
+              if k in kw]
+    ref = v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0]
+    g = torch.Generator().manual_seed(0)
+    for seed in range(20):
+        x, y = torch.randn(8, 3, 16, 20, generator=g), torch.randint(0, 10, (8,), generator=g)
+        torch.manual_seed(seed)
+        xa, ya = ours.post_normalise(x, y)
+        torch.manual_seed(seed)
+        xb, yb = ref(x, y)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb), seed
+
+
+def test_erasing_boxes_follow_the_probability_and_area():
+    from zoo.augment import erase_params
+
+    torch.manual_seed(0)
+    top, bottom, left, right = erase_params(4000, 32, 48, 0.25)
+    area = (bottom - top) * (right - left) / (32 * 48)
+    on = area > 0
+    assert abs(on.float().mean().item() - 0.25) < 0.03
+    assert area[on].min() >= 0.015 and area[on].max() <= 1 / 3 + 0.05
+    assert (top >= 0).all() and (bottom <= 32).all() and (left >= 0).all() and (right <= 48).all()
+
+
+def test_copies_leave_the_compiled_functions_out():
+    """A compiled bound method would call the original module (its fill colour, its device): copies
+    and pickles drop it and compile their own on first use."""
+    import copy
+    import pickle
+
+    from zoo.augment import DeviceAugment
+
+    aug = DeviceAugment(4, mixup_alpha=0.8, auto_augment="ta_wide", compile=True)
+    aug._compiled_post = aug.auto._compiled = lambda *a: None  # stand-ins: compiling takes seconds
+    for twin in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
+        assert twin._compiled_post is None and twin.auto._compiled is None and twin.compile

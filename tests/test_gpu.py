@@ -92,8 +92,27 @@ def test_batched_auto_augment_on_gpu():
         assert changed > 0.3, f"{policy}: only {changed:.0%} of images changed"
 
 
-@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "ta_wide"])
-def test_augmentation_does_not_wait_for_the_device(policy):
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_masked_augmentation_on_gpu_gives_the_cpus_images(compile_):
+    """The GPU's path (masked, eager or compiled by inductor/Triton) and the CPU's grouped path on
+    the same draw: the same images up to float rounding (a grey level at a few pixels)."""
+    from tests.test_augment import smooth_images
+    from zoo.augment import BatchedAutoAugment
+
+    for policy in ("rand-m9-mstd0.5-inc1", "ta_wide"):
+        aug = BatchedAutoAugment(policy, compile=compile_)
+        x = smooth_images(64, size=48, seed=7)
+        torch.manual_seed(0)
+        layers = aug.sample(64, 48, 48)
+        cpu = aug.apply(x, layers)
+        gpu = aug.cuda().apply_masked(x.cuda(), layers).cpu()
+        d = (gpu.int() - cpu.int()).abs()
+        assert (d > 0).float().mean() < 0.01 and d.float().mean() < 0.05, (policy, d.max(), (d > 0).float().mean())
+
+
+@pytest.mark.parametrize("policy, compile_", [("rand-m9-mstd0.5-inc1", False), ("ta_wide", False),
+                                              ("rand-m9-mstd0.5-inc1", True)])
+def test_augmentation_does_not_wait_for_the_device(policy, compile_):
     """With ~0.5 s of work queued on the GPU, augmenting a batch returns long before it ends.
 
     Anything in the augmentation that waits for the device (a .item(), a boolean mask index, a
@@ -104,10 +123,10 @@ def test_augmentation_does_not_wait_for_the_device(policy):
     from zoo.augment import DeviceAugment
 
     aug = DeviceAugment(num_classes=4, auto_augment=policy, random_erasing=0.25, mixup_alpha=0.8,
-                        cutmix_alpha=1.0).cuda()
+                        cutmix_alpha=1.0, compile=compile_).cuda()
     x = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, device="cuda")
     y = torch.randint(0, 4, (64,), device="cuda")
-    aug.post_normalise(aug.pre_normalise(x).float(), y)  # warm-up: kernels loaded, pinned pool ready
+    aug.post_normalise(aug.pre_normalise(x).float(), y)  # warm-up: kernels loaded (and compiled)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     torch.cuda._sleep(10**9)  # a spinning kernel: ~0.5 s at ~2 GHz

@@ -29,6 +29,7 @@ are rounded to integers after every op (PIL rounds, torchvision truncates some b
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -36,7 +37,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 # Op ids; geometric ops (< N_AFFINE) come first so a sorted layer has them in one slice, the
@@ -109,7 +109,19 @@ class Policy:
         return Policy("timm_rand", **kw)
 
 
-class BatchedAutoAugment(nn.Module):
+class _Compiles(nn.Module):
+    """A module keeping ``torch.compile``-d bound methods: copies and pickles leave them out (they
+    would call the original module), and compile again on first use."""
+
+    _compiled_attrs: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.update({k: None for k in self._compiled_attrs})
+        return state
+
+
+class BatchedAutoAugment(_Compiles):
     """RandAugment (timm) / TrivialAugmentWide (torchvision) on a uint8 NCHW batch, per sample.
 
     Args:
@@ -118,7 +130,16 @@ class BatchedAutoAugment(nn.Module):
             (``img_mean = round(255 * mean)`` in timm's transforms_factory); torchvision with 0.
         interpolation: ``bilinear``, ``bicubic`` or ``nearest``; None: the policy's default.
         magnitude: M of the legacy name ``randaugment``.
+        impl: ``grouped`` (samples sorted by op, each op on its slice: the least arithmetic, the
+            CPU's choice), ``masked`` (every op of the policy on the whole batch, each sample
+            keeping its own op's result: fixed shapes, no per-op slicing, so few launches and
+            compilable; the GPU's choice) or ``auto`` (masked on CUDA, grouped elsewhere). Both
+            give the same images for the same draw (tests/test_augment.py).
+        compile: run the masked path through ``torch.compile`` (fused kernels; one compile per
+            batch shape).
     """
+
+    _compiled_attrs = ("_compiled",)
 
     def __init__(
         self,
@@ -126,8 +147,15 @@ class BatchedAutoAugment(nn.Module):
         mean: Sequence[float] = (0.485, 0.456, 0.406),  # ImageNet mean (torchvision/timm IMAGENET_DEFAULT_MEAN)
         interpolation: Optional[str] = None,
         magnitude: int = 9,
+        impl: str = "auto",
+        compile: bool = False,
     ):
         super().__init__()
+        if impl not in ("auto", "grouped", "masked"):
+            raise ValueError(f"augment impl {impl!r}: use auto, grouped or masked")
+        self.impl = impl
+        self.compile = compile
+        self._compiled = None
         self.policy = policy if isinstance(policy, Policy) else Policy.parse(policy, magnitude)
         fill = [min(255, round(255 * m)) for m in mean] if self.policy.kind == "timm_rand" else [0, 0, 0]
         self.interpolation = interpolation or self.policy.interpolation
@@ -191,7 +219,65 @@ class BatchedAutoAugment(nn.Module):
         n, _, h, w = images.shape
         layers = self.sample(n, h, w)
         self.last_params = {"layers": layers}
+        if self.impl == "masked" or (self.impl == "auto" and images.device.type == "cuda"):
+            return self.apply_masked(images, layers)
         return self.apply(images, layers)
+
+    def apply_masked(self, images: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """:meth:`apply` with fixed shapes: per layer, every op of the policy runs on the whole
+        batch and each sample keeps the result of its own op (``torch.where``).
+
+        More arithmetic than :meth:`apply` (~15 ops per layer on every image instead of one), but
+        no sorting, no slices of data-dependent size and one host->device copy per call (ops,
+        arguments and affine matrices, packed): on a GPU the grouped path was launch-bound
+        (336 small kernels per call for 1.7 ms of GPU time, benchmarks/results/gpu.md), and
+        these shapes let ``torch.compile`` fuse each layer into a few kernels.
+        """
+        n, _, h, w = images.shape
+        packed = torch.cat([
+            torch.cat([ops.float(), arg.float(), self._theta(ops.long(), arg.float(), h, w).flatten()])
+            for ops, arg in layers
+        ]).to(images.device, non_blocking=True)  # small pageable copy: staged, no wait (see _apply_layer)
+        if not self.compile:
+            return self._masked(images, packed)
+        if self._compiled is None:  # not an attribute set in __init__: a compiled fn is not picklable
+            object.__setattr__(self, "_compiled", torch.compile(self._masked, dynamic=False))
+        return self._compiled(images, packed)
+
+    def _masked(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        per = 8 * n  # op, argument, 2x3 matrix per sample
+        for i in range(packed.numel() // per):
+            p = packed[i * per:(i + 1) * per]
+            x = self._masked_layer(x, p[:n], p[n:2 * n], p[2 * n:].view(n, 2, 3))
+        return x
+
+    def _masked_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        present = self._ops_present
+
+        def arg_of(op: int) -> torch.Tensor:  # the op's argument where it applies, its no-op elsewhere
+            return torch.where(ops == op, arg, _NEUTRAL.get(op, 1.0)).view(n, 1, 1, 1)
+
+        def keep(op_mask: torch.Tensor, result: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            return torch.where(op_mask.view(n, 1, 1, 1), result, out)
+
+        xf = x.float()
+        out = x
+        if present & set(range(N_AFFINE)):  # all warps in one resample (identity matrices elsewhere)
+            out = keep(ops < N_AFFINE, _to_uint8(self._warp(xf.clone(), theta)), out)
+        for op in (BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, AUTOCONTRAST):
+            if op in present:
+                f = xf.clone()
+                self._colour_(op, f, arg_of(op))
+                out = keep(ops == op, _to_uint8(f), out)
+        for op in sorted(_UINT8_OPS & present):
+            out = keep(ops == op, self._integer(op, x, arg_of(op)), out)
+        return out
+
+    @property
+    def _ops_present(self) -> set[int]:
+        return set(TIMM_INC_OPS if self.policy.kind == "timm_rand" else TA_WIDE_OPS)
 
     def apply(self, images: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Apply given per-sample ``(ops, args)`` layers (CPU tensors, as :meth:`sample` draws).
@@ -355,6 +441,8 @@ class BatchedAutoAugment(nn.Module):
 
 
 _UINT8_OPS = frozenset({POSTERIZE, SOLARIZE, SOLARIZE_ADD, EQUALIZE, INVERT})
+# Each op's argument that leaves an image unchanged (colour factors: 1.0), for the masked path.
+_NEUTRAL = {POSTERIZE: 8.0, SOLARIZE: 256.0, SOLARIZE_ADD: 0.0}
 
 
 def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -378,7 +466,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class DeviceAugment(nn.Module):
+class DeviceAugment(_Compiles):
     """Batch augmentation in two stages around normalisation.
 
     ``pre_normalise``: per-sample RandAugment / TrivialAugment on uint8 NCHW images
@@ -388,7 +476,15 @@ class DeviceAugment(nn.Module):
     ``RandomErasing(value=0)``, i.e. the mean colour after normalisation) on the normalised
     batch, then mixup or cutmix (one of them per batch, each with probability 1/2 when both are
     on, as timm's Mixup with ``switch_prob=0.5``), which turn the labels into soft targets.
+    Mixup and cutmix draw their numbers as torchvision's ``v2.RandomChoice([v2.MixUp,
+    v2.CutMix])`` does, from the same generator in the same order, and give the same batches
+    (tests/test_augment.py).
+
+    Every random number is drawn on the CPU and sent in one small copy per stage; the device
+    work has fixed shapes, so ``compile=True`` fuses each stage into a few kernels.
     """
+
+    _compiled_attrs = ("_compiled_post",)
 
     def __init__(
         self,
@@ -401,6 +497,7 @@ class DeviceAugment(nn.Module):
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         interpolation: Optional[str] = None,
         erase_mode: str = "pixel",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
@@ -412,15 +509,16 @@ class DeviceAugment(nn.Module):
             raise ValueError(f"auto_augment_magnitude is on timm's 0..10 scale, got {magnitude}")
         if erase_mode not in ("pixel", "zero"):
             raise ValueError(f"random_erasing_mode {erase_mode!r}: use 'pixel' (timm) or 'zero' (torchvision)")
-        self.auto = BatchedAutoAugment(auto_augment, mean, interpolation, magnitude) if auto_augment else None
-        mixers = []
-        if mixup_alpha > 0:
-            mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-        if cutmix_alpha > 0:
-            mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-        self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
+        self.num_classes = num_classes
+        self.auto = (BatchedAutoAugment(auto_augment, mean, interpolation, magnitude, compile=compile)
+                     if auto_augment else None)
+        # (kind, Beta(alpha, alpha)) in v2.RandomChoice's order
+        self.mixers = [(kind, torch.distributions.Beta(torch.tensor([a]), torch.tensor([a])))
+                       for kind, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0]
         self.random_erasing = random_erasing
         self.erase_mode = erase_mode
+        self.compile = compile
+        self._compiled_post = None
 
     def pre_normalise(self, images: torch.Tensor) -> torch.Tensor:
         if self.auto is None:
@@ -428,42 +526,98 @@ class DeviceAugment(nn.Module):
         return self.auto(images)
 
     def post_normalise(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.random_erasing <= 0 and not self.mixers:
+            return x, y
+        n, _, h, w = x.shape
+        parts = []
         if self.random_erasing > 0:
-            x = random_erase(x, self.random_erasing, mode=self.erase_mode)
-        if self.mix is not None:
-            x, y = self.mix(x, y)
-        return x, y
+            parts.append(erase_params(n, h, w, self.random_erasing).flatten())
+        if self.mixers:
+            parts.append(self.mix_params(h, w))
+        packed = torch.cat(parts).to(x.device, non_blocking=True)  # one small copy, no wait
+        if not self.compile:
+            return self._post(x, y, packed)
+        if self._compiled_post is None:
+            object.__setattr__(self, "_compiled_post", torch.compile(self._post, dynamic=False))
+        return self._compiled_post(x, y, packed)
+
+    def mix_params(self, h: int, w: int) -> torch.Tensor:
+        """(weight of the image, weight of the previous one (``roll(1, 0)``) outside the box,
+        label weights of both, box y1, y2, x1, x2): torchvision's v2 draws, in its order
+        (``RandomChoice``: ``multinomial``; ``MixUp``/``CutMix.make_params``)."""
+        kind, dist = self.mixers[int(torch.multinomial(torch.tensor([1 / len(self.mixers)] * len(self.mixers)), 1))
+                                 if len(self.mixers) > 1 else 0]
+        lam = float(dist.sample(()))
+        if kind == "mixup":
+            return torch.tensor([lam, 1.0 - lam, lam, 1.0 - lam, 0, 0, 0, 0], dtype=torch.float64).float()
+        r_x, r_y = torch.randint(w, size=(1,)), torch.randint(h, size=(1,))
+        r = 0.5 * math.sqrt(1.0 - lam)
+        r_w_half, r_h_half = int(r * w), int(r * h)
+        x1, y1 = int(torch.clamp(r_x - r_w_half, min=0)), int(torch.clamp(r_y - r_h_half, min=0))
+        x2, y2 = int(torch.clamp(r_x + r_w_half, max=w)), int(torch.clamp(r_y + r_h_half, max=h))
+        lam_adjusted = float(1.0 - (x2 - x1) * (y2 - y1) / (w * h))
+        return torch.tensor([1.0, 0.0, lam_adjusted, 1.0 - lam_adjusted, y1, y2, x1, x2], dtype=torch.float64).float()
+
+    def _post(self, x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        if self.random_erasing > 0:
+            x = _erase(x, packed[: 4 * n].view(4, n), self.erase_mode)
+            packed = packed[4 * n:]
+        if not self.mixers:
+            return x, y
+        rows = torch.arange(h, device=x.device).view(h, 1)
+        cols = torch.arange(w, device=x.device).view(1, w)
+        box = (rows >= packed[4]) & (rows < packed[5]) & (cols >= packed[6]) & (cols < packed[7])
+        # cutmix: the previous image inside the box, this one outside (weights 0/1 are exact);
+        # mixup: an empty box, weights lam and 1 - lam everywhere (v2: roll.mul_(1 - lam).add_(x * lam))
+        prev = x.roll(1, 0)
+        out = torch.where(box, prev, prev * packed[1] + x * packed[0])
+        hot = torch.zeros(n, self.num_classes, device=x.device).scatter_(1, y.view(n, 1).long(), 1.0)
+        return out, hot.roll(1, 0) * packed[3] + hot * packed[2]
+
+
+def erase_params(
+    n: int,
+    h: int,
+    w: int,
+    p: float,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    log_ratio: tuple[float, float] = (-1.2040, 1.2040),  # log(0.3), log(1/0.3): Zhong et al. 2017
+) -> torch.Tensor:
+    """Random-erasing boxes (top, bottom, left, right) x n, drawn on the CPU; an empty box where a
+    sample is not erased (probability ``1 - p``). Area fraction and aspect-ratio ranges are Zhong
+    et al. 2017's, also timm's and torchvision's defaults."""
+    frac = torch.empty(n).uniform_(*area)
+    ratio = torch.exp(torch.empty(n).uniform_(*log_ratio))
+    eh = torch.sqrt(frac * h * w * ratio).clamp(1, h).long()
+    ew = torch.sqrt(frac * h * w / ratio).clamp(1, w).long()
+    top = (torch.rand(n) * (h - eh + 1)).long()
+    left = (torch.rand(n) * (w - ew + 1)).long()
+    on = torch.rand(n) < p
+    return torch.stack([top, top + eh * on, left, left + ew]).float()
+
+
+def _erase(x: torch.Tensor, box: torch.Tensor, mode: str) -> torch.Tensor:
+    n, _, h, w = x.shape
+    rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    b = box.view(4, n, 1, 1, 1)
+    mask = (rows >= b[0]) & (rows < b[1]) & (cols >= b[2]) & (cols < b[3])
+    fill = torch.randn_like(x) if mode == "pixel" else torch.zeros((), device=x.device, dtype=x.dtype)
+    return torch.where(mask, fill, x)
 
 
 def random_erase(
     x: torch.Tensor,
     p: float,
     area: tuple[float, float] = (0.02, 1 / 3),
-    log_ratio: tuple[float, float] = (-1.2040, 1.2040),  # log(0.3), log(1/0.3): Zhong et al. 2017
+    log_ratio: tuple[float, float] = (-1.2040, 1.2040),
     mode: str = "pixel",
 ) -> torch.Tensor:
-    """Erase one random rectangle per sample with probability ``p``.
+    """Erase one random rectangle per sample with probability ``p`` (:func:`erase_params`).
 
     ``mode='pixel'``: filled with N(0, 1) noise (timm); ``'zero'``: zeros (torchvision's
-    ``value=0``). Vectorised over the batch (no per-sample Python loop). Area fraction and
-    aspect-ratio ranges are Zhong et al. 2017's, also timm's and torchvision's defaults.
+    ``value=0``). Vectorised over the batch (no per-sample Python loop).
     """
     n, _, h, w = x.shape
-    dev = x.device
-    frac = torch.empty(n, device=dev).uniform_(*area)
-    ratio = torch.exp(torch.empty(n, device=dev).uniform_(*log_ratio))
-    eh = (torch.sqrt(frac * h * w * ratio)).clamp(1, h).long()
-    ew = (torch.sqrt(frac * h * w / ratio)).clamp(1, w).long()
-    top = (torch.rand(n, device=dev) * (h - eh + 1)).long()
-    left = (torch.rand(n, device=dev) * (w - ew + 1)).long()
-    rows = torch.arange(h, device=dev).view(1, h, 1)
-    cols = torch.arange(w, device=dev).view(1, 1, w)
-    mask = (
-        (rows >= top.view(n, 1, 1))
-        & (rows < (top + eh).view(n, 1, 1))
-        & (cols >= left.view(n, 1, 1))
-        & (cols < (left + ew).view(n, 1, 1))
-        & (torch.rand(n, 1, 1, device=dev) < p)
-    ).unsqueeze(1)
-    fill = torch.randn_like(x) if mode == "pixel" else torch.zeros((), device=dev, dtype=x.dtype)
-    return torch.where(mask, fill, x)
+    return _erase(x, erase_params(n, h, w, p, area, log_ratio).to(x.device, non_blocking=True), mode)

@@ -136,7 +136,8 @@ class ImageClassifier(L.LightningModule):
             follows: a timm RandAugment string (``rand-m9-mstd0.5-inc1``) or ``ta_wide``
             (torchvision TrivialAugmentWide), see zoo/augment.py.
         channels_last: NHWC memory format for model and inputs (faster convs on tensor cores).
-        compile: wrap the network with ``torch.compile``.
+        compile: wrap the network with ``torch.compile``, and compile the device augmentation's
+            fixed-shape stages (zoo/augment.py).
         tta_flip: evaluate on the image and its mirror and average the logits (ffcv-imagenet's
             ``lr_tta``).
         freeze_backbone: train only the classifier head (linear probe); backbone norm layers
@@ -207,6 +208,7 @@ class ImageClassifier(L.LightningModule):
             magnitude=auto_augment_magnitude,
             mean=self.data_config["mean"],
             erase_mode=random_erasing_mode,
+            compile=compile,  # the augmentation's fixed-shape stages fused too (zoo/augment.py)
         )
         k5 = min(5, num_classes)
         self.train_loss = BatchWeightedMean()
