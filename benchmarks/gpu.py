@@ -8,6 +8,8 @@
    a. ceiling: uint8 batches already on the device (no loader, no transfer);
    b. the real FFCV loader (ImageNetDataModule, ``--workers`` decoding threads) on ImageNet-like
       JPEGs generated on the machine (~500x375, q90, written once under $ZOO_DATA_DIR).
+   c. the same loader alone, no model: the cores' decode capacity, with and without decode-time
+      DCT scaling (``dct_scaling``).
    Images/s of each (after warm-up steps that include the compile), their ratio, peak device
    memory, and MFU (model FLOPs counted with torch.utils.flop_counter on the eager network,
    forward + backward, against the device's dense bf16 peak from ``--peak-tflops`` or a table).
@@ -146,6 +148,22 @@ def device_batches(n: int, batch: int, res: int, classes: int, device: torch.dev
     x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
     return [(x, y)] * n  # the same tensors: no host work, no transfer
+
+
+def loader_rate(path, res: int, batch: int, workers: int, dct: bool) -> float:
+    """Images/s of the zoo's FFCV train pipeline alone over one epoch, after one warm-up epoch."""
+    from datamodules import ffcv_io
+
+    loader = ffcv_io.make_loader(
+        path, {"image": ffcv_io.train_image_pipeline(res, (0.08, 1.0), (3 / 4, 4 / 3), seed=0, dct_scaling=dct),
+               "label": ffcv_io.label_pipeline()},
+        batch_size=batch, num_workers=workers, order="random")
+    for _ in loader:  # warm-up: numba compile, page cache (each epoch's iterator closes at its end)
+        pass
+    t, n = time.perf_counter(), 0
+    for images, _ in loader:
+        n += images.shape[0]
+    return n / (time.perf_counter() - t)
 
 
 def fit(model, data, *, steps: int, warmup: int, device: torch.device, precision: str, callbacks=()) -> Clock:
@@ -288,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         real = fit(rn50(), dm, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
         print(f"resnet50 ffcv loader: {real.rate:.0f} img/s (fit incl. .beton write and compile: "
               f"{time.perf_counter() - t:.0f} s)", flush=True)
+        # 1c. the loader alone (no model): the decode capacity of these cores, full and DCT-scaled decode
+        capacity = {dct: loader_rate(dm.beton_path("train"), args.res, args.batch, workers, dct) for dct in (False, True)}
+        print(f"loader alone: {capacity[False]:.0f} img/s, DCT-scaled {capacity[True]:.0f} img/s", flush=True)
         flops = train_flops_per_image("resnet50", args.res, classes)
         peak = peak_tflops(device, args.peak_tflops)
         mfu = lambda rate: f"{100 * rate * flops / (peak * 1e12):.1f}%" if peak else "n/a"  # noqa: E731
@@ -299,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             "| --- | ---: | ---: | ---: |",
             f"| uint8 tensors already on the device (ceiling) | {ceiling.rate:.0f} | 1.00 | {mfu(ceiling.rate)} |",
             f"| FFCV loader, {args.images} generated JPEGs (~500x375, q90) | {real.rate:.0f} | {real.rate / ceiling.rate:.2f} | {mfu(real.rate)} |",
+            "",
+            f"The loader alone ({workers} threads, no model, one epoch after a warm-up epoch): "
+            f"{capacity[False]:.0f} img/s ({capacity[False] / ceiling.rate:.2f} of the ceiling); with decode-time "
+            f"DCT scaling {capacity[True]:.0f} img/s ({capacity[True] / ceiling.rate:.2f}).",
             "",
             f"Peak device memory (ceiling run): {peak_mem:.1f} GiB. Training FLOPs per image at {args.res} px: "
             f"{flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, fwd + bwd); peak {peak or 'unknown'} TFLOP/s bf16.",
