@@ -95,9 +95,9 @@ class FFCVBackend(Backend):
         path = dm.beton_path(split)
         if train:
             image = train_image_pipeline(dm.train_resolution, hp.scale, hp.ratio, hp.flip, seed=dm.seed,
-                                         distinct_repeats=hp.ra_reps > 1)
+                                         distinct_repeats=hp.ra_reps > 1, dct_scaling=hp.dct_scaling)
             # everything the pipelines are built from (the resolution is reset below: progressive resizing changes it)
-            reuse_key = ("train", tuple(hp.scale), tuple(hp.ratio), hp.flip, dm.seed, hp.ra_reps > 1)
+            reuse_key = ("train", tuple(hp.scale), tuple(hp.ratio), hp.flip, dm.seed, hp.ra_reps > 1, hp.dct_scaling)
         else:
             image = val_image_pipeline(dm.val_resolution, dm.val_crop)
             reuse_key = ("eval", dm.val_resolution, dm.val_crop)

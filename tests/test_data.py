@@ -256,6 +256,34 @@ def test_ffcv_set_train_resolution_on_a_built_loader(ffcv_dm):
 
 
 @needs_ffcv
+def test_ffcv_dct_scaling_option_reaches_the_train_decoder(tiny_imagenet, tmp_path):
+    res = 16  # all-JPEG .beton of 64-100 px images: crops of >= 32 px decode at 1/2 size (or less)
+
+    def make(dct: bool) -> ImageNetDataModule:
+        dm = ImageNetDataModule(root=str(tiny_imagenet), backend="ffcv", batch_size=6, num_workers=2, train_res=res,
+                                val_res=res, max_resolution=100, compress_probability=1.0, beton_dir=str(tmp_path),
+                                progress=False, drop_last=False, seed=5, dct_scaling=dct)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    dm = make(False)
+    full, labels = _epoch(dm.train_dataloader())
+    del dm
+    gc.collect()  # its Loader is free in ffcv_io.LOADER_POOL now: only a reuse key without the option would hand it out
+    built = ffcv_io.LOADER_POOL.built
+    dm = make(True)
+    loader = dm.train_dataloader()
+    assert ffcv_io.LOADER_POOL.built == built + 1 and loader.ops["image"][0].dct_scaling
+    x, y = _epoch(loader)
+    assert x.dtype == torch.uint8 and x.shape == (18, 3, res, res) and torch.equal(y, labels)  # same order
+    diff = (x.float() - full.float()).abs().mean((1, 2, 3))
+    assert (diff > 0).sum() >= 3 and diff.mean() < 3, diff  # other pixels, same crops: a few grey levels apart
+    # the torchvision backend ignores it, as it does the other ffcv options
+    assert ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", dct_scaling=True).hparams.dct_scaling
+
+
+@needs_ffcv
 def test_backends_agree_on_validation_crops(ffcv_dm, tiny_imagenet):
     tv = ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=9, num_workers=0,
                             train_res=RES, val_res=RES)
