@@ -166,6 +166,42 @@ def loader_rate(path, res: int, batch: int, workers: int, dct: bool) -> float:
     return n / (time.perf_counter() - t)
 
 
+def time_augmentation(m, x, y, *, steps: int, warmup: int, device: torch.device) -> tuple[float, float, float, float]:
+    """Median synchronised wall ms and host ms to return per call of the augmentation (+ the
+    uint8 -> float normalisation) on one batch; on a GPU, kernels and GPU-busy ms per call."""
+
+    def call():
+        xx = m.preprocess(m.augment.pre_normalise(x))
+        return m.augment.post_normalise(xx, y)
+
+    wall, host = [], []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        sync(device)
+        if i >= warmup:
+            wall.append(1e3 * (time.perf_counter() - t0))
+            host.append(1e3 * (t1 - t0))
+    kernels = busy = float("nan")
+    if device.type == "cuda":
+        try:
+            from torch.autograd import DeviceType
+            from torch.profiler import ProfilerActivity, profile
+
+            calls = 5
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    call()
+                sync(device)
+            ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            kernels, busy = len(ev) / calls, sum(e.time_range.elapsed_us() for e in ev) / 1e3 / calls
+        except Exception as e:  # informative only
+            print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+    return statistics.median(wall), statistics.median(host), kernels, busy
+
+
 def fit(model, data, *, steps: int, warmup: int, device: torch.device, precision: str, callbacks=()) -> Clock:
     import lightning as L
 
@@ -287,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                                lr=0.1, lr_reference_batch=None, schedule="constant", label_smoothing=0.1)
 
     rn50_lines: list[str] = []
+    failed: list[str] = []  # informative parts that failed, reported instead of lost
     if not args.skip_resnet50:
         # 1a. ceiling: batches already on the device
         ceiling = fit(rn50(), device_batches(args.steps + args.warmup, args.batch, args.res, classes, device),
@@ -306,9 +343,21 @@ def main(argv: list[str] | None = None) -> int:
         real = fit(rn50(), dm, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
         print(f"resnet50 ffcv loader: {real.rate:.0f} img/s (fit incl. .beton write and compile: "
               f"{time.perf_counter() - t:.0f} s)", flush=True)
-        # 1c. the loader alone (no model): the decode capacity of these cores, full and DCT-scaled decode
-        capacity = {dct: loader_rate(dm.beton_path("train"), args.res, args.batch, workers, dct) for dct in (False, True)}
-        print(f"loader alone: {capacity[False]:.0f} img/s, DCT-scaled {capacity[True]:.0f} img/s", flush=True)
+        # 1b'. the same with decode-time DCT scaling (an opt-in DataModule option); 1c. the loader alone
+        # (no model): the decode capacity of these cores, full and DCT-scaled. Informative: a failure
+        # here must not lose the figures above.
+        real_dct, capacity = None, {}
+        try:
+            dm_dct = ImageNetDataModule(root=str(root), backend="ffcv", batch_size=args.batch, num_workers=workers,
+                                        train_res=args.res, val_res=args.res, progress=False, dct_scaling=True)
+            real_dct = fit(rn50(), dm_dct, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+            print(f"resnet50 ffcv loader, DCT-scaled decode: {real_dct.rate:.0f} img/s", flush=True)
+            for dct in (False, True):
+                capacity[dct] = loader_rate(dm.beton_path("train"), args.res, args.batch, workers, dct)
+            print(f"loader alone: {capacity[False]:.0f} img/s, DCT-scaled {capacity[True]:.0f} img/s", flush=True)
+        except Exception as e:
+            failed.append(f"ResNet-50 DCT-scaled fit / loader alone failed: {type(e).__name__}: {str(e)[:300]}")
+            print(failed[-1], flush=True)
         flops = train_flops_per_image("resnet50", args.res, classes)
         peak = peak_tflops(device, args.peak_tflops)
         mfu = lambda rate: f"{100 * rate * flops / (peak * 1e12):.1f}%" if peak else "n/a"  # noqa: E731
@@ -320,11 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             "| --- | ---: | ---: | ---: |",
             f"| uint8 tensors already on the device (ceiling) | {ceiling.rate:.0f} | 1.00 | {mfu(ceiling.rate)} |",
             f"| FFCV loader, {args.images} generated JPEGs (~500x375, q90) | {real.rate:.0f} | {real.rate / ceiling.rate:.2f} | {mfu(real.rate)} |",
+            *([f"| same, decode-time DCT scaling (`--data.dct_scaling true`) | {real_dct.rate:.0f} | {real_dct.rate / ceiling.rate:.2f} | {mfu(real_dct.rate)} |"]
+              if real_dct else []),
             "",
-            f"The loader alone ({workers} threads, no model, one epoch after a warm-up epoch): "
-            f"{capacity[False]:.0f} img/s ({capacity[False] / ceiling.rate:.2f} of the ceiling); with decode-time "
-            f"DCT scaling {capacity[True]:.0f} img/s ({capacity[True] / ceiling.rate:.2f}).",
-            "",
+            *([f"The loader alone ({workers} threads, no model, one epoch after a warm-up epoch): "
+               f"{capacity[False]:.0f} img/s ({capacity[False] / ceiling.rate:.2f} of the ceiling); with decode-time "
+               f"DCT scaling {capacity[True]:.0f} img/s ({capacity[True] / ceiling.rate:.2f}).", ""] if len(capacity) == 2 else []),
             f"Peak device memory (ceiling run): {peak_mem:.1f} GiB. Training FLOPs per image at {args.res} px: "
             f"{flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, fwd + bwd); peak {peak or 'unknown'} TFLOP/s bf16.",
             "",
@@ -348,15 +398,22 @@ def main(argv: list[str] | None = None) -> int:
     cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
     t = time.perf_counter()
     kw = dict(steps=args.steps, warmup=args.warmup, device=device, precision=precision)
-    runs = {
-        "no augmentation, no EMA": fit(cnx(False), cdata, **kw),
-        "device augmentation, grouped RandAugment, eager (before)": fit(cnx(True, "grouped", False), cdata, **kw),
-        f"device augmentation, masked{', compiled' if compile_ else ''} (after)": fit(cnx(True), cdata, **kw),
-        "device augmentation (after) + EMA": fit(cnx(True), cdata, **kw, callbacks=[WeightEMA(decay=0.9999)]),
+    plans = {
+        "no augmentation, no EMA": lambda: fit(cnx(False), cdata, **kw),
+        "device augmentation, grouped RandAugment, eager (before)": lambda: fit(cnx(True, "grouped", False), cdata, **kw),
+        f"device augmentation, masked{', compiled' if compile_ else ''} (after)": lambda: fit(cnx(True), cdata, **kw),
+        "device augmentation (after) + EMA": lambda: fit(cnx(True), cdata, **kw, callbacks=[WeightEMA(decay=0.9999)]),
     }
+    runs = {}
+    for name, plan in plans.items():  # one failing variant must not lose the others' figures
+        try:
+            runs[name] = plan()
+        except Exception as e:
+            failed.append(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
+            print(failed[-1], flush=True)
     print(f"convnext runs: {', '.join(f'{k} {c.step_ms:.1f} ms' for k, c in runs.items())} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
-    plain_step = runs["no augmentation, no EMA"].step_ms
+    plain_step = runs["no augmentation, no EMA"].step_ms if "no augmentation, no EMA" in runs else float("nan")
     # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
     # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
     x, y = cdata[0]
@@ -365,39 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         variants["masked, compiled (after)"] = ("masked", True)
     aug_rows = []
     for name, (impl, comp) in variants.items():
-        m = cnx(True, impl, comp).to(device)
-
-        def call():
-            xx = m.preprocess(m.augment.pre_normalise(x))
-            return m.augment.post_normalise(xx, y)
-
-        wall, host = [], []
-        for i in range(args.warmup + args.steps):
-            sync(device)
-            t0 = time.perf_counter()
-            call()
-            t1 = time.perf_counter()
-            sync(device)
-            if i >= args.warmup:
-                wall.append(1e3 * (time.perf_counter() - t0))
-                host.append(1e3 * (t1 - t0))
-        kernels = busy = float("nan")
-        if device.type == "cuda":
-            try:
-                from torch.autograd import DeviceType
-                from torch.profiler import ProfilerActivity, profile
-
-                calls = 5
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    for _ in range(calls):
-                        call()
-                    sync(device)
-                ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-                kernels, busy = len(ev) / calls, sum(e.time_range.elapsed_us() for e in ev) / 1e3 / calls
-            except Exception as e:  # informative only
-                print(f"profile of {name} failed: {type(e).__name__}: {e}", flush=True)
-        aug_rows.append((name, statistics.median(wall), statistics.median(host), kernels, busy))
-        print(f"augmentation {name}: {aug_rows[-1]}", flush=True)
+        try:
+            aug_rows.append((name, *time_augmentation(cnx(True, impl, comp).to(device), x, y, steps=args.steps,
+                                                      warmup=args.warmup, device=device)))
+            print(f"augmentation {name}: {aug_rows[-1]}", flush=True)
+        except Exception as e:  # one failing variant must not lose the others' figures
+            failed.append(f"augmentation alone, {name}, failed: {type(e).__name__}: {str(e)[:300]}")
+            print(failed[-1], flush=True)
     aug_lines = [
         "Device augmentation alone, one batch (RandAugment + uint8->float normalisation + erasing + mixup/cutmix), "
         f"median of {args.steps} calls:",
@@ -446,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
           "(goal <= 5%)." for name, c in runs.items() if name.startswith("device augmentation,")),
         "",
         *aug_lines,
+        *([f"- {f}" for f in failed] + [""] if failed else []),
         *syncs_lines,
     ]
     out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))
