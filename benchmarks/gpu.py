@@ -26,6 +26,7 @@ Writes benchmarks/results/gpu.md (or gpu-smoke.md).
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import os
 import statistics
 import sys
@@ -166,9 +167,10 @@ def loader_rate(path, res: int, batch: int, workers: int, dct: bool) -> float:
     return n / (time.perf_counter() - t)
 
 
-def time_augmentation(m, x, y, *, steps: int, warmup: int, device: torch.device) -> tuple[float, float, float, float]:
+def time_augmentation(m, x, y, *, steps: int, warmup: int, device: torch.device):
     """Median synchronised wall ms and host ms to return per call of the augmentation (+ the
-    uint8 -> float normalisation) on one batch; on a GPU, kernels and GPU-busy ms per call."""
+    uint8 -> float normalisation) on one batch; on a GPU, kernels and GPU-busy ms per call and a
+    table of the costliest kernels and host ops."""
 
     def call():
         xx = m.preprocess(m.augment.pre_normalise(x))
@@ -185,6 +187,7 @@ def time_augmentation(m, x, y, *, steps: int, warmup: int, device: torch.device)
             wall.append(1e3 * (time.perf_counter() - t0))
             host.append(1e3 * (t1 - t0))
     kernels = busy = float("nan")
+    top: list[str] = []
     if device.type == "cuda":
         try:
             from torch.autograd import DeviceType
@@ -197,9 +200,17 @@ def time_augmentation(m, x, y, *, steps: int, warmup: int, device: torch.device)
                 sync(device)
             ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
             kernels, busy = len(ev) / calls, sum(e.time_range.elapsed_us() for e in ev) / 1e3 / calls
+            gpu_by = Counter()
+            for e in ev:
+                gpu_by[e.name[:70]] += e.time_range.elapsed_us() / calls
+            cpu_by = Counter({a.key[:70]: a.self_cpu_time_total / calls for a in prof.key_averages()
+                              if a.self_cpu_time_total > 0})
+            top = ["| GPU kernel | us | | host op (self CPU) | us |", "| --- | ---: | --- | --- | ---: |"]
+            for (gk, gt), (ck, ct) in zip(gpu_by.most_common(8), cpu_by.most_common(8)):
+                top.append(f"| `{gk}` | {gt:.0f} | | `{ck}` | {ct:.0f} |")
         except Exception as e:  # informative only
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
-    return statistics.median(wall), statistics.median(host), kernels, busy
+    return statistics.median(wall), statistics.median(host), kernels, busy, top
 
 
 def fit(model, data, *, steps: int, warmup: int, device: torch.device, precision: str, callbacks=()) -> Clock:
@@ -386,13 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     cres = 32 if args.smoke else 224
     aug_kw = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
 
-    def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None):
+    def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None, gathered=None):
         m = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
                             optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
                             label_smoothing=0.1, **(aug_kw if aug else {}))
         if aug:  # the augmentation's variants, on the same machine: grouped = the path before the masked one
             m.augment.auto.impl = impl
             m.augment.compile = m.augment.auto.compile = compile_ if aug_compile is None else aug_compile
+            if gathered is not None:  # () : every op on the whole batch
+                m.augment.auto._gathered = gathered
         return m
 
     cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
@@ -417,14 +430,21 @@ def main(argv: list[str] | None = None) -> int:
     # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
     # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
     x, y = cdata[0]
-    variants = {"grouped, eager (before)": ("grouped", False), "masked, eager": ("masked", False)}
+    variants = {"grouped, eager (before)": ("grouped", False, None)}
     if compile_:
-        variants["masked, compiled (after)"] = ("masked", True)
+        variants["masked, compiled, every op on the whole batch"] = ("masked", True, ())
+        variants["masked, compiled, warps and Equalize on gathered slots (after)"] = ("masked", True, None)
+    else:
+        variants["masked, eager (after)"] = ("masked", False, None)
     aug_rows = []
-    for name, (impl, comp) in variants.items():
+    breakdown: list[str] = []
+    for name, (impl, comp, gathered) in variants.items():
         try:
-            aug_rows.append((name, *time_augmentation(cnx(True, impl, comp).to(device), x, y, steps=args.steps,
-                                                      warmup=args.warmup, device=device)))
+            *row, top = time_augmentation(cnx(True, impl, comp, gathered).to(device), x, y, steps=args.steps,
+                                          warmup=args.warmup, device=device)
+            aug_rows.append((name, *row))
+            if top:
+                breakdown += [f"Where the time goes, {name} (5 profiled calls, per call):", "", *top, ""]
             print(f"augmentation {name}: {aug_rows[-1]}", flush=True)
         except Exception as e:  # one failing variant must not lose the others' figures
             failed.append(f"augmentation alone, {name}, failed: {type(e).__name__}: {str(e)[:300]}")
@@ -477,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
           "(goal <= 5%)." for name, c in runs.items() if name.startswith("device augmentation,")),
         "",
         *aug_lines,
+        *breakdown,
         *([f"- {f}" for f in failed] + [""] if failed else []),
         *syncs_lines,
     ]

@@ -224,37 +224,52 @@ class BatchedAutoAugment(_Compiles):
         return self.apply(images, layers)
 
     def apply_masked(self, images: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """:meth:`apply` with fixed shapes: per layer, every op of the policy runs on the whole
-        batch and each sample keeps the result of its own op (``torch.where``).
+        """:meth:`apply` with shapes that do not depend on the draw (up to a few buckets).
 
-        More arithmetic than :meth:`apply` (~15 ops per layer on every image instead of one), but
-        no sorting, no slices of data-dependent size and one host->device copy per call (ops,
-        arguments and affine matrices, packed): on a GPU the grouped path was launch-bound
-        (336 small kernels per call for 1.7 ms of GPU time, benchmarks/results/gpu.md), and
-        these shapes let ``torch.compile`` fuse each layer into a few kernels.
+        Per layer, the cheap ops (colour blends, LUT-like integer ops) run on the whole batch and
+        each sample keeps the result of its own op (``torch.where``); the costly ones (the warp:
+        16 taps per pixel for bicubic; Equalize: a histogram) run on a gathered slot of the
+        samples that drew them, padded to a power of two (>= 8), and are gathered back.
+        No sorting, no slices of data-dependent size, one host->device copy per call (ops,
+        arguments, slots, affine matrices, packed): on a GPU the grouped path was launch-bound
+        (336 small kernels per call for 1.7 ms of GPU time, H200, benchmarks/results/gpu.md),
+        and these shapes let ``torch.compile`` fuse each layer into a few kernels.
         """
         n, _, h, w = images.shape
-        packed = torch.cat([
-            torch.cat([ops.float(), arg.float(), self._theta(ops.long(), arg.float(), h, w).flatten()])
-            for ops, arg in layers
-        ]).to(images.device, non_blocking=True)  # small pageable copy: staged, no wait (see _apply_layer)
+        parts: list[torch.Tensor] = []
+        for ops, arg in layers:
+            ops, arg = ops.long(), arg.float()
+            parts += [ops.float(), arg]
+            for group in self._gathered:
+                idx, pos = _slots(_in_group(ops, group))
+                parts += [idx.float(), pos.float()]
+                if group == "warp":
+                    parts.append(self._theta(ops[idx], arg[idx], h, w).flatten())
+            if "warp" not in self._gathered:  # every sample's matrix (identity for non-warps)
+                parts.append(self._theta(ops, arg, h, w).flatten())
+        packed = torch.cat(parts).to(images.device, non_blocking=True)  # small pageable copy: staged, no wait
+        tensors = list(packed.split([t.numel() for t in parts]))  # views: no kernels
         if not self.compile:
-            return self._masked(images, packed)
+            return self._masked(images, tensors)
         if self._compiled is None:  # not an attribute set in __init__: a compiled fn is not picklable
-            object.__setattr__(self, "_compiled", torch.compile(self._masked, dynamic=False))
-        return self._compiled(images, packed)
+            # dynamic=None: the slot sizes become symbolic at their second value (one recompile)
+            object.__setattr__(self, "_compiled", torch.compile(self._masked))
+        return self._compiled(images, tensors)
 
-    def _masked(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        per = 8 * n  # op, argument, 2x3 matrix per sample
-        for i in range(packed.numel() // per):
-            p = packed[i * per:(i + 1) * per]
-            x = self._masked_layer(x, p[:n], p[n:2 * n], p[2 * n:].view(n, 2, 3))
+    def _masked(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+        per_layer = 2 + sum(3 if g == "warp" else 2 for g in self._gathered) + ("warp" not in self._gathered)
+        for i in range(0, len(tensors), per_layer):
+            x = self._masked_layer(x, tensors[i:i + per_layer])
         return x
 
-    def _masked_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    def _masked_layer(self, x: torch.Tensor, t: list[torch.Tensor]) -> torch.Tensor:
         n = x.shape[0]
+        ops, arg, rest = t[0], t[1], t[2:]
         present = self._ops_present
+        slots = {}
+        for group in self._gathered:
+            k = 3 if group == "warp" else 2
+            slots[group], rest = rest[:k], rest[k:]
 
         def arg_of(op: int) -> torch.Tensor:  # the op's argument where it applies, its no-op elsewhere
             return torch.where(ops == op, arg, _NEUTRAL.get(op, 1.0)).view(n, 1, 1, 1)
@@ -264,16 +279,30 @@ class BatchedAutoAugment(_Compiles):
 
         xf = x.float()
         out = x
-        if present & set(range(N_AFFINE)):  # all warps in one resample (identity matrices elsewhere)
-            out = keep(ops < N_AFFINE, _to_uint8(self._warp(xf.clone(), theta)), out)
+        if present & set(range(N_AFFINE)):  # all warps in one resample
+            if "warp" in slots:  # on the slot of samples that drew one, then back in place
+                idx, pos, theta = slots["warp"]
+                sub = x.index_select(0, idx.long()).float()
+                warped = _to_uint8(self._warp(sub, theta.view(-1, 2, 3))).index_select(0, pos.long())
+            else:  # on the whole batch (identity matrices for the other samples)
+                warped = _to_uint8(self._warp(xf.clone(), rest[0].view(n, 2, 3)))
+            out = keep(ops < N_AFFINE, warped, out)
         for op in (BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, AUTOCONTRAST):
             if op in present:
                 f = xf.clone()
                 self._colour_(op, f, arg_of(op))
                 out = keep(ops == op, _to_uint8(f), out)
         for op in sorted(_UINT8_OPS & present):
-            out = keep(ops == op, self._integer(op, x, arg_of(op)), out)
+            if op == EQUALIZE and "equalize" in slots:
+                idx, pos = slots["equalize"]
+                result = self._integer(op, x.index_select(0, idx.long()), None).index_select(0, pos.long())
+            else:
+                result = self._integer(op, x, arg_of(op))
+            out = keep(ops == op, result, out)
         return out
+
+    # groups run on gathered slots by the masked path; () runs every op on the whole batch
+    _gathered: tuple[str, ...] = ("warp", "equalize")
 
     @property
     def _ops_present(self) -> set[int]:
@@ -443,6 +472,23 @@ class BatchedAutoAugment(_Compiles):
 _UINT8_OPS = frozenset({POSTERIZE, SOLARIZE, SOLARIZE_ADD, EQUALIZE, INVERT})
 # Each op's argument that leaves an image unchanged (colour factors: 1.0), for the masked path.
 _NEUTRAL = {POSTERIZE: 8.0, SOLARIZE: 256.0, SOLARIZE_ADD: 0.0}
+
+
+def _in_group(ops: torch.Tensor, group: str) -> torch.Tensor:
+    return ops < N_AFFINE if group == "warp" else ops == EQUALIZE
+
+
+def _slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, pos) on the CPU for the samples in ``mask``: ``idx`` lists them, padded with sample 0
+    to a power of two >= 8 (at most the batch), so a compiled graph sees few sizes; ``pos[i]`` is
+    sample i's place in ``idx`` (0 for samples outside: their gathered result is not kept)."""
+    n = mask.numel()
+    members = mask.nonzero().flatten()
+    k = min(n, max(8, 1 << max(int(members.numel()) - 1, 0).bit_length()))
+    idx = torch.cat([members, torch.zeros(k - members.numel(), dtype=torch.long)])
+    pos = torch.zeros(n, dtype=torch.long)
+    pos[members] = torch.arange(members.numel())
+    return idx, pos
 
 
 def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
