@@ -92,6 +92,17 @@ def test_batched_auto_augment_on_gpu():
         assert changed > 0.3, f"{policy}: only {changed:.0%} of images changed"
 
 
+def test_auto_augment_is_masked_when_compiled_on_gpu(monkeypatch):
+    from zoo.augment import BatchedAutoAugment
+
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    for compile_, expected in ((True, "apply_masked"), (False, "apply")):
+        aug = BatchedAutoAugment("ta_wide", compile=compile_).cuda()
+        other = "apply" if expected == "apply_masked" else "apply_masked"
+        monkeypatch.setattr(aug, other, lambda *a: pytest.fail(f"{other} with compile={compile_}"))
+        aug(x)
+
+
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
 def test_masked_augmentation_on_gpu_gives_the_cpus_images(compile_):
     """The GPU's path (masked, eager or compiled by inductor/Triton) and the CPU's grouped path on

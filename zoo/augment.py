@@ -130,11 +130,13 @@ class BatchedAutoAugment(_Compiles):
             (``img_mean = round(255 * mean)`` in timm's transforms_factory); torchvision with 0.
         interpolation: ``bilinear``, ``bicubic`` or ``nearest``; None: the policy's default.
         magnitude: M of the legacy name ``randaugment``.
-        impl: ``grouped`` (samples sorted by op, each op on its slice: the least arithmetic, the
-            CPU's choice), ``masked`` (every op of the policy on the whole batch, each sample
-            keeping its own op's result: fixed shapes, no per-op slicing, so few launches and
-            compilable; the GPU's choice) or ``auto`` (masked on CUDA, grouped elsewhere). Both
-            give the same images for the same draw (tests/test_augment.py).
+        impl: ``grouped`` (samples sorted by op, each op on its slice: the least arithmetic, many
+            small kernels), ``masked`` (:meth:`apply_masked`: fixed shapes, few kernels once
+            compiled, more arithmetic) or ``auto``: masked when compiled on CUDA, grouped
+            otherwise. On an H100 (benchmarks/results/gpu.md), compiled masked cut the host time
+            per ConvNeXt-T batch from 7.8 to 3.3 ms and the kernels from 317 to 34, but eager
+            masked cost more GPU time than grouped (11.8 vs 1.9 ms). Both paths give the same
+            images for the same draw (tests/test_augment.py).
         compile: run the masked path through ``torch.compile`` (fused kernels; one compile per
             batch shape).
     """
@@ -219,29 +221,37 @@ class BatchedAutoAugment(_Compiles):
         n, _, h, w = images.shape
         layers = self.sample(n, h, w)
         self.last_params = {"layers": layers}
-        if self.impl == "masked" or (self.impl == "auto" and images.device.type == "cuda"):
+        if self.impl == "masked" or (self.impl == "auto" and self.compile and images.device.type == "cuda"):
             return self.apply_masked(images, layers)
         return self.apply(images, layers)
 
     def apply_masked(self, images: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """:meth:`apply` with shapes that do not depend on the draw (up to a few buckets).
+        """:meth:`apply` with shapes that do not depend on the draw.
 
         Per layer, the cheap ops (colour blends, LUT-like integer ops) run on the whole batch and
         each sample keeps the result of its own op (``torch.where``); the costly ones (the warp:
         16 taps per pixel for bicubic; Equalize: a histogram) run on a gathered slot of the
-        samples that drew them, padded to a power of two (>= 8), and are gathered back.
-        No sorting, no slices of data-dependent size, one host->device copy per call (ops,
-        arguments, slots, affine matrices, packed): on a GPU the grouped path was launch-bound
-        (336 small kernels per call for 1.7 ms of GPU time, H200, benchmarks/results/gpu.md),
-        and these shapes let ``torch.compile`` fuse each layer into a few kernels.
+        samples that drew them, and are gathered back. A slot has a fixed capacity per batch size
+        (:meth:`capacity`), so a compiled graph sees one shape (slot sizes that varied with the
+        draw recompiled at nearly every step on an H100: 2.7 s per step); a draw that overflows
+        it (odds below 1e-12) runs uncompiled with larger slots. No sorting, no slices of
+        data-dependent size, one host->device copy per call (ops, arguments, slots, affine matrices, packed):
+        on a GPU the grouped path was launch-bound (336 small kernels per call for 1.7 ms of GPU
+        time, H200, benchmarks/results/gpu.md), and these shapes let ``torch.compile`` fuse each
+        layer into a few kernels.
         """
         n, _, h, w = images.shape
+        layers = [(ops.long(), arg.float()) for ops, arg in layers]
+        members = [[_in_group(ops, g).nonzero().flatten() for g in self._gathered] for ops, _ in layers]
+        caps = [self.capacity(n, g) for g in self._gathered]
+        overflow = any(m.numel() > c for per in members for m, c in zip(per, caps))
+        if overflow:
+            caps = [n] * len(caps)
         parts: list[torch.Tensor] = []
-        for ops, arg in layers:
-            ops, arg = ops.long(), arg.float()
+        for (ops, arg), per in zip(layers, members):
             parts += [ops.float(), arg]
-            for group in self._gathered:
-                idx, pos = _slots(_in_group(ops, group))
+            for group, m, cap in zip(self._gathered, per, caps):
+                idx, pos = _slots(m, n, cap)
                 parts += [idx.float(), pos.float()]
                 if group == "warp":
                     parts.append(self._theta(ops[idx], arg[idx], h, w).flatten())
@@ -249,12 +259,22 @@ class BatchedAutoAugment(_Compiles):
                 parts.append(self._theta(ops, arg, h, w).flatten())
         packed = torch.cat(parts).to(images.device, non_blocking=True)  # small pageable copy: staged, no wait
         tensors = list(packed.split([t.numel() for t in parts]))  # views: no kernels
-        if not self.compile:
+        if not self.compile or overflow:
             return self._masked(images, tensors)
         if self._compiled is None:  # not an attribute set in __init__: a compiled fn is not picklable
-            # dynamic=None: the slot sizes become symbolic at their second value (one recompile)
-            object.__setattr__(self, "_compiled", torch.compile(self._masked))
+            # static shapes: slot sizes vary only with the batch size (a new batch size compiles again)
+            object.__setattr__(self, "_compiled", torch.compile(self._masked, dynamic=False))
         return self._compiled(images, tensors)
+
+    def capacity(self, n: int, group: str) -> int:
+        """Slot size for ``group`` in a batch of ``n``: the binomial mean of its members plus 6
+        standard deviations plus 8, rounded up to a multiple of 8, at most ``n``. For the timm
+        policy at n = 128: 56 warps (mean 21.3), 32 Equalize (mean 4.3); ta_wide: 88 / 40. The odds
+        that a layer overflows a slot are below 1e-12 for batches of 32 to 256 (binomial tails)."""
+        ops = TIMM_INC_OPS if self.policy.kind == "timm_rand" else TA_WIDE_OPS
+        p = self.policy.prob * sum(_in_group(torch.tensor(op), group).item() for op in ops) / len(ops)
+        mean, sd = n * p, math.sqrt(n * p * (1 - p))
+        return min(n, 8 * math.ceil((mean + 6 * sd + 8) / 8))
 
     def _masked(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         per_layer = 2 + sum(3 if g == "warp" else 2 for g in self._gathered) + ("warp" not in self._gathered)
@@ -478,14 +498,11 @@ def _in_group(ops: torch.Tensor, group: str) -> torch.Tensor:
     return ops < N_AFFINE if group == "warp" else ops == EQUALIZE
 
 
-def _slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, pos) on the CPU for the samples in ``mask``: ``idx`` lists them, padded with sample 0
-    to a power of two >= 8 (at most the batch), so a compiled graph sees few sizes; ``pos[i]`` is
-    sample i's place in ``idx`` (0 for samples outside: their gathered result is not kept)."""
-    n = mask.numel()
-    members = mask.nonzero().flatten()
-    k = min(n, max(8, 1 << max(int(members.numel()) - 1, 0).bit_length()))
-    idx = torch.cat([members, torch.zeros(k - members.numel(), dtype=torch.long)])
+def _slots(members: torch.Tensor, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, pos) on the CPU for the sample indices ``members`` of a batch of ``n``: ``idx`` lists
+    them, padded with sample 0 to ``size``; ``pos[i]`` is sample i's place in ``idx`` (0 for
+    samples outside: their gathered result is not kept)."""
+    idx = torch.cat([members, torch.zeros(size - members.numel(), dtype=torch.long)])
     pos = torch.zeros(n, dtype=torch.long)
     pos[members] = torch.arange(members.numel())
     return idx, pos
