@@ -10,6 +10,9 @@ magnitude, sign) are drawn on the CPU with torch's default generator (seeded by
 samples), the batch is sorted by op once per layer, and each op runs as one vectorised kernel
 over its contiguous slice: colour ops with per-sample broadcast factors, all geometric ops of a
 layer in one ``affine_grid``/``grid_sample`` with per-sample matrices. No Python loop over images.
+That grouped path is the CPU's; compiled on a GPU the masked path runs instead
+(:meth:`BatchedAutoAugment.apply_masked`: shapes that do not depend on the draw, so
+``torch.compile`` fuses a layer into a few kernels; the same images).
 
 Two variants, each faithful to the implementation a recipe cites (``policy``):
 
