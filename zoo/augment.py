@@ -547,7 +547,8 @@ class DeviceAugment(_Compiles):
     (tests/test_augment.py).
 
     Every random number is drawn on the CPU and sent in one small copy per stage; the device
-    work has fixed shapes, so ``compile=True`` fuses each stage into a few kernels.
+    work has fixed shapes, so ``compile=True`` fuses each stage into a few kernels on CUDA (on a
+    CPU both stages stay eager: the grouped RandAugment path, and no compile wait).
     """
 
     _compiled_attrs = ("_compiled_post",)
@@ -601,7 +602,7 @@ class DeviceAugment(_Compiles):
         if self.mixers:
             parts.append(self.mix_params(h, w))
         packed = torch.cat(parts).to(x.device, non_blocking=True)  # one small copy, no wait
-        if not self.compile:
+        if not self.compile or x.device.type != "cuda":  # as the masked pre stage: compiled on CUDA only
             return self._post(x, y, packed)
         if self._compiled_post is None:
             object.__setattr__(self, "_compiled_post", torch.compile(self._post, dynamic=False))
