@@ -238,10 +238,10 @@ class BatchedAutoAugment(_Compiles):
         (:meth:`capacity`), so a compiled graph sees one shape (slot sizes that varied with the
         draw recompiled at nearly every step on an H100: 2.7 s per step); a draw that overflows
         it (odds below 1e-12) runs uncompiled with larger slots. No sorting, no slices of
-        data-dependent size, one host->device copy per call (ops, arguments, slots, affine matrices, packed):
-        on a GPU the grouped path was launch-bound (336 small kernels per call for 1.7 ms of GPU
-        time, H200, benchmarks/results/gpu.md), and these shapes let ``torch.compile`` fuse each
-        layer into a few kernels.
+        data-dependent size, one host->device copy per call (ops, arguments, slots, affine
+        matrices, packed): on a GPU the grouped path was launch-bound (336 small kernels per call
+        for 1.7 ms of GPU time, H200, benchmarks/results/gpu-h200.md), and these shapes let
+        ``torch.compile`` fuse each layer into a few kernels.
         """
         n, _, h, w = images.shape
         layers = [(ops.long(), arg.float()) for ops, arg in layers]
@@ -275,7 +275,8 @@ class BatchedAutoAugment(_Compiles):
         policy at n = 128: 56 warps (mean 21.3), 32 Equalize (mean 4.3); ta_wide: 88 / 40. The odds
         that a layer overflows a slot are below 1e-12 for batches of 32 to 256 (binomial tails)."""
         ops = TIMM_INC_OPS if self.policy.kind == "timm_rand" else TA_WIDE_OPS
-        p = self.policy.prob * sum(_in_group(torch.tensor(op), group).item() for op in ops) / len(ops)
+        in_group = (lambda op: op < N_AFFINE) if group == "warp" else (lambda op: op == EQUALIZE)  # as _in_group
+        p = self.policy.prob * sum(map(in_group, ops)) / len(ops)
         mean, sd = n * p, math.sqrt(n * p * (1 - p))
         return min(n, 8 * math.ceil((mean + 6 * sd + 8) / 8))
 
