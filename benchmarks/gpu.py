@@ -397,15 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     cres = 32 if args.smoke else 224
     aug_kw = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
 
-    def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None, gathered=None):
+    def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None, whole_batch: bool = False):
         m = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
                             optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
                             label_smoothing=0.1, **(aug_kw if aug else {}))
         if aug:  # the augmentation's variants, on the same machine: grouped = the path before the masked one
             m.augment.auto.impl = impl
             m.augment.compile = m.augment.auto.compile = compile_ if aug_compile is None else aug_compile
-            if gathered is not None:  # () : every op on the whole batch
-                m.augment.auto._gathered = gathered
+            if whole_batch:  # slots of the whole batch: every op on every image (run 1's design)
+                m.augment.auto.capacity = lambda n, group: n
         return m
 
     cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
@@ -430,17 +430,17 @@ def main(argv: list[str] | None = None) -> int:
     # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
     # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
     x, y = cdata[0]
-    variants = {"grouped, eager (before)": ("grouped", False, None)}
+    variants = {"grouped, eager (before)": ("grouped", False, False)}
     if compile_:
-        variants["masked, compiled, every op on the whole batch"] = ("masked", True, ())
-        variants["masked, compiled, warps and Equalize on gathered slots (after)"] = ("masked", True, None)
+        variants["masked, compiled, every op on the whole batch"] = ("masked", True, True)
+        variants["masked, compiled, warps and Equalize on gathered slots (after)"] = ("masked", True, False)
     else:
-        variants["masked, eager (after)"] = ("masked", False, None)
+        variants["masked, eager (after)"] = ("masked", False, False)
     aug_rows = []
     breakdown: list[str] = []
-    for name, (impl, comp, gathered) in variants.items():
+    for name, (impl, comp, whole_batch) in variants.items():
         try:
-            *row, top = time_augmentation(cnx(True, impl, comp, gathered).to(device), x, y, steps=args.steps,
+            *row, top = time_augmentation(cnx(True, impl, comp, whole_batch).to(device), x, y, steps=args.steps,
                                           warmup=args.warmup, device=device)
             aug_rows.append((name, *row))
             if top:

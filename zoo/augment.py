@@ -245,21 +245,17 @@ class BatchedAutoAugment(_Compiles):
         """
         n, _, h, w = images.shape
         layers = [(ops.long(), arg.float()) for ops, arg in layers]
-        members = [[_in_group(ops, g).nonzero().flatten() for g in self._gathered] for ops, _ in layers]
-        caps = [self.capacity(n, g) for g in self._gathered]
+        members = [[_in_group(ops, g).nonzero().flatten() for g in _SLOT_GROUPS] for ops, _ in layers]
+        caps = [self.capacity(n, g) for g in _SLOT_GROUPS]
         overflow = any(m.numel() > c for per in members for m, c in zip(per, caps))
         if overflow:
             caps = [n] * len(caps)
-        parts: list[torch.Tensor] = []
-        for (ops, arg), per in zip(layers, members):
-            parts += [ops.float(), arg]
-            for group, m, cap in zip(self._gathered, per, caps):
-                idx, pos = _slots(m, n, cap)
-                parts += [idx.float(), pos.float()]
-                if group == "warp":
-                    parts.append(self._theta(ops[idx], arg[idx], h, w).flatten())
-            if "warp" not in self._gathered:  # every sample's matrix (identity for non-warps)
-                parts.append(self._theta(ops, arg, h, w).flatten())
+        parts: list[torch.Tensor] = []  # per layer: ops, arg, warp idx, pos, matrices, Equalize idx, pos
+        for (ops, arg), (warps, equalizes) in zip(layers, members):
+            warp_idx, warp_pos = _slots(warps, n, caps[0])
+            eq_idx, eq_pos = _slots(equalizes, n, caps[1])
+            theta = self._theta(ops[warp_idx], arg[warp_idx], h, w).flatten()
+            parts += [ops.float(), arg, warp_idx.float(), warp_pos.float(), theta, eq_idx.float(), eq_pos.float()]
         packed = torch.cat(parts).to(images.device, non_blocking=True)  # small pageable copy: staged, no wait
         tensors = list(packed.split([t.numel() for t in parts]))  # views: no kernels
         if not self.compile or overflow:
@@ -271,29 +267,25 @@ class BatchedAutoAugment(_Compiles):
 
     def capacity(self, n: int, group: str) -> int:
         """Slot size for ``group`` in a batch of ``n``: the binomial mean of its members plus 6
-        standard deviations plus 8, rounded up to a multiple of 8, at most ``n``. For the timm
-        policy at n = 128: 56 warps (mean 21.3), 32 Equalize (mean 4.3); ta_wide: 88 / 40. The odds
-        that a layer overflows a slot are below 1e-12 for batches of 32 to 256 (binomial tails)."""
+        standard deviations plus 8, rounded up to a multiple of 8, at most ``n`` (``n``: every
+        image, the whole batch). For the timm policy at n = 128: 56 warps (mean 21.3), 32
+        Equalize (mean 4.3); ta_wide: 88 / 40. The odds that a layer overflows a slot are below
+        1e-12 for batches of 32 to 256 (binomial tails)."""
         ops = TIMM_INC_OPS if self.policy.kind == "timm_rand" else TA_WIDE_OPS
-        in_group = (lambda op: op < N_AFFINE) if group == "warp" else (lambda op: op == EQUALIZE)  # as _in_group
-        p = self.policy.prob * sum(map(in_group, ops)) / len(ops)
+        p = self.policy.prob * sum(_in_group(op, group) for op in ops) / len(ops)
         mean, sd = n * p, math.sqrt(n * p * (1 - p))
         return min(n, 8 * math.ceil((mean + 6 * sd + 8) / 8))
 
     def _masked(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
-        per_layer = 2 + sum(3 if g == "warp" else 2 for g in self._gathered) + ("warp" not in self._gathered)
-        for i in range(0, len(tensors), per_layer):
-            x = self._masked_layer(x, tensors[i:i + per_layer])
+        for i in range(0, len(tensors), 7):  # the 7 tensors of a layer (apply_masked)
+            x = self._masked_layer(x, *tensors[i:i + 7])
         return x
 
-    def _masked_layer(self, x: torch.Tensor, t: list[torch.Tensor]) -> torch.Tensor:
+    def _masked_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor, warp_idx: torch.Tensor,
+                      warp_pos: torch.Tensor, theta: torch.Tensor, eq_idx: torch.Tensor,
+                      eq_pos: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        ops, arg, rest = t[0], t[1], t[2:]
         present = self._ops_present
-        slots = {}
-        for group in self._gathered:
-            k = 3 if group == "warp" else 2
-            slots[group], rest = rest[:k], rest[k:]
 
         def arg_of(op: int) -> torch.Tensor:  # the op's argument where it applies, its no-op elsewhere
             return torch.where(ops == op, arg, _NEUTRAL.get(op, 1.0)).view(n, 1, 1, 1)
@@ -301,15 +293,13 @@ class BatchedAutoAugment(_Compiles):
         def keep(op_mask: torch.Tensor, result: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             return torch.where(op_mask.view(n, 1, 1, 1), result, out)
 
+        def on_slot(fn, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # gathered, then back in place
+            return fn(x.index_select(0, idx.long())).index_select(0, pos.long())
+
         xf = x.float()
         out = x
         if present & set(range(N_AFFINE)):  # all warps in one resample
-            if "warp" in slots:  # on the slot of samples that drew one, then back in place
-                idx, pos, theta = slots["warp"]
-                sub = x.index_select(0, idx.long()).float()
-                warped = _to_uint8(self._warp(sub, theta.view(-1, 2, 3))).index_select(0, pos.long())
-            else:  # on the whole batch (identity matrices for the other samples)
-                warped = _to_uint8(self._warp(xf.clone(), rest[0].view(n, 2, 3)))
+            warped = on_slot(lambda s: _to_uint8(self._warp(s.float(), theta.view(-1, 2, 3))), warp_idx, warp_pos)
             out = keep(ops < N_AFFINE, warped, out)
         for op in (BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, AUTOCONTRAST):
             if op in present:
@@ -317,16 +307,12 @@ class BatchedAutoAugment(_Compiles):
                 self._colour_(op, f, arg_of(op))
                 out = keep(ops == op, _to_uint8(f), out)
         for op in sorted(_UINT8_OPS & present):
-            if op == EQUALIZE and "equalize" in slots:
-                idx, pos = slots["equalize"]
-                result = self._integer(op, x.index_select(0, idx.long()), None).index_select(0, pos.long())
+            if op == EQUALIZE:
+                result = on_slot(lambda s: self._integer(EQUALIZE, s, None), eq_idx, eq_pos)
             else:
                 result = self._integer(op, x, arg_of(op))
             out = keep(ops == op, result, out)
         return out
-
-    # groups run on gathered slots by the masked path; () runs every op on the whole batch
-    _gathered: tuple[str, ...] = ("warp", "equalize")
 
     @property
     def _ops_present(self) -> set[int]:
@@ -498,7 +484,11 @@ _UINT8_OPS = frozenset({POSTERIZE, SOLARIZE, SOLARIZE_ADD, EQUALIZE, INVERT})
 _NEUTRAL = {POSTERIZE: 8.0, SOLARIZE: 256.0, SOLARIZE_ADD: 0.0}
 
 
-def _in_group(ops: torch.Tensor, group: str) -> torch.Tensor:
+_SLOT_GROUPS = ("warp", "equalize")  # the masked path's costly ops, run on gathered slots
+
+
+def _in_group(ops, group: str):
+    """Whether op ids (a tensor, or one int) are in a slot group: any warp, or Equalize."""
     return ops < N_AFFINE if group == "warp" else ops == EQUALIZE
 
 
@@ -617,14 +607,14 @@ class DeviceAugment(_Compiles):
                                  if len(self.mixers) > 1 else 0]
         lam = float(dist.sample(()))
         if kind == "mixup":
-            return torch.tensor([lam, 1.0 - lam, lam, 1.0 - lam, 0, 0, 0, 0], dtype=torch.float64).float()
+            return torch.tensor([lam, 1.0 - lam, lam, 1.0 - lam, 0, 0, 0, 0])
         r_x, r_y = torch.randint(w, size=(1,)), torch.randint(h, size=(1,))
         r = 0.5 * math.sqrt(1.0 - lam)
         r_w_half, r_h_half = int(r * w), int(r * h)
         x1, y1 = int(torch.clamp(r_x - r_w_half, min=0)), int(torch.clamp(r_y - r_h_half, min=0))
         x2, y2 = int(torch.clamp(r_x + r_w_half, max=w)), int(torch.clamp(r_y + r_h_half, max=h))
         lam_adjusted = float(1.0 - (x2 - x1) * (y2 - y1) / (w * h))
-        return torch.tensor([1.0, 0.0, lam_adjusted, 1.0 - lam_adjusted, y1, y2, x1, x2], dtype=torch.float64).float()
+        return torch.tensor([1.0, 0.0, lam_adjusted, 1.0 - lam_adjusted, y1, y2, x1, x2])
 
     def _post(self, x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, h, w = x.shape
