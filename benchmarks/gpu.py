@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+import gc
 import os
 import statistics
 import sys
@@ -168,14 +169,18 @@ def loader_rate(path, res: int, batch: int, workers: int, dct: bool) -> float:
 
 
 def time_augmentation(m, x, y, *, steps: int, warmup: int, device: torch.device):
-    """Median synchronised wall ms and host ms to return per call of the augmentation (+ the
-    uint8 -> float normalisation) on one batch; on a GPU, kernels and GPU-busy ms per call and a
-    table of the costliest kernels and host ops."""
+    """:func:`time_call` of the augmentation (+ the uint8 -> float normalisation) on one batch."""
 
     def call():
         xx = m.preprocess(m.augment.pre_normalise(x))
         return m.augment.post_normalise(xx, y)
 
+    return time_call(call, steps=steps, warmup=warmup, device=device)
+
+
+def time_call(call, *, steps: int, warmup: int, device: torch.device):
+    """Median synchronised wall ms and host ms to return per ``call()``; on a GPU, kernels and
+    GPU-busy ms per call and a table of the costliest kernels and host ops."""
     wall, host = [], []
     for i in range(warmup + steps):
         sync(device)
@@ -313,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convnext-batch", type=int, default=128)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device's dense bf16 peak, for MFU")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rounds", type=int, default=1, help="fits per ConvNeXt-T configuration (median reported)")
+    ap.add_argument("--skip-convnext", action="store_true", help="only the ResNet-50 part")
+    ap.add_argument("--configs", default="plain,grouped,masked,ema,masked+ema",
+                    help="ConvNeXt-T configurations to fit (of plain, grouped, masked, ema, masked+ema)")
     ap.add_argument("--skip-resnet50", action="store_true", help="only the ConvNeXt-T part and the sync audit")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -391,93 +400,154 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
 
-    # 2. ConvNeXt-T: plain, + device augmentation (the previous grouped path, the masked compiled one), + EMA
-    from callbacks.ema import WeightEMA
+    cnx_lines: list[str] = []
+    if not args.skip_convnext:
+        # 2. ConvNeXt-T: plain, + device augmentation (the previous grouped path, the masked compiled one), + EMA
+        from callbacks.ema import WeightEMA
+        from zoo import augment as A
 
-    cres = 32 if args.smoke else 224
-    aug_kw = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
+        cres = 32 if args.smoke else 224
+        aug_kw = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
 
-    def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None, whole_batch: bool = False):
-        m = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
-                            optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
-                            label_smoothing=0.1, **(aug_kw if aug else {}))
-        if aug:  # the augmentation's variants, on the same machine: grouped = the path before the masked one
-            m.augment.auto.impl = impl
-            m.augment.compile = m.augment.auto.compile = compile_ if aug_compile is None else aug_compile
-            if whole_batch:  # slots of the whole batch: every op on every image (run 1's design)
-                m.augment.auto.capacity = lambda n, group: n
-        return m
-
-    cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
-    t = time.perf_counter()
-    kw = dict(steps=args.steps, warmup=args.warmup, device=device, precision=precision)
-    plans = {
-        "no augmentation, no EMA": lambda: fit(cnx(False), cdata, **kw),
-        "device augmentation, grouped RandAugment, eager (before)": lambda: fit(cnx(True, "grouped", False), cdata, **kw),
-        f"device augmentation, masked{', compiled' if compile_ else ''} (after)": lambda: fit(cnx(True), cdata, **kw),
-        "device augmentation (after) + EMA": lambda: fit(cnx(True), cdata, **kw, callbacks=[WeightEMA(decay=0.9999)]),
-    }
-    runs = {}
-    for name, plan in plans.items():  # one failing variant must not lose the others' figures
-        try:
-            runs[name] = plan()
-        except Exception as e:
-            failed.append(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
-            print(failed[-1], flush=True)
-    print(f"convnext runs: {', '.join(f'{k} {c.step_ms:.1f} ms' for k, c in runs.items())} "
-          f"({time.perf_counter() - t:.0f} s)", flush=True)
-    plain_step = runs["no augmentation, no EMA"].step_ms if "no augmentation, no EMA" in runs else float("nan")
-    # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
-    # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
-    x, y = cdata[0]
-    variants = {"grouped, eager (before)": ("grouped", False, False)}
-    if compile_:
-        variants["masked, compiled, every op on the whole batch"] = ("masked", True, True)
-        variants["masked, compiled, warps and Equalize on gathered slots (after)"] = ("masked", True, False)
-    else:
-        variants["masked, eager (after)"] = ("masked", False, False)
-    aug_rows = []
-    breakdown: list[str] = []
-    for name, (impl, comp, whole_batch) in variants.items():
-        try:
-            *row, top = time_augmentation(cnx(True, impl, comp, whole_batch).to(device), x, y, steps=args.steps,
-                                          warmup=args.warmup, device=device)
-            aug_rows.append((name, *row))
-            if top:
-                breakdown += [f"Where the time goes, {name} (5 profiled calls, per call):", "", *top, ""]
-            print(f"augmentation {name}: {aug_rows[-1]}", flush=True)
-        except Exception as e:  # one failing variant must not lose the others' figures
-            failed.append(f"augmentation alone, {name}, failed: {type(e).__name__}: {str(e)[:300]}")
-            print(failed[-1], flush=True)
-    aug_lines = [
-        "Device augmentation alone, one batch (RandAugment + uint8->float normalisation + erasing + mixup/cutmix), "
-        f"median of {args.steps} calls:",
-        "",
-        "| variant | wall, synchronised (ms) | % of plain step | host time to return (ms) | GPU kernels per call | GPU busy (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *[f"| {n} | {w:.2f} | {100 * w / plain_step:.1f}% | {h:.2f} | {k:.0f} | {b:.2f} |" for n, w, h, k, b in aug_rows],
-        "",
-    ]
-
-    # 3. host-device syncs per step, eager (no compile), the recipe's full hot path
-    syncs_lines = []
-    if device.type == "cuda":
-        audit_steps = 5
-        eager = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=False,
+        def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None, whole_batch: tuple = ()):
+            m = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
                                 optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
-                                label_smoothing=0.1, **aug_kw)
-        try:
-            counts = sync_audit(eager, cdata[: audit_steps + 2], steps=audit_steps, warmup=2, device=device,
-                                precision=precision, callbacks=[WeightEMA(decay=0.9999)])
-            total = sum(counts.values())
-            syncs_lines = [f"## Host-device synchronisations per training step (ConvNeXt-T eager, augmentation + EMA, "
-                           f"{audit_steps} steps, torch.cuda.set_sync_debug_mode)", "",
-                           f"{total / audit_steps:.1f} per step in all.", "", "| where | per step |", "| --- | ---: |",
-                           *[f"| `{k}` | {v / audit_steps:.1f} |" for k, v in counts.most_common(15)], ""]
-        except Exception as e:  # the audit is informative: never lose the tables above to it
-            syncs_lines = [f"Sync audit failed: {type(e).__name__}: {e}", ""]
-        print("\n".join(syncs_lines), flush=True)
+                                label_smoothing=0.1, **(aug_kw if aug else {}))
+            if aug:  # the augmentation's variants, on the same machine: grouped = the path before the masked one
+                m.augment.auto.impl = impl
+                m.augment.compile = m.augment.auto.compile = compile_ if aug_compile is None else aug_compile
+                if whole_batch:  # these slot groups hold the whole batch: their ops run on every image
+                    cap = m.augment.auto.capacity
+                    m.augment.auto.capacity = lambda n, group: n if group in whole_batch else cap(n, group)
+            return m
 
+        cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
+        t = time.perf_counter()
+        kw = dict(steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+        ema = lambda: [WeightEMA(decay=0.9999)]  # noqa: E731
+        plans = {  # key: (name, model, callbacks of each fit)
+            "plain": ("no augmentation, no EMA", lambda: cnx(False), list),
+            "grouped": ("device augmentation, grouped RandAugment, eager (before)", lambda: cnx(True, "grouped", False), list),
+            "masked": (f"device augmentation, masked{', compiled' if compile_ else ''} (after)", lambda: cnx(True), list),
+            "ema": ("no augmentation + EMA", lambda: cnx(False), ema),
+            "masked+ema": ("device augmentation (after) + EMA", lambda: cnx(True), ema),
+        }
+        unknown = set(args.configs.split(",")) - set(plans)
+        if unknown:
+            raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(plans)}")
+        plans = {name: (make(), cbs) for key, (name, make, cbs) in plans.items() if key in args.configs.split(",")}
+        # --rounds fits of every configuration, each round on the same five models (a model compiles
+        # in its first fit's warm-up steps, later fits reuse it); round r starts r places further down
+        # the list, so no configuration always runs first or last. Between fits the previous trainer is
+        # collected and the allocator's cache emptied; each fit's peak memory is recorded.
+        runs: dict[str, list] = {name: [] for name in plans}
+        peaks: dict[str, float] = {}
+        names = list(plans)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:  # one failing variant must not lose the others' figures
+                    model, callbacks = plans[name]
+                    runs[name].append(fit(model, cdata, **kw, callbacks=callbacks()).step_ms)
+                    if device.type == "cuda":
+                        peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+                except Exception as e:
+                    failed.append(f"{name} (round {r + 1}) failed: {type(e).__name__}: {str(e)[:300]}")
+                    print(failed[-1], flush=True)
+            print(f"convnext round {r + 1}: {', '.join(f'{k} {v[-1]:.1f} ms' for k, v in runs.items() if v)} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+        runs = {k: v for k, v in runs.items() if v}
+        del plans
+        step = {k: statistics.median(v) for k, v in runs.items()}
+        plain_step = step.get("no augmentation, no EMA", float("nan"))
+        # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
+        # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
+        x, y = cdata[0]
+        variants = {"grouped, eager (before)": ("grouped", False, ())}
+        if compile_:
+            variants["masked, compiled, every op on the whole batch"] = ("masked", True, A._SLOT_GROUPS)
+            variants["masked, compiled, warps and Equalize on slots, Contrast and AutoContrast on the whole batch (before)"] = (
+                "masked", True, ("contrast", "autocontrast"))
+            variants["masked, compiled, warps, Equalize, Contrast, AutoContrast on gathered slots (after)"] = ("masked", True, ())
+        else:
+            variants["masked, eager (after)"] = ("masked", False, ())
+        aug_rows = []
+        breakdown: list[str] = []
+        for name, (impl, comp, whole_batch) in variants.items():
+            try:
+                *row, top = time_augmentation(cnx(True, impl, comp, whole_batch).to(device), x, y, steps=args.steps,
+                                              warmup=args.warmup, device=device)
+                aug_rows.append((name, *row))
+                if top:
+                    breakdown += [f"Where the time goes, {name} (5 profiled calls, per call):", "", *top, ""]
+                print(f"augmentation {name}: {aug_rows[-1]}", flush=True)
+            except Exception as e:  # one failing variant must not lose the others' figures
+                failed.append(f"augmentation alone, {name}, failed: {type(e).__name__}: {str(e)[:300]}")
+                print(failed[-1], flush=True)
+        # the EMA update alone (every parameter and float buffer of ConvNeXt-T, one _foreach_lerp_)
+        try:
+            m = cnx(False).to(device)
+            ema = WeightEMA(decay=0.9999)
+            ema.ema = {k: v.detach().clone() for k, v in ema._tracked(m).items()}
+            *row, top = time_call(lambda: ema.update(m), steps=args.steps, warmup=args.warmup, device=device)
+            aug_rows.append(("EMA update alone (WeightEMA.update, decay 0.9999)", *row))
+            if top:
+                breakdown += ["Where the time goes, the EMA update (5 profiled calls, per call):", "", *top, ""]
+            print(f"EMA update: {aug_rows[-1]}", flush=True)
+            del m, ema
+        except Exception as e:
+            failed.append(f"EMA update alone failed: {type(e).__name__}: {str(e)[:300]}")
+            print(failed[-1], flush=True)
+        aug_lines = [
+            "Device augmentation alone, one batch (RandAugment + uint8->float normalisation + erasing + mixup/cutmix), "
+            f"and the EMA update alone; median of {args.steps} calls:",
+            "",
+            "| variant | wall, synchronised (ms) | % of plain step | host time to return (ms) | GPU kernels per call | GPU busy (ms) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *[f"| {n} | {w:.2f} | {100 * w / plain_step:.1f}% | {h:.2f} | {k:.0f} | {b:.2f} |" for n, w, h, k, b in aug_rows],
+            "",
+        ]
+
+        # 3. host-device syncs per step, eager (no compile), the recipe's full hot path
+        syncs_lines = []
+        if device.type == "cuda":
+            audit_steps = 5
+            eager = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=False,
+                                    optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
+                                    label_smoothing=0.1, **aug_kw)
+            try:
+                counts = sync_audit(eager, cdata[: audit_steps + 2], steps=audit_steps, warmup=2, device=device,
+                                    precision=precision, callbacks=[WeightEMA(decay=0.9999)])
+                total = sum(counts.values())
+                syncs_lines = [f"## Host-device synchronisations per training step (ConvNeXt-T eager, augmentation + EMA, "
+                               f"{audit_steps} steps, torch.cuda.set_sync_debug_mode)", "",
+                               f"{total / audit_steps:.1f} per step in all.", "", "| where | per step |", "| --- | ---: |",
+                               *[f"| `{k}` | {v / audit_steps:.1f} |" for k, v in counts.most_common(15)], ""]
+            except Exception as e:  # the audit is informative: never lose the tables above to it
+                syncs_lines = [f"Sync audit failed: {type(e).__name__}: {e}", ""]
+            print("\n".join(syncs_lines), flush=True)
+
+        cnx_lines = [
+            f"## ConvNeXt-T, batch {args.convnext_batch}, {cres} px (recipe: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0, EMA 0.9999)",
+            "",
+            f"Step time: mean over {args.steps} timed steps of one fit; median over {args.rounds} fits per configuration "
+            "(the same model re-fitted in each round, configurations rotated between rounds).",
+            "",
+            "| configuration | step (ms), median | vs plain | fits (ms) | img/s | peak memory (GiB) |",
+            "| --- | ---: | ---: | --- | ---: | ---: |",
+            *[f"| {k} | {step[k]:.1f} | {100 * (step[k] / plain_step - 1):+.1f}% | {', '.join(f'{v:.1f}' for v in vs)} | "
+              f"{args.convnext_batch * 1e3 / step[k]:.0f} | {peaks.get(k, float('nan')):.1f} |" for k, vs in runs.items()],
+            "",
+            *(f"Step cost of the augmentation: {name}: {100 * (step[name] / plain_step - 1):+.1f}% of the plain step "
+              "(goal <= 5%)." for name in runs if name.startswith("device augmentation,")),
+            "",
+            *aug_lines,
+            *breakdown,
+            *syncs_lines,
+        ]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run: not a GPU figure)"
     cmd = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
@@ -487,19 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{cmd.strip()}`",
         "",
         *rn50_lines,
-        f"## ConvNeXt-T, batch {args.convnext_batch}, {cres} px (recipe: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0, EMA 0.9999)",
-        "",
-        "| configuration | step (ms) | img/s |",
-        "| --- | ---: | ---: |",
-        *[f"| {k} | {c.step_ms:.1f} | {c.rate:.0f} |" for k, c in runs.items()],
-        "",
-        *(f"Step cost of the augmentation: {name}: {100 * (c.step_ms / plain_step - 1):+.1f}% of the plain step "
-          "(goal <= 5%)." for name, c in runs.items() if name.startswith("device augmentation,")),
-        "",
-        *aug_lines,
-        *breakdown,
+        *cnx_lines,
         *([f"- {f}" for f in failed] + [""] if failed else []),
-        *syncs_lines,
     ]
     out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))
     write_result(out, lines)

@@ -271,11 +271,22 @@ def test_a_draw_that_overflows_a_slot_runs_uncompiled_with_the_same_images(monke
 
 
 def test_slot_capacity_covers_the_binomial_tail():
-    for policy, p_warp in (("rand-m9-mstd0.5-inc1", 0.5 * 5 / 15), ("ta_wide", 5 / 14)):
+    """Each slot overflows with odds below 1e-9 (exact binomial tail, in rational arithmetic),
+    and one multiple of 8 less would not: the capacity is the smallest that is safe."""
+    from fractions import Fraction
+    from math import comb
+
+    def overflow(n, p, c):  # P(Binomial(n, p) > c), exactly
+        return sum(comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(c + 1, n + 1))
+
+    for policy, p_warp, p_one in (("rand-m9-mstd0.5-inc1", Fraction(5, 30), Fraction(1, 30)),
+                                  ("ta_wide", Fraction(5, 14), Fraction(1, 14))):
         aug = BatchedAutoAugment(policy)
         for n in (4, 32, 128, 256):
-            cap = aug.capacity(n, "warp")
-            assert cap == n or (cap % 8 == 0 and cap >= n * p_warp + 6 * (n * p_warp * (1 - p_warp)) ** 0.5)
+            for group, p in (("warp", p_warp), ("equalize", p_one), ("contrast", p_one), ("autocontrast", p_one)):
+                cap = aug.capacity(n, group)
+                assert cap == n or (cap % 8 == 0 and overflow(n, p, cap) < Fraction(1, 10**9)), (policy, n, group)
+                assert cap <= 8 or overflow(n, p, cap - 8) >= Fraction(1, 10**9), (policy, n, group, cap)
         assert aug.capacity(128, "equalize") < aug.capacity(128, "warp") < 128  # the slots do save work
 
 

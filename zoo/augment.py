@@ -231,13 +231,16 @@ class BatchedAutoAugment(_Compiles):
     def apply_masked(self, images: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """:meth:`apply` with shapes that do not depend on the draw.
 
-        Per layer, the cheap ops (colour blends, LUT-like integer ops) run on the whole batch and
-        each sample keeps the result of its own op (``torch.where``); the costly ones (the warp:
-        16 taps per pixel for bicubic; Equalize: a histogram) run on a gathered slot of the
-        samples that drew them, and are gathered back. A slot has a fixed capacity per batch size
-        (:meth:`capacity`), so a compiled graph sees one shape (slot sizes that varied with the
-        draw recompiled at nearly every step on an H100: 2.7 s per step); a draw that overflows
-        it (odds below 1e-12) runs uncompiled with larger slots. No sorting, no slices of
+        Per layer, the cheap pointwise ops (colour blends, LUT-like integer ops, Sharpness's 3x3
+        stencil) run on the whole batch and each sample keeps the result of its own op
+        (``torch.where``); the costly ones (the warp: 16 taps per pixel for bicubic; Equalize: a
+        histogram; Contrast and AutoContrast: a reduction over each image) run on a gathered
+        slot of the samples that drew them, and are gathered back (:data:`_SLOT_GROUPS`; on an
+        H100 the whole-batch reductions of Contrast and AutoContrast were the two costliest
+        kernels, 0.6 of 2.3 ms per call, benchmarks/results/gpu.md). A slot has a fixed capacity
+        per batch size (:meth:`capacity`), so a compiled graph sees one shape (slot sizes that
+        varied with the draw recompiled at nearly every step on an H100: 2.7 s per step); a draw
+        that overflows it (odds below 1e-9 per slot) runs uncompiled with larger slots. No sorting, no slices of
         data-dependent size, one host->device copy per call (ops, arguments, slots, affine
         matrices, packed): on a GPU the grouped path was launch-bound (336 small kernels per call
         for 1.7 ms of GPU time, H200, benchmarks/results/gpu-h200.md), and these shapes let
@@ -250,12 +253,12 @@ class BatchedAutoAugment(_Compiles):
         overflow = any(m.numel() > c for per in members for m, c in zip(per, caps))
         if overflow:
             caps = [n] * len(caps)
-        parts: list[torch.Tensor] = []  # per layer: ops, arg, warp idx, pos, matrices, Equalize idx, pos
-        for (ops, arg), (warps, equalizes) in zip(layers, members):
-            warp_idx, warp_pos = _slots(warps, n, caps[0])
-            eq_idx, eq_pos = _slots(equalizes, n, caps[1])
-            theta = self._theta(ops[warp_idx], arg[warp_idx], h, w).flatten()
-            parts += [ops.float(), arg, warp_idx.float(), warp_pos.float(), theta, eq_idx.float(), eq_pos.float()]
+        parts: list[torch.Tensor] = []  # per layer: ops, arg, warp matrices, then each group's idx, pos
+        for (ops, arg), per in zip(layers, members):
+            slots = [_slots(m, n, c) for m, c in zip(per, caps)]
+            warp_idx = slots[_SLOT_GROUPS.index("warp")][0]
+            parts += [ops.float(), arg, self._theta(ops[warp_idx], arg[warp_idx], h, w).flatten()]
+            parts += [t.float() for slot in slots for t in slot]
         packed = torch.cat(parts).to(images.device, non_blocking=True)  # small pageable copy: staged, no wait
         tensors = list(packed.split([t.numel() for t in parts]))  # views: no kernels
         if not self.compile or overflow:
@@ -266,24 +269,25 @@ class BatchedAutoAugment(_Compiles):
         return self._compiled(images, tensors)
 
     def capacity(self, n: int, group: str) -> int:
-        """Slot size for ``group`` in a batch of ``n``: the binomial mean of its members plus 6
-        standard deviations plus 8, rounded up to a multiple of 8, at most ``n`` (``n``: every
-        image, the whole batch). For the timm policy at n = 128: 56 warps (mean 21.3), 32
-        Equalize (mean 4.3); ta_wide: 88 / 40. The odds that a layer overflows a slot are below
-        1e-12 for batches of 32 to 256 (binomial tails)."""
+        """Slot size for ``group`` in a batch of ``n``: the smallest multiple of 8 (at most ``n``,
+        the whole batch) that the number of samples drawing the group's ops, Binomial(n, p),
+        exceeds with odds below 1e-9 (:func:`_binomial_quantile`). For the timm policy at
+        n = 128: 56 warps (mean 21.3), 24 for each single op (mean 4.3); ta_wide: 80 / 32.
+        (A 300-epoch ImageNet run at batch 128 fills ~2.4e7 slots: one overflow has odds ~2%,
+        and costs one uncompiled call.)"""
         ops = TIMM_INC_OPS if self.policy.kind == "timm_rand" else TA_WIDE_OPS
-        p = self.policy.prob * sum(_in_group(op, group) for op in ops) / len(ops)
-        mean, sd = n * p, math.sqrt(n * p * (1 - p))
-        return min(n, 8 * math.ceil((mean + 6 * sd + 8) / 8))
+        p = self.policy.prob * sum(bool(_in_group(op, group)) for op in ops) / len(ops)
+        return min(n, 8 * math.ceil(_binomial_quantile(n, p, 1e-9) / 8))
 
     def _masked(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
-        for i in range(0, len(tensors), 7):  # the 7 tensors of a layer (apply_masked)
-            x = self._masked_layer(x, *tensors[i:i + 7])
+        per_layer = 3 + 2 * len(_SLOT_GROUPS)  # ops, arg, matrices, each group's idx and pos (apply_masked)
+        for i in range(0, len(tensors), per_layer):
+            ops, arg, theta, *slots = tensors[i:i + per_layer]
+            x = self._masked_layer(x, ops, arg, theta, dict(zip(_SLOT_GROUPS, zip(slots[::2], slots[1::2]))))
         return x
 
-    def _masked_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor, warp_idx: torch.Tensor,
-                      warp_pos: torch.Tensor, theta: torch.Tensor, eq_idx: torch.Tensor,
-                      eq_pos: torch.Tensor) -> torch.Tensor:
+    def _masked_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor, theta: torch.Tensor,
+                      slots: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         n = x.shape[0]
         present = self._ops_present
 
@@ -293,22 +297,31 @@ class BatchedAutoAugment(_Compiles):
         def keep(op_mask: torch.Tensor, result: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             return torch.where(op_mask.view(n, 1, 1, 1), result, out)
 
-        def on_slot(fn, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # gathered, then back in place
-            return fn(x.index_select(0, idx.long())).index_select(0, pos.long())
+        def on_slot(fn, group: str) -> torch.Tensor:  # the group's slot gathered, then back in place
+            idx, pos = (t.long() for t in slots[group])
+            return fn(x.index_select(0, idx), idx).index_select(0, pos)
 
-        xf = x.float()
+        def colour(op: int, images: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            f = images.float()
+            self._colour_(op, f, a)
+            return _to_uint8(f)
+
         out = x
         if present & set(range(N_AFFINE)):  # all warps in one resample
-            warped = on_slot(lambda s: _to_uint8(self._warp(s.float(), theta.view(-1, 2, 3))), warp_idx, warp_pos)
+            warped = on_slot(lambda s, idx: _to_uint8(self._warp(s.float(), theta.view(-1, 2, 3))), "warp")
             out = keep(ops < N_AFFINE, warped, out)
         for op in (BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, AUTOCONTRAST):
             if op in present:
-                f = xf.clone()
-                self._colour_(op, f, arg_of(op))
-                out = keep(ops == op, _to_uint8(f), out)
+                group = _GROUP_OF.get(op)
+                if group:  # a reduction per image: on the slot, each sample's argument gathered with it
+                    a = arg_of(op).view(n)
+                    result = on_slot(lambda s, idx: colour(op, s, a.index_select(0, idx).view(-1, 1, 1, 1)), group)
+                else:
+                    result = colour(op, x, arg_of(op))
+                out = keep(ops == op, result, out)
         for op in sorted(_UINT8_OPS & present):
             if op == EQUALIZE:
-                result = on_slot(lambda s: self._integer(EQUALIZE, s, None), eq_idx, eq_pos)
+                result = on_slot(lambda s, idx: self._integer(EQUALIZE, s, None), "equalize")
             else:
                 result = self._integer(op, x, arg_of(op))
             out = keep(ops == op, result, out)
@@ -484,12 +497,33 @@ _UINT8_OPS = frozenset({POSTERIZE, SOLARIZE, SOLARIZE_ADD, EQUALIZE, INVERT})
 _NEUTRAL = {POSTERIZE: 8.0, SOLARIZE: 256.0, SOLARIZE_ADD: 0.0}
 
 
-_SLOT_GROUPS = ("warp", "equalize")  # the masked path's costly ops, run on gathered slots
+# The masked path's costly ops, run on gathered slots: the warps (one resample for all five),
+# and each op that reduces over an image (a histogram, a mean, a min and max).
+_GROUP_OF = {EQUALIZE: "equalize", CONTRAST: "contrast", AUTOCONTRAST: "autocontrast"}
+_SLOT_GROUPS = ("warp", *_GROUP_OF.values())
 
 
 def _in_group(ops, group: str):
-    """Whether op ids (a tensor, or one int) are in a slot group: any warp, or Equalize."""
-    return ops < N_AFFINE if group == "warp" else ops == EQUALIZE
+    """Whether op ids (a tensor, or one int) are in a slot group: any warp, or the group's op."""
+    if group == "warp":
+        return ops < N_AFFINE
+    return ops == next(op for op, g in _GROUP_OF.items() if g == group)
+
+
+def _binomial_quantile(n: int, p: float, eps: float) -> int:
+    """The smallest c with P(Binomial(n, p) > c) < eps (terms summed in log space)."""
+    if p <= 0.0:
+        return 0
+    if p >= 1.0:
+        return n
+    log_pmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+               + (n - k) * math.log1p(-p) for k in range(n + 1)]
+    tail = 0.0
+    for c in range(n, -1, -1):  # tail = P(X > c) before adding pmf(c)
+        if tail >= eps:
+            return c + 1
+        tail += math.exp(log_pmf[c])
+    return 0
 
 
 def _slots(members: torch.Tensor, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
