@@ -253,6 +253,8 @@ class BatchedAutoAugment(_Compiles):
         overflow = any(m.numel() > c for per in members for m, c in zip(per, caps))
         if overflow:
             caps = [n] * len(caps)
+        # per slot, how many samples it holds: CPU tensors (slot_op reads them without a device wait)
+        counts = [torch.tensor(m.numel()) for per in members for m in per]
         parts: list[torch.Tensor] = []  # per layer: ops, arg, warp matrices, then each group's idx, pos
         for (ops, arg), per in zip(layers, members):
             slots = [_slots(m, n, c) for m, c in zip(per, caps)]
@@ -262,11 +264,11 @@ class BatchedAutoAugment(_Compiles):
         packed = torch.cat(parts).to(images.device, non_blocking=True)  # small pageable copy: staged, no wait
         tensors = list(packed.split([t.numel() for t in parts]))  # views: no kernels
         if not self.compile or overflow:
-            return self._masked(images, tensors)
+            return self._masked(images, tensors, counts)
         if self._compiled is None:  # not an attribute set in __init__: a compiled fn is not picklable
             # static shapes: slot sizes vary only with the batch size (a new batch size compiles again)
             object.__setattr__(self, "_compiled", torch.compile(self._masked, dynamic=False))
-        return self._compiled(images, tensors)
+        return self._compiled(images, tensors, counts)
 
     def capacity(self, n: int, group: str) -> int:
         """Slot size for ``group`` in a batch of ``n``: the smallest multiple of 8 (at most ``n``,
@@ -279,15 +281,17 @@ class BatchedAutoAugment(_Compiles):
         p = self.policy.prob * sum(bool(_in_group(op, group)) for op in ops) / len(ops)
         return min(n, 8 * math.ceil(_binomial_quantile(n, p, 1e-9) / 8))
 
-    def _masked(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _masked(self, x: torch.Tensor, tensors: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
         per_layer = 3 + 2 * len(_SLOT_GROUPS)  # ops, arg, matrices, each group's idx and pos (apply_masked)
-        for i in range(0, len(tensors), per_layer):
+        for layer, i in enumerate(range(0, len(tensors), per_layer)):
             ops, arg, theta, *slots = tensors[i:i + per_layer]
-            x = self._masked_layer(x, ops, arg, theta, dict(zip(_SLOT_GROUPS, zip(slots[::2], slots[1::2]))))
+            count = counts[layer * len(_SLOT_GROUPS):(layer + 1) * len(_SLOT_GROUPS)]
+            slot = {g: (idx, pos, c) for g, idx, pos, c in zip(_SLOT_GROUPS, slots[::2], slots[1::2], count)}
+            x = self._masked_layer(x, ops, arg, theta, slot)
         return x
 
     def _masked_layer(self, x: torch.Tensor, ops: torch.Tensor, arg: torch.Tensor, theta: torch.Tensor,
-                      slots: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                      slots: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         n = x.shape[0]
         present = self._ops_present
 
@@ -297,31 +301,27 @@ class BatchedAutoAugment(_Compiles):
         def keep(op_mask: torch.Tensor, result: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             return torch.where(op_mask.view(n, 1, 1, 1), result, out)
 
-        def on_slot(fn, group: str) -> torch.Tensor:  # the group's slot gathered, then back in place
-            idx, pos = (t.long() for t in slots[group])
-            return fn(x.index_select(0, idx), idx).index_select(0, pos)
+        fill = None if self.fill_is_zero else self.fill
 
-        def colour(op: int, images: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-            f = images.float()
-            self._colour_(op, f, a)
-            return _to_uint8(f)
+        def on_slot(op: int, group: str, a: torch.Tensor) -> torch.Tensor:  # gathered, then back in place
+            idx, pos, count = slots[group]
+            return slot_op(x, idx.long(), count, a, theta, fill, op, self.interpolation).index_select(0, pos.long())
 
         out = x
         if present & set(range(N_AFFINE)):  # all warps in one resample
-            warped = on_slot(lambda s, idx: _to_uint8(self._warp(s.float(), theta.view(-1, 2, 3))), "warp")
-            out = keep(ops < N_AFFINE, warped, out)
+            out = keep(ops < N_AFFINE, on_slot(_ANY_WARP, "warp", arg), out)
         for op in (BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, AUTOCONTRAST):
             if op in present:
-                group = _GROUP_OF.get(op)
-                if group:  # a reduction per image: on the slot, each sample's argument gathered with it
-                    a = arg_of(op).view(n)
-                    result = on_slot(lambda s, idx: colour(op, s, a.index_select(0, idx).view(-1, 1, 1, 1)), group)
+                if op in _GROUP_OF:  # a reduction per image: on its slot
+                    result = on_slot(op, _GROUP_OF[op], arg_of(op).view(n))
                 else:
-                    result = colour(op, x, arg_of(op))
+                    f = x.float()
+                    self._colour_(op, f, arg_of(op))
+                    result = _to_uint8(f)
                 out = keep(ops == op, result, out)
         for op in sorted(_UINT8_OPS & present):
             if op == EQUALIZE:
-                result = on_slot(lambda s, idx: self._integer(EQUALIZE, s, None), "equalize")
+                result = on_slot(EQUALIZE, "equalize", arg)
             else:
                 result = self._integer(op, x, arg_of(op))
             out = keep(ops == op, result, out)
@@ -439,13 +439,7 @@ class BatchedAutoAugment(_Compiles):
         ``inside + (1 - mask) * fill`` with one 3-channel resample (torchvision resamples a 4th
         "ones" channel for the mask; its blend also scales the inside part by the mask).
         """
-        n, _, h, w = x.shape
-        grid = _affine_grid(theta.to(x.dtype), h, w)
-        if self.fill_is_zero:  # torchvision's fill 0: nothing to shift
-            return F.grid_sample(x, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
-        fill = self.fill.to(x.device, x.dtype)  # also when the augmentation was not moved with a model
-        out = F.grid_sample(x.sub_(fill), grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
-        return out.add_(fill)
+        return _warp(x, theta, None if self.fill_is_zero else self.fill, self.interpolation)
 
     @staticmethod
     def _colour_(op: int, x: torch.Tensor, a: torch.Tensor) -> None:
@@ -551,6 +545,55 @@ def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     grid[..., 0].copy_(t[:, 0] * xs + (t[:, 1] * ys + t[:, 2]))
     grid[..., 1].copy_(t[:, 3] * xs + (t[:, 4] * ys + t[:, 5]))
     return grid
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, fill: Optional[torch.Tensor], interpolation: str) -> torch.Tensor:
+    """:meth:`BatchedAutoAugment._warp` (``fill`` None: zero, torchvision's; nothing to shift)."""
+    n, _, h, w = x.shape
+    grid = _affine_grid(theta.to(x.dtype), h, w)
+    if fill is None:
+        return F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    fill = fill.to(x.device, x.dtype)  # also when the augmentation was not moved with a model
+    out = F.grid_sample(x.sub_(fill), grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    return out.add_(fill)
+
+
+_ANY_WARP = -1  # slot_op's op for the warp slot (the matrices say which warp)
+
+
+@torch.library.custom_op("zoo::slot_op", mutates_args=())
+def slot_op(x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, arg: torch.Tensor, theta: torch.Tensor,
+            fill: Optional[torch.Tensor], op: int, interpolation: str) -> torch.Tensor:
+    """Op ``op`` on the slot ``x[idx]``, computed for its first ``count`` samples only.
+
+    Returns a uint8 tensor of ``len(idx)`` samples; those past ``count`` (the slot's padding) are
+    left unset. ``count`` is a CPU tensor: reading it does not wait for the device, and a
+    compiled graph sees one shape whatever the draw. An opaque operator for ``torch.compile``:
+    inductor calls it as is, so the slot's padding costs nothing, and the warp runs ATen's
+    grid_sampler kernel, which did a bicubic 224 px image in 3.5 us on an H100 against 5.8 us
+    for inductor's decomposition (benchmarks/results/gpu.md: 148 us for ~42 images eager,
+    653 us for 2 x 56 compiled). ``op``: ``_ANY_WARP`` (``theta``: the slot's (len, 2, 3)
+    matrices), EQUALIZE, CONTRAST or AUTOCONTRAST (``arg``: per sample of the whole batch).
+    """
+    out = torch.empty((idx.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    k = int(count)
+    if k:
+        members = idx[:k]
+        s = x.index_select(0, members)
+        if op == _ANY_WARP:
+            out[:k] = _to_uint8(_warp(s.float(), theta.view(-1, 2, 3)[:k], fill, interpolation))
+        elif op == EQUALIZE:
+            out[:k] = TF.equalize(s)
+        else:
+            f = s.float()
+            BatchedAutoAugment._colour_(op, f, arg.index_select(0, members).view(-1, 1, 1, 1))
+            out[:k] = _to_uint8(f)
+    return out
+
+
+@slot_op.register_fake
+def _(x, idx, count, arg, theta, fill, op, interpolation):
+    return x.new_empty((idx.shape[0], *x.shape[1:]))
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
