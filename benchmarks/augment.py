@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         "timm's semantics) / `TrivialAugmentWide(bilinear)` called once per image. Same kernels per image: "
         "`BatchedAutoAugment` called with one image at a time (the recipe's semantics, incl. timm's bicubic warps). "
         "Batched: `zoo.augment.BatchedAutoAugment` on the whole batch, grouped by op (the CPU's path). Masked: "
-        "`impl='masked'`, every op of the policy on every image, each keeping its own op's result (the GPU's path, "
-        "where it is compiled; here eager, to show the extra arithmetic it trades for fixed shapes).",
+        "`impl='masked'`, the pointwise ops on every image, each keeping its own op's result, warps, Equalize, "
+        "Contrast and AutoContrast on their slots' members (the GPU's path, where it is compiled; here eager, "
+        "to show the extra arithmetic it trades for fixed shapes).",
     ]
     write_result(args.out, lines)
     return 0

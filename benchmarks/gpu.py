@@ -1,6 +1,6 @@
 """The GPU path measured: loader vs on-device ceiling (ResNet-50), augmentation and EMA cost (ConvNeXt-T).
 
-    python benchmarks/gpu.py                 # on a GPU machine: ~5-8 min (JPEG generation, 2 compiles)
+    python benchmarks/gpu.py --rounds 3      # on a GPU machine: ~6 min (JPEG generation, compiles)
     python benchmarks/gpu.py --smoke         # tiny CPU run of every code path (checks the script)
 
 1. ResNet-50, bf16-mixed, channels_last, torch.compile, batch ``--batch`` (256), 1 device, through
@@ -16,9 +16,11 @@
 2. ConvNeXt-T at 224 px, batch ``--convnext-batch`` (128 per GPU in the recipe): step time with
    nothing, with the recipe's device augmentation (timm RandAugment, random erasing, mixup/cutmix)
    in its previous form (RandAugment grouped by op, eager) and its current one (masked, compiled
-   with the model), and with augmentation + EMA (callbacks.ema.WeightEMA, every step); then the
-   augmentation alone per variant: synchronised wall time as a fraction of the plain step, host
-   time to return, kernels and GPU-busy time per call (torch.profiler).
+   with the model), and with EMA (callbacks.ema.WeightEMA, every step), with and without the
+   augmentation; ``--rounds`` fits of each (median; the order rotates between rounds); then the
+   augmentation alone per variant and the EMA update alone: synchronised wall time as a fraction
+   of the plain step, host time to return, kernels and GPU-busy time per call, and the costliest
+   kernels and host ops (torch.profiler).
 
 Writes benchmarks/results/gpu.md (or gpu-smoke.md).
 """
@@ -404,21 +406,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_convnext:
         # 2. ConvNeXt-T: plain, + device augmentation (the previous grouped path, the masked compiled one), + EMA
         from callbacks.ema import WeightEMA
-        from zoo import augment as A
 
         cres = 32 if args.smoke else 224
         aug_kw = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
 
-        def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None, whole_batch: tuple = ()):
+        def cnx(aug: bool, impl: str = "auto", aug_compile: bool | None = None):
             m = ImageClassifier(arch="convnext_tiny", num_classes=classes, channels_last=True, compile=compile_,
                                 optimizer="adamw", lr=4e-3, lr_reference_batch=None, schedule="constant",
                                 label_smoothing=0.1, **(aug_kw if aug else {}))
             if aug:  # the augmentation's variants, on the same machine: grouped = the path before the masked one
                 m.augment.auto.impl = impl
                 m.augment.compile = m.augment.auto.compile = compile_ if aug_compile is None else aug_compile
-                if whole_batch:  # these slot groups hold the whole batch: their ops run on every image
-                    cap = m.augment.auto.capacity
-                    m.augment.auto.capacity = lambda n, group: n if group in whole_batch else cap(n, group)
             return m
 
         cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
@@ -466,19 +464,16 @@ def main(argv: list[str] | None = None) -> int:
         # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
         # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
         x, y = cdata[0]
-        variants = {"grouped, eager (before)": ("grouped", False, ())}
+        variants = {"grouped, eager (before)": ("grouped", False)}
         if compile_:
-            variants["masked, compiled, every op on the whole batch"] = ("masked", True, A._SLOT_GROUPS)
-            variants["masked, compiled, warps and Equalize on slots, Contrast and AutoContrast on the whole batch (before)"] = (
-                "masked", True, ("contrast", "autocontrast"))
-            variants["masked, compiled, warps, Equalize, Contrast, AutoContrast on gathered slots (after)"] = ("masked", True, ())
+            variants["masked, compiled (after)"] = ("masked", True)
         else:
-            variants["masked, eager (after)"] = ("masked", False, ())
+            variants["masked, eager (after)"] = ("masked", False)
         aug_rows = []
         breakdown: list[str] = []
-        for name, (impl, comp, whole_batch) in variants.items():
+        for name, (impl, comp) in variants.items():
             try:
-                *row, top = time_augmentation(cnx(True, impl, comp, whole_batch).to(device), x, y, steps=args.steps,
+                *row, top = time_augmentation(cnx(True, impl, comp).to(device), x, y, steps=args.steps,
                                               warmup=args.warmup, device=device)
                 aug_rows.append((name, *row))
                 if top:

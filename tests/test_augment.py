@@ -222,7 +222,7 @@ def test_masked_path_gives_the_grouped_paths_images(policy):
     grouped = aug.apply(x, layers)
     assert (grouped != x).flatten(1).any(1).float().mean() > 0.5  # the draw changes most images
     assert torch.equal(aug.apply_masked(x, layers), grouped)  # warps and Equalize on gathered slots
-    aug.capacity = lambda n, group: n  # slots of the whole batch: every op on every image
+    aug.capacity = lambda n, group: n  # slots as large as the batch (the layout of an overflowing draw)
     assert torch.equal(aug.apply_masked(x, layers), grouped)
 
 

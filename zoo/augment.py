@@ -136,10 +136,12 @@ class BatchedAutoAugment(_Compiles):
         impl: ``grouped`` (samples sorted by op, each op on its slice: the least arithmetic, many
             small kernels), ``masked`` (:meth:`apply_masked`: fixed shapes, few kernels once
             compiled, more arithmetic) or ``auto``: masked when compiled on CUDA, grouped
-            otherwise. On an H100 (benchmarks/results/gpu.md), compiled masked cut the host time
-            per ConvNeXt-T batch from 7.8 to 3.3 ms and the kernels from 317 to 34, but eager
-            masked cost more GPU time than grouped (11.8 vs 1.9 ms). Both paths give the same
-            images for the same draw (tests/test_augment.py).
+            otherwise. On an H100 (benchmarks/results/gpu.md, run A), compiled masked took 2.9 ms
+            of host time per ConvNeXt-T batch against grouped's 6.9, 38 kernels against 319, and
+            2.3 ms of GPU time against 1.9; in training it cost +6.0% of the step against +17.9%.
+            Eager masked costs far more GPU time than grouped (11.8 vs 1.9 ms,
+            gpu-h100-first.md). Both paths give the same images for the same draw
+            (tests/test_augment.py).
         compile: run the masked path through ``torch.compile`` (fused kernels; one compile per
             batch shape).
     """
