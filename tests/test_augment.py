@@ -9,6 +9,7 @@ tolerances of 4+ binomial standard deviations).
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -258,6 +259,26 @@ def test_compiled_masked_path_gives_the_same_images_with_one_compile():
     twin = BatchedAutoAugment("rand-m9-mstd0.5-inc1", impl="masked", compile=True)  # a new model, a new fit
     twin(x)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph for every draw and instance
+    assert aug._compiled != aug._masked and twin._compiled != twin._masked  # not the fallback
+
+
+def test_a_masked_path_that_fails_to_compile_runs_uncompiled_with_a_warning(monkeypatch):
+    def broken(fn, **kw):
+        def call(*a):
+            raise RuntimeError("backend compiler failed\ndetails")
+        return call
+
+    aug = BatchedAutoAugment("rand-m9-mstd0.5-inc1", impl="masked", compile=True)
+    monkeypatch.setattr(torch, "compile", broken)
+    x = smooth_images(16, size=16, seed=3)
+    torch.manual_seed(0)
+    layers = aug.sample(16, 16, 16)
+    with pytest.warns(RuntimeWarning, match=r"compile of the masked path failed \(RuntimeError: backend compiler failed\); it runs uncompiled"):
+        out = aug.apply_masked(x, layers)
+    assert torch.equal(out, aug.apply(x, layers))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # later calls: uncompiled, no new warning
+        assert torch.equal(aug.apply_masked(x, layers), out)
 
 
 def test_a_draw_that_overflows_a_slot_runs_uncompiled_with_the_same_images(monkeypatch):

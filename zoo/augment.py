@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -270,6 +271,14 @@ class BatchedAutoAugment(_Compiles):
         if self._compiled is None:  # not an attribute set in __init__: a compiled fn is not picklable
             # static shapes: slot sizes vary only with the batch size (a new batch size compiles again)
             object.__setattr__(self, "_compiled", torch.compile(self._masked, dynamic=False))
+            try:  # the first call compiles: a compiler that fails costs speed, not the run
+                return self._compiled(images, tensors, counts)
+            except Exception as e:
+                warnings.warn(f"BatchedAutoAugment: torch.compile of the masked path failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); it runs uncompiled "
+                              "(the same images, more kernels)", RuntimeWarning, stacklevel=2)
+                object.__setattr__(self, "_compiled", self._masked)
+                return self._masked(images, tensors, counts)
         return self._compiled(images, tensors, counts)
 
     def capacity(self, n: int, group: str) -> int:
