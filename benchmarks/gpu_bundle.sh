@@ -23,6 +23,10 @@ g++ -O3 -shared -fPIC -DPy_LIMITED_API=0x030B0000 -I"$PYINC" $(pkg-config --cfla
     -Wl,--as-needed -lopencv_imgproc -lopencv_core -lturbojpeg -lpthread
 ldd .gpu/site/ffcv/_libffcv.abi3.so | awk '$3 ~ /^\// {print $3}' \
     | grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|libz)\.so' | xargs -I{} cp -L {} .gpu/libs/
+# crop-only JPEG decoding (datamodules/jpeg_region.c; gpu_run.sh points ZOO_JPEG_REGION_LIB at it) and libjpeg
+cc -O2 -shared -fPIC datamodules/jpeg_region.c -o .gpu/libs/jpeg_region.so $(pkg-config --cflags --libs libjpeg)
+ldd .gpu/libs/jpeg_region.so | awk '$3 ~ /^\// {print $3}' \
+    | grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|libz)\.so' | xargs -I{} cp -L {} .gpu/libs/
 for p in jsonargparse docstring_parser typeshed_client; do cp -r "$SITE/$p" "$SITE/$p"-*.dist-info .gpu/site/; done
 find .gpu -name __pycache__ -prune -exec rm -rf {} +
 du -sh .gpu

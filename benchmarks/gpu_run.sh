@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh    (GPU_ARGS=--skip-resnet50, TEST_K=augment, BENCH_S/TEST_S: limits)
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p $OUT
 export PYTHONPATH=$PWD/.gpu/site:$PWD LD_LIBRARY_PATH=$PWD/.gpu/libs ZOO_DATA_DIR=/tmp/zoo-bench
+export ZOO_JPEG_REGION_LIB=$PWD/.gpu/libs/jpeg_region.so  # built by gpu_bundle.sh (the machine may lack cc/libjpeg)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "cores: $(nproc)"
 python3 -c "import torch, lightning, timm, numba, numpy; print(torch.__version__, lightning.__version__, timm.__version__, numba.__version__, numpy.__version__)"

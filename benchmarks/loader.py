@@ -179,14 +179,17 @@ def main(argv: list[str] | None = None) -> str:
             kind = f"{int(p_jpeg * 100)}% JPEG" + (f" / {int(round((1 - p_jpeg) * 100))}% raw" if p_jpeg < 1 else "")
             kind += f", max side {max_res}"
 
-            def ffcv_loader(path=path, seed=0, dct=False):
+            def ffcv_loader(path=path, seed=0, dct=False, crop=None):
                 return ffcv_io.make_loader(
-                    path, {"image": ffcv_io.train_image_pipeline(args.res, scale, ratio, seed=seed, dct_scaling=dct),
+                    path, {"image": ffcv_io.train_image_pipeline(args.res, scale, ratio, seed=seed, dct_scaling=dct,
+                                                                 crop_decode=crop),
                            "label": ffcv_io.label_pipeline()},
                     batch_size=args.batch_size, num_workers=args.workers, order="random", drop_last=False,
                 )
 
-            variants = {"zoo (seeded, flip fused)": {}}
+            variants = {"zoo (seeded, flip fused, crop-only decode)": {}}
+            if p_jpeg > 0:  # the same, decoding whole JPEGs (before datamodules/jpeg_region.c)
+                variants["zoo, whole-image decode"] = {"crop": False}
             if max_res == 500:
                 variants["zoo + DCT-scaled decode"] = {"dct": True}
             if p_jpeg == 1.0:

@@ -311,12 +311,15 @@ def train_image_pipeline(
     seed: int | None = None,
     distinct_repeats: bool = False,
     dct_scaling: bool = False,
+    crop_decode: bool | None = None,
 ) -> list:
     """RandomResizedCrop decode -> flip (probability ``flip``, 0: none) -> uint8 NCHW tensor.
 
     With ``seed``, crops and flips are drawn from (seed, epoch, sample index) (datamodules/ffcv_ops.py),
     so a run is reproducible whatever the thread scheduling; the epoch is set by :class:`ClosingLoader`.
     None: ffcv's own ops (numba's per-thread, OS-seeded generators). Normalisation happens on the device.
+    ``crop_decode`` (seeded ops): decode only the part of a JPEG that the crop reads, same pixels
+    (datamodules/jpeg_region.py); None: where available, unless ``ZOO_CROP_DECODE=0``.
     """
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
@@ -332,7 +335,7 @@ def train_image_pipeline(
 
         # the flip is fused into the decoder (same draws as make_seeded_flip, one batch copy less)
         ops = [make_seeded_decoder((res, res), scale, ratio, EpochSeed(seed), distinct_repeats, flip=flip,
-                                   dct_scaling=dct_scaling)]
+                                   dct_scaling=dct_scaling, crop_decode=crop_decode)]
     return ops + [ToTensor(), ToTorchImage()]
 
 

@@ -128,9 +128,22 @@ def _register_symbols() -> None:
     import ffcv.libffcv
     from llvmlite import binding
 
+    from datamodules import jpeg_region
+
     for name, c_name in _SYMBOLS.items():
         binding.add_symbol(name, ctypes.cast(getattr(ffcv.libffcv.lib, c_name), ctypes.c_void_p).value)
+    # crop-only decoding (datamodules/jpeg_region.c); where it cannot be built a stand-in is
+    # linked and the loop is told not to call it (crop_decode_available)
+    binding.add_symbol(jpeg_region.SYMBOL, jpeg_region.address() or jpeg_region.fallback_address())
     _registered = True
+
+
+def crop_decode_available() -> bool:
+    """Whether the decode loop may decode only a crop's region (``ZOO_CROP_DECODE`` not 0, and
+    the library built or found)."""
+    from datamodules import jpeg_region
+
+    return jpeg_region.enabled() and jpeg_region.address() is not None
 
 
 # ffcv 1.0.2 libffcv.cpp: int imdecode(uint8* src, uint64 size, uint32 src_h, uint32 src_w, uint8* dst,
@@ -143,6 +156,12 @@ _imdecode = types.ExternalFunction(
                 types.uint32, types.uint32, types.uint32, types.uint32, types.uint32, types.uint32),
 )
 _resize = types.ExternalFunction("zoo_ffcv_resize", types.void(*([types.int64] * 11)))
+# datamodules/jpeg_region.c: int64 zoo_jpeg_decode_region(uint8* src, uint64 size, uint8* dst, uint64 dst_size,
+# int64 r0, int64 r1, int64 c0, int64 c1, int64 k, int64* x0)
+_decode_region = types.ExternalFunction(
+    "zoo_jpeg_decode_region",
+    types.int64(types.uintp, types.uint64, types.uintp, types.uint64, *([types.int64] * 5), types.uintp),
+)
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")  # ffcv's Compiler flags + cache
 _sample_seed_jit = numba.njit(**_JIT)(_sample_seed)
@@ -203,9 +222,11 @@ _DCT_SCALES = (1, 2, 4)  # scale_denom / ... as 1/8 steps: 8/8 -> 4/8 -> 2/8 -> 
 
 @numba.njit(parallel=True, **_JIT)
 def _decode_batch(batch_indices, destination, temp_storage, metadata, storage_state, page_shift, state,
-                  scale, ratio, distinct, flip_p, dct, jpg_mode, center):
+                  scale, ratio, distinct, flip_p, dct, jpg_mode, center, crop_decode):
     """Decode, crop, resize (and flip) a batch. ``center`` > 0: the center crop of ffcv's
-    CenterCropRGBImageDecoder (``center`` x the short side), no randomness; else a random crop."""
+    CenterCropRGBImageDecoder (``center`` x the short side), no randomness; else a random crop.
+    ``crop_decode``: decode only the rows and iMCU columns of a JPEG that the crop reads
+    (datamodules/jpeg_region.c: the same pixels; the whole image if it answers -1)."""
     seed, epoch = state[0], state[1]
     out_h, out_w = destination.shape[1], destination.shape[2]
     for dst_ix in numba.prange(len(batch_indices)):
@@ -232,13 +253,22 @@ def _decode_batch(batch_indices, destination, temp_storage, metadata, storage_st
             sh = (height + k - 1) // k  # TJSCALED: ceil(dim * 1/k)
             sw = (width + k - 1) // k
             buf = temp_storage[dst_ix]
-            _imdecode(image_data.ctypes.data, len(image_data), height, width, buf.ctypes.data,
-                      height, width, 0, 0, 1, k, 0, 0)
             i0 = min(int(np.round(i / k)), sh - 1)
             j0 = min(int(np.round(j / k)), sw - 1)
             i1 = max(min(int(np.round((i + h) / k)), sh), i0 + 1)
             j1 = max(min(int(np.round((j + w) / k)), sw), j0 + 1)
-            _resize(0, buf.ctypes.data, sh, sw, i0, i1, j0, j1, dst.ctypes.data, out_h, out_w)
+            cw = -1
+            x0 = np.zeros(1, dtype=np.int64)
+            if crop_decode:  # rows i0..i1 of the region, stride cw, its first column x0[0]
+                cw = _decode_region(image_data.ctypes.data, len(image_data), buf.ctypes.data, buf.size,
+                                    i0, i1, j0, j1, k, x0.ctypes.data)
+            if cw > 0:
+                _resize(0, buf.ctypes.data, i1 - i0, cw, 0, i1 - i0, j0 - x0[0], j1 - x0[0], dst.ctypes.data,
+                        out_h, out_w)
+            else:
+                _imdecode(image_data.ctypes.data, len(image_data), height, width, buf.ctypes.data,
+                          height, width, 0, 0, 1, k, 0, 0)
+                _resize(0, buf.ctypes.data, sh, sw, i0, i1, j0, j1, dst.ctypes.data, out_h, out_w)
         else:
             _resize(0, image_data.ctypes.data, height, width, i, i + h, j, j + w, dst.ctypes.data, out_h, out_w)
         if flip_p > 0:
@@ -263,7 +293,7 @@ def _page_shift(memory_read) -> np.uint64:
 
 
 def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed, distinct_repeats: bool = False,
-                        flip: float = 0.0, dct_scaling: bool = False):
+                        flip: float = 0.0, dct_scaling: bool = False, crop_decode: Optional[bool] = None):
     """ffcv's RandomResizedCropRGBImageDecoder, drawing each crop from (seed, epoch, index).
 
     ``distinct_repeats``: also from the position in the batch, so that the copies of a sample
@@ -272,6 +302,8 @@ def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed, distin
     :func:`make_seeded_flip` (same images, one copy of the batch less).
     ``dct_scaling``: decode JPEGs at 1/2, 1/4 or 1/8 size when the crop stays at least the
     output size (libjpeg-turbo's scaled IDCT), then resize (INTER_AREA) as usual.
+    ``crop_decode``: decode only the rows and iMCU columns of a JPEG that the crop reads (the
+    same pixels); None: where available (:func:`crop_decode_available`).
     The decode loop is compiled once into numba's on-disk cache (see ``_decode_batch``).
     """
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -293,13 +325,13 @@ def make_seeded_decoder(output_size, scale, ratio, epoch_seed: EpochSeed, distin
             read_state = Compiler.compile(_state_reader(self.epoch_seed.address))
             scale_a, ratio_a = np.array(self.scale, dtype=np.float64), np.array(self.ratio, dtype=np.float64)
             distinct, flip_p, dct = bool(distinct_repeats), self.flip, self.dct_scaling
-            jpg = IMAGE_MODES["jpg"]
+            jpg, crop = IMAGE_MODES["jpg"], crop_decode_available() and crop_decode is not False
             page_shift = _page_shift(self.memory_read)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
                 return _decode_batch(batch_indices, destination, temp_storage, metadata, storage_state, page_shift,
-                                     read_state(), scale_a, ratio_a, distinct, flip_p, dct, jpg, 0.0)
+                                     read_state(), scale_a, ratio_a, distinct, flip_p, dct, jpg, 0.0, crop)
 
             return decode
 
@@ -357,12 +389,13 @@ def make_center_crop_decoder(output_size, ratio: float):
         def generate_code(self) -> Callable:
             _register_symbols()
             jpg, page_shift, center = IMAGE_MODES["jpg"], _page_shift(self.memory_read), float(self.ratio)
+            crop_decode = crop_decode_available()
             state, unused = np.zeros(2, dtype=np.int64), np.ones(2, dtype=np.float64)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
                 return _decode_batch(batch_indices, destination, temp_storage, metadata, storage_state, page_shift,
-                                     state, unused, unused, False, 0.0, False, jpg, center)
+                                     state, unused, unused, False, 0.0, False, jpg, center, crop_decode)
 
             return decode
 

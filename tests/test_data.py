@@ -170,6 +170,74 @@ def test_seeded_decoder_fuses_the_flip_scales_dct_and_is_cached_on_disk(tiny_ima
 
 
 @needs_ffcv
+def test_crop_only_decode_gives_the_full_decodes_pixels():
+    """datamodules/jpeg_region.c decodes only the rows and iMCU columns of a region: the same
+    pixels as ffcv's full decode (imdecode), for 4:2:0, 4:2:2 and 4:4:4 JPEGs of odd sizes, at
+    1, 1/2 and 1/4 scale, regions touching every edge included."""
+    import cv2
+    import ffcv.libffcv
+
+    from datamodules import jpeg_region
+
+    assert jpeg_region.address() is not None  # built here: the loader does use it
+    region = jpeg_region._PROTO(jpeg_region.address())
+    rng = np.random.default_rng(0)
+    sampling = [[], [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422],
+                [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]]
+    for trial in range(90):
+        h, w = (int(v) for v in rng.integers(17, 200, 2))
+        img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 2)
+        enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90, *sampling[trial % 3]])[1].ravel()
+        for k in (1, 2, 4):
+            sh, sw = -(-h // k), -(-w // k)
+            full = np.zeros((sh, sw, 3), np.uint8)
+            assert ffcv.libffcv.lib.imdecode(enc.ctypes.data, enc.size, h, w, full.ctypes.data, h, w, 0, 0, 1, k, 0, 0) == 0
+            r0, c0 = int(rng.integers(0, sh)) if trial % 5 else 0, int(rng.integers(0, sw)) if trial % 7 else 0
+            r1, c1 = int(rng.integers(r0 + 1, sh + 1)) if trial % 4 else sh, int(rng.integers(c0 + 1, sw + 1)) if trial % 6 else sw
+            buf, x0 = np.zeros(sh * sw * 3, np.uint8), np.zeros(1, np.int64)
+            cw = region(enc.ctypes.data, enc.size, buf.ctypes.data, buf.size, r0, r1, c0, c1, k, x0.ctypes.data)
+            assert cw >= c1 - c0 and x0[0] <= c0
+            got = buf[: (r1 - r0) * cw * 3].reshape(r1 - r0, cw, 3)[:, c0 - x0[0]:c1 - x0[0]]
+            assert np.array_equal(got, full[r0:r1, c0:c1]), (trial, h, w, k, (r0, r1, c0, c1))
+    # what the loop falls back on: -1 for a region outside the image, a short buffer, corrupt data
+    buf, x0 = np.zeros(10**6, np.uint8), np.zeros(1, np.int64)
+    assert region(enc.ctypes.data, enc.size, buf.ctypes.data, buf.size, 0, h + 1, 0, w, 1, x0.ctypes.data) == -1
+    assert region(enc.ctypes.data, enc.size, buf.ctypes.data, 8, 0, h, 0, w, 1, x0.ctypes.data) == -1
+    junk = np.frombuffer(b"\xff\xd8not a jpeg at all", np.uint8).copy()
+    assert region(junk.ctypes.data, junk.size, buf.ctypes.data, buf.size, 0, 2, 0, 2, 1, x0.ctypes.data) == -1
+
+
+@needs_ffcv
+def test_loader_with_crop_only_decode_gives_the_same_batches(tiny_imagenet, tmp_path, monkeypatch):
+    """The train decoder (random crops, with and without DCT scaling) and the validation center
+    crop give the same batches with crop-only decoding on and off (``ZOO_CROP_DECODE=0``)."""
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from datamodules import ffcv_ops
+
+    path = tmp_path / "jpeg.beton"
+    ffcv_io.write_beton(tiny_imagenet / "train", path, max_resolution=100, compress_probability=1.0, progress=False)
+
+    def epoch(decoder) -> torch.Tensor:
+        ld = ffcv_io.make_loader(path, {"image": [decoder, ToTensor(), ToTorchImage()], "label": ffcv_io.label_pipeline()},
+                                 batch_size=6, num_workers=2, order="sequential", drop_last=False)
+        return torch.cat([x.clone() for x, _ in ld])
+
+    def decoders():
+        return [ffcv_ops.make_seeded_decoder((RES, RES), (0.08, 1.0), (3 / 4, 4 / 3), ffcv_ops.EpochSeed(3), flip=0.5),
+                ffcv_ops.make_seeded_decoder((16, 16), (0.08, 1.0), (3 / 4, 4 / 3), ffcv_ops.EpochSeed(3), dct_scaling=True),
+                ffcv_ops.make_center_crop_decoder((RES, RES), 0.875)]
+
+    assert ffcv_ops.crop_decode_available()
+    on = [epoch(d) for d in decoders()]
+    monkeypatch.setenv("ZOO_CROP_DECODE", "0")
+    assert not ffcv_ops.crop_decode_available()
+    off = [epoch(d) for d in decoders()]
+    for a, b in zip(on, off):
+        assert torch.equal(a, b)
+
+
+@needs_ffcv
 def test_396_pipeline_is_rejected_instead_of_hanging(tiny_beton):
     from ffcv.transforms import NormalizeImage
 
