@@ -74,8 +74,11 @@ def address() -> Optional[int]:
     """The C function's address, building the library if needed; None if it cannot be had
     (one warning says why, and the loader decodes whole images)."""
     if not _lib:
-        path = Path(os.environ["ZOO_JPEG_REGION_LIB"]) if os.environ.get("ZOO_JPEG_REGION_LIB") else library_path()
+        given = os.environ.get("ZOO_JPEG_REGION_LIB")
+        path = Path(given) if given else library_path()
         try:
+            if given and not path.is_file():
+                raise FileNotFoundError(f"ZOO_JPEG_REGION_LIB={given} is not a file")
             if not path.exists():
                 _compile(path)
             lib = ctypes.CDLL(str(path))

@@ -208,6 +208,46 @@ def test_crop_only_decode_gives_the_full_decodes_pixels():
 
 
 @needs_ffcv
+def test_without_a_compiler_the_loader_warns_once_and_decodes_whole_images(tiny_imagenet, tmp_path):
+    """No C compiler (a cluster node without one): one warning line, then the same batches from
+    whole-image decoding (a fresh process: the decode loop links the stand-in symbol)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "jpeg.beton"
+    ffcv_io.write_beton(tiny_imagenet / "train", path, max_resolution=100, compress_probability=1.0, progress=False)
+    script = f"""
+import warnings, torch
+from datamodules import ffcv_io, ffcv_ops, jpeg_region
+from ffcv.transforms import ToTensor, ToTorchImage
+def epoch(crop):
+    dec = ffcv_ops.make_seeded_decoder(({RES}, {RES}), (0.08, 1.0), (3 / 4, 4 / 3), ffcv_ops.EpochSeed(3), crop_decode=crop)
+    ld = ffcv_io.make_loader({str(path)!r}, {{"image": [dec, ToTensor(), ToTorchImage()], "label": ffcv_io.label_pipeline()}},
+                             batch_size=6, num_workers=2, order="sequential", drop_last=False)
+    return torch.cat([x.clone() for x, _ in ld])
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    got = epoch(None)
+print("available", ffcv_ops.crop_decode_available(), "warnings", sum("crop-only JPEG decoding unavailable" in str(x.message) for x in w))
+torch.save(got, {str(tmp_path / "got.pt")!r})
+"""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "ZOO_DATA_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("ZOO_JPEG_REGION_LIB", None)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "available False warnings 1" in r.stdout, (r.stdout, r.stderr[-2000:])
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from datamodules import ffcv_ops
+
+    dec = ffcv_ops.make_seeded_decoder((RES, RES), (0.08, 1.0), (3 / 4, 4 / 3), ffcv_ops.EpochSeed(3))
+    ld = ffcv_io.make_loader(path, {"image": [dec, ToTensor(), ToTorchImage()], "label": ffcv_io.label_pipeline()},
+                             batch_size=6, num_workers=2, order="sequential", drop_last=False)
+    assert torch.equal(torch.load(tmp_path / "got.pt", weights_only=True), torch.cat([x.clone() for x, _ in ld]))
+
+
+@needs_ffcv
 def test_loader_with_crop_only_decode_gives_the_same_batches(tiny_imagenet, tmp_path, monkeypatch):
     """The train decoder (random crops, with and without DCT scaling) and the validation center
     crop give the same batches with crop-only decoding on and off (``ZOO_CROP_DECODE=0``)."""
