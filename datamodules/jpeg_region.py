@@ -75,8 +75,8 @@ def address() -> Optional[int]:
     (one warning says why, and the loader decodes whole images)."""
     if not _lib:
         given = os.environ.get("ZOO_JPEG_REGION_LIB")
-        path = Path(given) if given else library_path()
         try:
+            path = Path(given) if given else library_path()
             if given and not path.is_file():
                 raise FileNotFoundError(f"ZOO_JPEG_REGION_LIB={given} is not a file")
             if not path.exists():
