@@ -428,18 +428,19 @@ def main(argv: list[str] | None = None) -> int:
         cdata = device_batches(args.steps + args.warmup, args.convnext_batch, cres, classes, device)
         t = time.perf_counter()
         kw = dict(steps=args.steps, warmup=args.warmup, device=device, precision=precision)
-        ema = lambda: [WeightEMA(decay=0.9999)]  # noqa: E731
+        with_ema = lambda: [WeightEMA(decay=0.9999)]  # noqa: E731
         plans = {  # key: (name, model, callbacks of each fit)
             "plain": ("no augmentation, no EMA", lambda: cnx(False), list),
             "grouped": ("device augmentation, grouped RandAugment, eager (before)", lambda: cnx(True, "grouped", False), list),
             "masked": (f"device augmentation, masked{', compiled' if compile_ else ''} (after)", lambda: cnx(True), list),
-            "ema": ("no augmentation + EMA", lambda: cnx(False), ema),
-            "masked+ema": ("device augmentation (after) + EMA", lambda: cnx(True), ema),
+            "ema": ("no augmentation + EMA", lambda: cnx(False), with_ema),
+            "masked+ema": ("device augmentation (after) + EMA", lambda: cnx(True), with_ema),
         }
-        unknown = set(args.configs.split(",")) - set(plans)
+        chosen = args.configs.split(",")
+        unknown = set(chosen) - set(plans)
         if unknown:
             raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(plans)}")
-        plans = {name: (make(), cbs) for key, (name, make, cbs) in plans.items() if key in args.configs.split(",")}
+        plans = {name: (make(), cbs) for key, (name, make, cbs) in plans.items() if key in chosen}
         # --rounds fits of every configuration, each round on the same five models (a model compiles
         # in its first fit's warm-up steps, later fits reuse it); round r starts r places further down
         # the list, so no configuration always runs first or last. Between fits the previous trainer is

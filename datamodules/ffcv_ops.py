@@ -229,6 +229,7 @@ def _decode_batch(batch_indices, destination, temp_storage, metadata, storage_st
     (datamodules/jpeg_region.c: the same pixels; the whole image if it answers -1)."""
     seed, epoch = state[0], state[1]
     out_h, out_w = destination.shape[1], destination.shape[2]
+    x0s = np.zeros(len(batch_indices), dtype=np.int64)  # per image: the region's first decoded column
     for dst_ix in numba.prange(len(batch_indices)):
         source_ix = batch_indices[dst_ix]
         field = metadata[source_ix]
@@ -258,13 +259,12 @@ def _decode_batch(batch_indices, destination, temp_storage, metadata, storage_st
             i1 = max(min(int(np.round((i + h) / k)), sh), i0 + 1)
             j1 = max(min(int(np.round((j + w) / k)), sw), j0 + 1)
             cw = -1
-            x0 = np.zeros(1, dtype=np.int64)
-            if crop_decode:  # rows i0..i1 of the region, stride cw, its first column x0[0]
+            if crop_decode:  # rows i0..i1 of the region, stride cw, its first column x0s[dst_ix]
                 cw = _decode_region(image_data.ctypes.data, len(image_data), buf.ctypes.data, buf.size,
-                                    i0, i1, j0, j1, k, x0.ctypes.data)
+                                    i0, i1, j0, j1, k, x0s[dst_ix:].ctypes.data)
             if cw > 0:
-                _resize(0, buf.ctypes.data, i1 - i0, cw, 0, i1 - i0, j0 - x0[0], j1 - x0[0], dst.ctypes.data,
-                        out_h, out_w)
+                x0 = x0s[dst_ix]
+                _resize(0, buf.ctypes.data, i1 - i0, cw, 0, i1 - i0, j0 - x0, j1 - x0, dst.ctypes.data, out_h, out_w)
             else:
                 _imdecode(image_data.ctypes.data, len(image_data), height, width, buf.ctypes.data,
                           height, width, 0, 0, 1, k, 0, 0)

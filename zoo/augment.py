@@ -326,9 +326,7 @@ class BatchedAutoAugment(_Compiles):
                 if op in _GROUP_OF:  # a reduction per image: on its slot
                     result = on_slot(op, _GROUP_OF[op], arg_of(op).view(n))
                 else:
-                    f = x.float()
-                    self._colour_(op, f, arg_of(op))
-                    result = _to_uint8(f)
+                    result = self._colour(op, x, arg_of(op))
                 out = keep(ops == op, result, out)
         for op in sorted(_UINT8_OPS & present):
             if op == EQUALIZE:
@@ -394,9 +392,7 @@ class BatchedAutoAugment(_Compiles):
             if op in _UINT8_OPS:  # integer ops: no float round trip
                 xs[lo:hi] = self._integer(op, xs[lo:hi], ai)
             else:
-                f = xs[lo:hi].float()
-                self._colour_(op, f, ai)
-                xs[lo:hi] = _to_uint8(f)
+                xs[lo:hi] = self._colour(op, xs[lo:hi], ai)
         return xs.index_select(0, torch.argsort(order).to(dev, non_blocking=True))
 
     def _shift(self, x: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -453,6 +449,13 @@ class BatchedAutoAugment(_Compiles):
         return _warp(x, theta, None if self.fill_is_zero else self.fill, self.interpolation)
 
     @staticmethod
+    def _colour(op: int, images: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Colour op ``op`` on uint8 ``images``, computed in float, rounded back to uint8."""
+        f = images.float()
+        BatchedAutoAugment._colour_(op, f, a)
+        return _to_uint8(f)
+
+    @staticmethod
     def _colour_(op: int, x: torch.Tensor, a: torch.Tensor) -> None:
         """Apply colour op ``op`` with per-sample arguments ``a`` (N, 1, 1, 1) to float ``x`` in place."""
         if op == BRIGHTNESS:  # blend with black
@@ -506,13 +509,14 @@ _NEUTRAL = {POSTERIZE: 8.0, SOLARIZE: 256.0, SOLARIZE_ADD: 0.0}
 # and each op that reduces over an image (a histogram, a mean, a min and max).
 _GROUP_OF = {EQUALIZE: "equalize", CONTRAST: "contrast", AUTOCONTRAST: "autocontrast"}
 _SLOT_GROUPS = ("warp", *_GROUP_OF.values())
+_OP_OF_GROUP = {g: op for op, g in _GROUP_OF.items()}
 
 
 def _in_group(ops, group: str):
     """Whether op ids (a tensor, or one int) are in a slot group: any warp, or the group's op."""
     if group == "warp":
         return ops < N_AFFINE
-    return ops == next(op for op, g in _GROUP_OF.items() if g == group)
+    return ops == _OP_OF_GROUP[group]
 
 
 def _binomial_quantile(n: int, p: float, eps: float) -> int:
@@ -594,11 +598,9 @@ def slot_op(x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, arg: torch.
         if op == _ANY_WARP:
             out[:k] = _to_uint8(_warp(s.float(), theta.view(-1, 2, 3)[:k], fill, interpolation))
         elif op == EQUALIZE:
-            out[:k] = TF.equalize(s)
+            out[:k] = BatchedAutoAugment._integer(EQUALIZE, s, None)
         else:
-            f = s.float()
-            BatchedAutoAugment._colour_(op, f, arg.index_select(0, members).view(-1, 1, 1, 1))
-            out[:k] = _to_uint8(f)
+            out[:k] = BatchedAutoAugment._colour(op, s, arg.index_select(0, members).view(-1, 1, 1, 1))
     return out
 
 
