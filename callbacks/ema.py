@@ -91,11 +91,42 @@ class WeightEMA(L.Callback):
         self.last_step = 0  # trainer.global_step of the last update check
         self._loaded: Optional[dict[str, torch.Tensor]] = None
         self._backup: Optional[dict[str, torch.Tensor]] = None
+        self._where: Optional[list[tuple[dict, str]]] = None  # _locate
 
     # ------------------------------------------------------------------ the average
     @staticmethod
     def _tracked(pl_module) -> dict[str, torch.Tensor]:
         return {k: v for k, v in pl_module.net.state_dict().items() if v.dtype.is_floating_point}
+
+    def _locate(self, pl_module) -> None:
+        """Remember where each EMA'd tensor lives: (the module's ``_parameters`` or ``_buffers``
+        dict, its name), in ``self.ema``'s order. ``update`` then reads the live tensors from
+        those dicts instead of walking ``state_dict()`` each step (1.4 ms of host time per update
+        for ConvNeXt-T on an H100 machine; the lookup is a list comprehension). Reading the dict
+        each time follows what ``.to()`` or ``load_state_dict`` put there. When the module tree
+        does not match ``state_dict()`` (a custom state-dict hook renames or adds entries), the
+        walk stays.
+        """
+        where: dict[str, tuple[dict, str]] = {}
+        for prefix, m in pl_module.net.named_modules(remove_duplicate=False):
+            dot = prefix + "." if prefix else ""
+            for name, p in m._parameters.items():
+                if p is not None:
+                    where[dot + name] = (m._parameters, name)
+            for name, b in m._buffers.items():
+                if b is not None and name not in m._non_persistent_buffers_set:
+                    where[dot + name] = (m._buffers, name)
+        current = self._tracked(pl_module)
+        same = set(current) == set(self.ema) and all(
+            k in where and where[k][0][where[k][1]].data_ptr() == v.data_ptr() for k, v in current.items())
+        self._where = [where[k] for k in self.ema] if same else None
+
+    def _current(self, pl_module) -> list[torch.Tensor]:
+        """The live tensors the EMA follows, in ``self.ema``'s order."""
+        if self._where is not None:
+            return [d[name] for d, name in self._where]
+        current = self._tracked(pl_module)
+        return [current[k] for k in self.ema]
 
     def decay_at(self, t: int) -> float:
         """Decay of the update that follows ``t`` earlier updates."""
@@ -159,6 +190,7 @@ class WeightEMA(L.Callback):
             rank_zero_info(f"WeightEMA: resumed after {self.num_updates} updates (step {self.last_step})")
         elif self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in current.items()}
+        self._locate(pl_module)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -172,9 +204,7 @@ class WeightEMA(L.Callback):
 
     @torch.no_grad()
     def update(self, pl_module, reset: bool = False) -> None:
-        current = self._tracked(pl_module)
-        ema_vals = list(self.ema.values())
-        cur_vals = [current[k] for k in self.ema]
+        ema_vals, cur_vals = list(self.ema.values()), self._current(pl_module)
         d = 0.0 if reset else self.decay_at(self.num_updates)
         if d == 0.0:
             torch._foreach_copy_(ema_vals, cur_vals)

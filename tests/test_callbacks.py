@@ -51,6 +51,41 @@ def test_ema_update_is_a_lerp():
     torch.testing.assert_close(ema.ema[k], before + 0.1)
 
 
+def test_ema_update_reads_the_live_tensors_without_a_state_dict_walk(monkeypatch):
+    """update() finds the tensors through the module dicts remembered at fit start: it follows
+    a buffer replaced since (what .to() does) and matches the state_dict walk on every tensor;
+    a module whose state_dict does not mirror its tree (a hook adds a key) keeps the walk."""
+    import copy
+
+    m = model()
+    ema = WeightEMA(decay=0.9)
+    ema.on_fit_start(None, m)
+    assert ema._where is not None and len(ema._where) == len(ema.ema)
+    walk = copy.deepcopy(ema)
+    walk._where = None
+    bn = next(mod for mod in m.net.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    name = next(k for k, mod in m.net.named_modules() if mod is bn) + ".running_mean"
+    bn.running_mean = torch.full_like(bn.running_mean, 5.0)  # a new tensor object in bn._buffers
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(WeightEMA, "_tracked", staticmethod(lambda pl: pytest.fail("state_dict walked")))
+    ema.update(m)
+    monkeypatch.undo()
+    walk.update(m)
+    for k in ema.ema:
+        torch.testing.assert_close(ema.ema[k], walk.ema[k])
+    torch.testing.assert_close(ema.ema[name], torch.full_like(bn.running_mean, 0.5))  # 0.9 * 0 + 0.1 * 5
+
+    hooked = model()
+    hooked.net._register_state_dict_hook(lambda mod, sd, prefix, meta: sd.__setitem__(prefix + "extra", torch.ones(2)))
+    ema2 = WeightEMA(decay=0.5)
+    ema2.on_fit_start(None, hooked)
+    assert ema2._where is None and "extra" in ema2.ema
+    ema2.update(hooked)
+    torch.testing.assert_close(ema2.ema["extra"], torch.ones(2))
+
+
 def test_checkpoint_written_during_validation_holds_trained_weights(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -1,0 +1,14 @@
+"""Imported once by the forkserver that starts DataLoader workers (torchvision_backend.worker_start_method).
+
+Each worker is forked from that server, so what is imported here is loaded once, not per worker.
+The server ignores SIGUSR1 and SIGTERM as the workers do (torchvision_backend.worker_ignores_job_signals):
+``scancel --signal=USR1`` reaches every process of a job step, and a server killed by it could start
+no more workers. It exits by itself when the training process that started it is gone.
+"""
+
+import signal
+
+import datamodules.torchvision_backend  # noqa: F401 - torch, torchvision, PIL and the datasets' code
+
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
