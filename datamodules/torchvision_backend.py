@@ -237,12 +237,58 @@ def worker_ignores_job_signals(worker_id: int) -> None:
     checkpoint and requeues); a worker, which does not, would die of them, and the rank would
     end in "DataLoader worker (pid N) is killed by signal" instead of stopping cleanly. The
     training process ends its workers itself (:class:`WorkerLoader`, also at exit), and a
-    worker whose parent is gone exits.
+    worker whose parent is gone exits (torch's watchdog; :class:`WorkerInit` for workers whose
+    parent is a forkserver).
     """
     import signal
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class WorkerInit:
+    """DataLoader ``worker_init_fn``: :func:`worker_ignores_job_signals`, and a worker started
+    from a forkserver exits when the training process that asked for it is gone.
+
+    torch's worker watchdog only checks that the worker's *parent* lives; a forkserver's worker
+    has the server as its parent, and the server lives as long as any worker holds its "alive"
+    pipe (multiprocessing passes it to each child): after a SIGKILL of the training process the
+    server and its workers waited for each other forever (seen here after killing 2-rank runs).
+    Such a worker watches the training process (a pidfd, Linux >= 5.3; else a poll each second)
+    and ends itself when it exits; the server then exits too.
+    """
+
+    def __init__(self, manager_pid: int) -> None:
+        self.manager_pid = manager_pid
+
+    def __call__(self, worker_id: int) -> None:
+        worker_ignores_job_signals(worker_id)
+        if os.getppid() != self.manager_pid:
+            import threading
+
+            threading.Thread(target=_exit_when_gone, args=(self.manager_pid,), name="zoo-manager-watch",
+                             daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd here, or the process is already gone
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])  # readable once the process has exited
+        os._exit(0)
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # alive, someone else's (not expected)
+            pass
+        time.sleep(1.0)
 
 
 # CPython releases whose os.fork() child can deadlock on the runtime's HEAD_LOCK (python/cpython#112275;
@@ -268,9 +314,13 @@ def worker_start_method() -> str | None:
     before ``iter()`` forks its workers. Seen here: a 2-rank CPU fit with one worker per loader
     hung with a worker stuck at ``PyOS_AfterFork_Child -> _PyEval_ReInitThreads ->
     _PyThreadState_DeleteExcept`` (gdb), in 1 of ~6 runs of the preempted-job test. On those
-    Pythons workers start from a forkserver instead: a single-threaded server process that
-    ``multiprocessing`` starts with fork+exec, preloaded with this module (and so torch), which
-    forks each worker. ``ZOO_WORKER_START=fork|forkserver|spawn`` overrides the choice.
+    Pythons, in a process with a torch.distributed process group (whose threads are the ones
+    that take the GIL from outside Python), workers start from a forkserver instead: a
+    single-threaded server process that ``multiprocessing`` starts with fork+exec, preloaded
+    with this module (and so torch), which forks each worker. A forkserver, like spawn, imports
+    the script being run in each worker, so such a script needs ``if __name__ == "__main__":``
+    (``zoo`` has it); a single process (a notebook, a script without the guard) keeps fork.
+    ``ZOO_WORKER_START=fork|forkserver|spawn`` overrides the choice.
     """
     import multiprocessing
 
@@ -279,9 +329,15 @@ def worker_start_method() -> str | None:
         if choice not in multiprocessing.get_all_start_methods():
             raise DataError(f"{WORKER_START_ENV}={choice!r}: use one of {', '.join(multiprocessing.get_all_start_methods())}")
         return choice
-    if fork_may_deadlock() and "forkserver" in multiprocessing.get_all_start_methods():
+    if fork_may_deadlock() and _distributed() and "forkserver" in multiprocessing.get_all_start_methods():
         return "forkserver"
     return None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _worker_context(method: str | None):
@@ -320,7 +376,7 @@ def make_dataloader(
         persistent_workers=num_workers > 0,  # keep worker processes (and their file handles) across epochs
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
-        worker_init_fn=worker_ignores_job_signals,
+        worker_init_fn=WorkerInit(os.getpid()),
         multiprocessing_context=_worker_context(worker_start_method()) if num_workers > 0 else None,
     )
 

@@ -481,9 +481,12 @@ def test_worker_start_method_avoids_fork_on_pythons_with_the_head_lock_deadlock(
     assert tvb.fork_may_deadlock((3, 11, 7)) and tvb.fork_may_deadlock((3, 10, 14)) and tvb.fork_may_deadlock((3, 9, 18))
     assert not any(tvb.fork_may_deadlock(v) for v in [(3, 11, 10), (3, 11, 14), (3, 10, 15), (3, 12, 1), (3, 13, 0)])
     monkeypatch.delenv(tvb.WORKER_START_ENV, raising=False)
-    assert tvb.worker_start_method() == ("forkserver" if tvb.fork_may_deadlock() else None)
     monkeypatch.setattr(tvb, "fork_may_deadlock", lambda: True)
+    assert tvb.worker_start_method() is None  # one process: no process group, no gloo threads
+    monkeypatch.setattr(tvb, "_distributed", lambda: True)
     assert tvb.worker_start_method() == "forkserver"
+    monkeypatch.setattr(tvb, "fork_may_deadlock", lambda: False)
+    assert tvb.worker_start_method() is None
     monkeypatch.setenv(tvb.WORKER_START_ENV, "fork")
     assert tvb.worker_start_method() == "fork"
     monkeypatch.setenv(tvb.WORKER_START_ENV, "vfork")

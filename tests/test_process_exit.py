@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,57 @@ def test_live_persistent_workers_do_not_hold_the_exit(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained" in proc.stdout
+
+
+KILLED_MANAGER = textwrap.dedent(f"""
+    import multiprocessing.forkserver as mpfs, os, sys, time
+    sys.path.insert(0, {str(ROOT)!r})
+    os.environ["ZOO_WORKER_START"] = "forkserver"
+    import torch
+    from datamodules.torchvision_backend import make_dataloader
+
+    if __name__ == "__main__":
+        loader = make_dataloader(torch.utils.data.TensorDataset(torch.arange(8.0)), batch_size=2, num_workers=2,
+                                 shuffle=False, drop_last=False)
+        it = iter(loader)
+        next(it)
+        print("pids", mpfs._forkserver._forkserver_pid, *[w.pid for w in it._workers], flush=True)
+        time.sleep(300)  # killed before
+""")
+
+
+@pytest.mark.slow
+def test_forkserver_workers_and_server_end_when_the_training_process_is_killed(tmp_path):
+    """SIGKILL of a training process whose workers came from a forkserver: the workers (and then
+    the server) exit, as forked workers do. Without WorkerInit's watch they and the server
+    waited for each other forever."""
+    import signal
+    import time
+
+    script = tmp_path / "killed_manager.py"
+    script.write_text(KILLED_MANAGER)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("pids"), line
+        pids = [int(p) for p in line.split()[1:]]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+    def alive(pid):
+        try:
+            return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if alive(p)]
+    for p in left:  # do not leak them into the rest of the run
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still alive 20 s after the training process was killed: {left} (server first)"
 
 
 DEAF_CHILD = textwrap.dedent(f"""
