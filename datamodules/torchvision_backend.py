@@ -350,7 +350,33 @@ def _worker_context(method: str | None):
         # imported once by the server, so each worker forks with torch and the datasets' code loaded;
         # the server ignores Slurm's job signals as the workers do (it would die of SIGUSR1)
         ctx.set_forkserver_preload(["datamodules._forkserver_preload"])
+    if method != "fork":
+        _start_helpers_deaf_to_job_signals(method)
     return ctx
+
+
+def _start_helpers_deaf_to_job_signals(method: str) -> None:
+    """Start multiprocessing's helper processes now, with SIGUSR1 and SIGTERM blocked: the
+    resource tracker (spawn and forkserver track their semaphores there) and the forkserver.
+
+    ``scancel --signal=USR1`` reaches every process of the job step. The resource tracker ignores
+    only SIGINT and SIGTERM: it died of SIGUSR1, its successor printed a ``KeyError`` traceback for
+    each semaphore the first one had registered (a failure of the preempted-job test in CI). A
+    blocked signal stays blocked across fork and exec, and neither helper unblocks it. The
+    caller's mask is restored after: a SIGUSR1 that arrives meanwhile is delivered then, not lost.
+    """
+    import signal
+    from multiprocessing import forkserver, resource_tracker
+
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        resource_tracker.ensure_running()
+        if method == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def make_dataloader(

@@ -86,6 +86,43 @@ def test_forkserver_workers_and_server_end_when_the_training_process_is_killed(t
     assert not left, f"still alive 20 s after the training process was killed: {left} (server first)"
 
 
+JOB_SIGNAL = textwrap.dedent(f"""
+    import os, signal, sys, time
+    sys.path.insert(0, {str(ROOT)!r})
+    os.environ["ZOO_WORKER_START"] = "forkserver"
+    import torch
+    from datamodules.torchvision_backend import make_dataloader
+
+    if __name__ == "__main__":
+        got = []
+        signal.signal(signal.SIGUSR1, lambda *a: got.append(a[0]))  # the training process handles it
+        data = torch.utils.data.TensorDataset(torch.arange(8.0))
+        loader = make_dataloader(data, batch_size=2, num_workers=2, shuffle=False, drop_last=False)
+        it = iter(loader)
+        next(it)
+        os.killpg(0, signal.SIGUSR1)  # what scancel --signal=USR1 does: every process of the step
+        time.sleep(1.0)
+        rest = list(it)
+        again = make_dataloader(data, batch_size=2, num_workers=2, shuffle=False, drop_last=False)
+        print("batches", len(rest), len(list(again)), "handled", len(got), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_job_signal_to_the_whole_process_group_leaves_forkserver_helpers_alive(tmp_path):
+    """SIGUSR1 to every process (Slurm's preemption warning): the training process handles it,
+    and multiprocessing's helpers live on: the forkserver and its workers, and the resource tracker
+    (it ignores only SIGINT and SIGTERM; it died, was relaunched, and printed a KeyError traceback
+    per semaphore at exit, failing the preempted-job test)."""
+    script = tmp_path / "job_signal.py"
+    script.write_text(JOB_SIGNAL)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batches 3 4 handled 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resource_tracker" not in proc.stderr, proc.stderr[-3000:]
+
+
 DEAF_CHILD = textwrap.dedent(f"""
     import multiprocessing, signal, sys, time
     sys.path.insert(0, {str(ROOT)!r})
