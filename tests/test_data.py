@@ -509,39 +509,6 @@ def test_packed_samples_round_trip_and_pickle_small():
     assert len(PackedSamples([])) == 0
 
 
-@pytest.mark.slow
-def test_forkserver_workers_load_and_ignore_job_signals(tiny_imagenet, monkeypatch):
-    """Workers from the forkserver read the same batches as forked ones, and the server (preloaded
-    with datamodules._forkserver_preload) ignores SIGUSR1/SIGTERM as the workers do."""
-    import multiprocessing.forkserver as mpfs
-    import signal
-
-    from datamodules import process_exit, torchvision_backend as tvb
-
-    def val_batches(method):
-        monkeypatch.setenv(tvb.WORKER_START_ENV, method)
-        dm = ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=4, num_workers=1,
-                                train_res=RES, val_res=RES)
-        dm.prepare_data()
-        dm.setup("fit")
-        loader = dm.val_dataloader()
-        ctx = loader.multiprocessing_context
-        out = [x for x, _ in loader]
-        dm.teardown("fit")
-        return ctx, out
-
-    ctx, served = val_batches("forkserver")
-    assert ctx.get_start_method() == "forkserver"
-    server = mpfs._forkserver._forkserver_pid
-    assert server is not None and process_exit.ignores_sigterm(server)
-    with open(f"/proc/{server}/status") as f:
-        ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
-    assert ignored >> (signal.SIGUSR1 - 1) & 1
-    ctx, forked = val_batches("fork")
-    assert ctx.get_start_method() == "fork"
-    assert len(served) == len(forked) and all(torch.equal(a, b) for a, b in zip(served, forked))
-
-
 # --------------------------------------------------------------------------- caching
 
 

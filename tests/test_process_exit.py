@@ -102,16 +102,23 @@ JOB_SIGNAL = textwrap.dedent(f"""
         next(it)
         os.killpg(0, signal.SIGUSR1)  # what scancel --signal=USR1 does: every process of the step
         time.sleep(1.0)
-        rest = list(it)
-        again = make_dataloader(data, batch_size=2, num_workers=2, shuffle=False, drop_last=False)
-        print("batches", len(rest), len(list(again)), "handled", len(got), flush=True)
+        rest = [b for (b,) in it]
+        again = [b for (b,) in make_dataloader(data, batch_size=2, num_workers=2, shuffle=False, drop_last=False)]
+        assert torch.equal(torch.cat(rest), torch.arange(2.0, 8.0)) and torch.equal(torch.cat(again), torch.arange(8.0))
+        import multiprocessing.forkserver as mpfs
+        with open(f"/proc/{{mpfs._forkserver._forkserver_pid}}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        masked = int(status["SigIgn"], 16) | int(status["SigBlk"], 16)
+        assert all(masked >> (s - 1) & 1 for s in (signal.SIGUSR1, signal.SIGTERM)), status
+        print("batches", len(rest), len(again), "handled", len(got), flush=True)
 """)
 
 
 @pytest.mark.slow
 def test_job_signal_to_the_whole_process_group_leaves_forkserver_helpers_alive(tmp_path):
     """SIGUSR1 to every process (Slurm's preemption warning): the training process handles it,
-    and multiprocessing's helpers live on: the forkserver and its workers, and the resource tracker
+    and multiprocessing's helpers live on and ignore it: the forkserver (which then starts new
+    workers) and its workers (their batches are right), and the resource tracker
     (it ignores only SIGINT and SIGTERM; it died, was relaunched, and printed a KeyError traceback
     per semaphore at exit, failing the preempted-job test)."""
     script = tmp_path / "job_signal.py"
