@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,13 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _part(work: Path, data: Path, job: str, epochs: int, method: str, timeout: float, resume: bool) -> tuple[bool, float]:
+    from tests.test_launch import _free_port, _srun_task_env  # what srun gives each task, as the launch tests use
+
     zoo = str(Path(sys.executable).with_name("zoo"))
     port, cores = _free_port(), sorted(os.sched_getaffinity(0))
     args = [zoo, "fit", "--config", str(REPO / "launch/recipes/demo.yaml"), "--data.root", str(data),
@@ -47,12 +42,7 @@ def _part(work: Path, data: Path, job: str, epochs: int, method: str, timeout: f
         args += ["--ckpt_path", str(work / "runs" / "convnet" / f"slurm-{job}.0" / "checkpoints" / "last.ckpt")]
     procs = []
     for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",
-                   ZOO_WORKER_START=method, SLURM_JOB_ID=job, SLURM_STEP_ID="0", SLURM_JOB_NAME="zoo",
-                   SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1", SLURM_NODEID="0",
-                   SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODELIST="localhost",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = {**_srun_task_env(job, rank, 2, port, work), "ZOO_WORKER_START": method}
         pin = ["taskset", "-c", str(cores[rank % len(cores)])]
         log = open(work / f"rank{rank}.log", "w")
         procs.append(subprocess.Popen(pin + args, env=env, stdout=log, stderr=subprocess.STDOUT,
