@@ -46,6 +46,10 @@ from benchmarks._common import machine_line, write_result  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
+class _Skipped(Exception):
+    """A part of the run left out by a flag."""
+
+
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
     if override:
         return override
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="plain,grouped,masked,ema,masked+ema",
                     help="ConvNeXt-T configurations to fit (of plain, grouped, masked, ema, masked+ema)")
     ap.add_argument("--skip-resnet50", action="store_true", help="only the ConvNeXt-T part and the sync audit")
+    ap.add_argument("--skip-dct", action="store_true", help="ResNet-50 part without the DCT-scaled fit and loader")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch, args.res, args.steps, args.warmup, args.images, args.convnext_batch = 8, 32, 3, 1, 64, 4
@@ -347,7 +352,31 @@ def main(argv: list[str] | None = None) -> int:
                                lr=0.1, lr_reference_batch=None, schedule="constant", label_smoothing=0.1)
 
     rn50_lines: list[str] = []
+    cnx_lines: list[str] = []
     failed: list[str] = []  # informative parts that failed, reported instead of lost
+    out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run: not a GPU figure)"
+    cmd = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def report(final: bool = False) -> None:
+        """Write the tables so far (a run stopped by a time limit keeps its finished parts)."""
+        lines = [
+            f"# GPU path: {dev_name}",
+            "",
+            machine_line(device, load0, f"{cores} CPU cores; {versions()}; {workers} FFCV threads, {args.steps} "
+                         f"timed steps after {args.warmup} warm-up, precision {precision}, compile {compile_}"),
+            f"Command: `{cmd.strip()}`",
+            "",
+            *rn50_lines,
+            *cnx_lines,
+            *([f"- {f}" for f in failed] + [""] if failed else []),
+            *([] if final else ["(partial: the run had not finished when this was written)", ""]),
+        ]
+        if final:
+            write_result(out, lines)
+        else:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text("\n".join(lines) + "\n")
     if not args.skip_resnet50:
         # 1a. ceiling: batches already on the device
         ceiling = fit(rn50(), device_batches(args.steps + args.warmup, args.batch, args.res, classes, device),
@@ -372,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         # here must not lose the figures above.
         real_dct, capacity = None, {}
         try:
+            if args.skip_dct:
+                raise _Skipped
             dm_dct = ImageNetDataModule(root=str(root), backend="ffcv", batch_size=args.batch, num_workers=workers,
                                         train_res=args.res, val_res=args.res, progress=False, dct_scaling=True)
             real_dct = fit(rn50(), dm_dct, steps=args.steps, warmup=args.warmup, device=device, precision=precision)
@@ -381,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
             capacity["whole"] = loader_rate(dm.beton_path("train"), args.res, args.batch, workers, False, crop=False)
             print(f"loader alone: {capacity[False]:.0f} img/s, DCT-scaled {capacity[True]:.0f} img/s, "
                   f"whole-image decode {capacity['whole']:.0f} img/s", flush=True)
+        except _Skipped:  # the loader alone without the DCT-scaled variant
+            capacity[False] = loader_rate(dm.beton_path("train"), args.res, args.batch, workers, False)
+            capacity["whole"] = loader_rate(dm.beton_path("train"), args.res, args.batch, workers, False, crop=False)
+            print(f"loader alone: {capacity[False]:.0f} img/s, whole-image decode {capacity['whole']:.0f} img/s", flush=True)
         except Exception as e:
             failed.append(f"ResNet-50 DCT-scaled fit / loader alone failed: {type(e).__name__}: {str(e)[:300]}")
             print(failed[-1], flush=True)
@@ -399,16 +434,18 @@ def main(argv: list[str] | None = None) -> int:
               if real_dct else []),
             "",
             *([f"The loader alone ({workers} threads, no model, one epoch after a warm-up epoch): "
-               f"{capacity[False]:.0f} img/s ({capacity[False] / ceiling.rate:.2f} of the ceiling); with decode-time "
-               f"DCT scaling {capacity[True]:.0f} img/s ({capacity[True] / ceiling.rate:.2f}); decoding whole JPEGs "
-               f"instead of the crop's region {capacity['whole']:.0f} img/s ({capacity['whole'] / ceiling.rate:.2f}).", ""]
-              if len(capacity) == 3 else []),
+               f"{capacity[False]:.0f} img/s ({capacity[False] / ceiling.rate:.2f} of the ceiling); "
+               + (f"with decode-time DCT scaling {capacity[True]:.0f} img/s ({capacity[True] / ceiling.rate:.2f}); "
+                  if True in capacity else "")
+               + f"decoding whole JPEGs instead of the crop's region {capacity['whole']:.0f} img/s "
+               f"({capacity['whole'] / ceiling.rate:.2f}).", ""]
+              if False in capacity and "whole" in capacity else []),
             f"Peak device memory (ceiling run): {peak_mem:.1f} GiB. Training FLOPs per image at {args.res} px: "
             f"{flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, fwd + bwd); peak {peak or 'unknown'} TFLOP/s bf16.",
             "",
         ]
+        report()
 
-    cnx_lines: list[str] = []
     if not args.skip_convnext:
         # 2. ConvNeXt-T: plain, + device augmentation (the previous grouped path, the masked compiled one), + EMA
         from callbacks.ema import WeightEMA
@@ -468,6 +505,23 @@ def main(argv: list[str] | None = None) -> int:
         del plans
         step = {k: statistics.median(v) for k, v in runs.items()}
         plain_step = step.get("no augmentation, no EMA", float("nan"))
+        step_lines = [
+            f"## ConvNeXt-T, batch {args.convnext_batch}, {cres} px (recipe: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0, EMA 0.9999)",
+            "",
+            f"Step time: mean over {args.steps} timed steps of one fit; median over {args.rounds} fits per configuration "
+            "(the same model re-fitted in each round, configurations rotated between rounds).",
+            "",
+            "| configuration | step (ms), median | vs plain | fits (ms) | img/s | peak memory (GiB) |",
+            "| --- | ---: | ---: | --- | ---: | ---: |",
+            *[f"| {k} | {step[k]:.1f} | {100 * (step[k] / plain_step - 1):+.1f}% | {', '.join(f'{v:.1f}' for v in vs)} | "
+              f"{args.convnext_batch * 1e3 / step[k]:.0f} | {peaks.get(k, float('nan')):.1f} |" for k, vs in runs.items()],
+            "",
+            *(f"Step cost of the augmentation: {name}: {100 * (step[name] / plain_step - 1):+.1f}% of the plain step "
+              "(goal <= 5%)." for name in runs if name.startswith("device augmentation,")),
+            "",
+        ]
+        cnx_lines = step_lines
+        report()
         # the augmentation alone on one batch, per variant: wall time synchronised, host time to return
         # (what a step pays when the GPU is ahead), and on a GPU kernels and GPU-busy time per call
         x, y = cdata[0]
@@ -513,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
 
+        cnx_lines = [*step_lines, *aug_lines, *breakdown]
+        report()
         # 3. host-device syncs per step, eager (no compile), the recipe's full hot path
         syncs_lines = []
         if device.type == "cuda":
@@ -532,38 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                 syncs_lines = [f"Sync audit failed: {type(e).__name__}: {e}", ""]
             print("\n".join(syncs_lines), flush=True)
 
-        cnx_lines = [
-            f"## ConvNeXt-T, batch {args.convnext_batch}, {cres} px (recipe: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0, EMA 0.9999)",
-            "",
-            f"Step time: mean over {args.steps} timed steps of one fit; median over {args.rounds} fits per configuration "
-            "(the same model re-fitted in each round, configurations rotated between rounds).",
-            "",
-            "| configuration | step (ms), median | vs plain | fits (ms) | img/s | peak memory (GiB) |",
-            "| --- | ---: | ---: | --- | ---: | ---: |",
-            *[f"| {k} | {step[k]:.1f} | {100 * (step[k] / plain_step - 1):+.1f}% | {', '.join(f'{v:.1f}' for v in vs)} | "
-              f"{args.convnext_batch * 1e3 / step[k]:.0f} | {peaks.get(k, float('nan')):.1f} |" for k, vs in runs.items()],
-            "",
-            *(f"Step cost of the augmentation: {name}: {100 * (step[name] / plain_step - 1):+.1f}% of the plain step "
-              "(goal <= 5%)." for name in runs if name.startswith("device augmentation,")),
-            "",
-            *aug_lines,
-            *breakdown,
-            *syncs_lines,
-        ]
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run: not a GPU figure)"
-    cmd = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        f"# GPU path: {dev_name}",
-        "",
-        machine_line(device, load0, f"{cores} CPU cores; {versions()}; {workers} FFCV threads, {args.steps} timed steps after {args.warmup} warm-up, precision {precision}, compile {compile_}"),
-        f"Command: `{cmd.strip()}`",
-        "",
-        *rn50_lines,
-        *cnx_lines,
-        *([f"- {f}" for f in failed] + [""] if failed else []),
-    ]
-    out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))
-    write_result(out, lines)
+        cnx_lines = [*step_lines, *aug_lines, *breakdown, *syncs_lines]
+    report(final=True)
     return 0
 
 
