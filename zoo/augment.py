@@ -32,12 +32,14 @@ are rounded to integers after every op (PIL rounds, torchvision truncates some b
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -256,7 +258,7 @@ class BatchedAutoAugment(_Compiles):
         overflow = any(m.numel() > c for per in members for m, c in zip(per, caps))
         if overflow:
             caps = [n] * len(caps)
-        # per slot, how many samples it holds: CPU tensors (slot_op reads them without a device wait)
+        # per slot, how many samples it holds: CPU tensors (grid_sample_head reads them without a device wait)
         counts = [torch.tensor(m.numel()) for per in members for m in per]
         parts: list[torch.Tensor] = []  # per layer: ops, arg, warp matrices, then each group's idx, pos
         for (ops, arg), per in zip(layers, members):
@@ -314,23 +316,29 @@ class BatchedAutoAugment(_Compiles):
 
         fill = None if self.fill_is_zero else self.fill
 
-        def on_slot(op: int, group: str, a: torch.Tensor) -> torch.Tensor:  # gathered, then back in place
+        def on_slot(fn, group: str) -> torch.Tensor:  # fn(slot images, slot sample ids), then back in place
             idx, pos, count = slots[group]
-            return slot_op(x, idx.long(), count, a, theta, fill, op, self.interpolation).index_select(0, pos.long())
+            idx = idx.long()
+            return fn(x.index_select(0, idx), idx, count).index_select(0, pos.long())
+
+        def colour(op: int):
+            return lambda s, idx, count: self._colour(op, s, arg_of(op).view(n).index_select(0, idx).view(-1, 1, 1, 1))
 
         out = x
-        if present & set(range(N_AFFINE)):  # all warps in one resample
-            out = keep(ops < N_AFFINE, on_slot(_ANY_WARP, "warp", arg), out)
+        if present & set(range(N_AFFINE)):  # all warps in one resample, of the slot's members only
+            warp = lambda s, idx, count: _to_uint8(_warp(s.float(), theta.view(-1, 2, 3), fill,  # noqa: E731
+                                                         self.interpolation, count))
+            out = keep(ops < N_AFFINE, on_slot(warp, "warp"), out)
         for op in (BRIGHTNESS, COLOR, CONTRAST, SHARPNESS, AUTOCONTRAST):
             if op in present:
                 if op in _GROUP_OF:  # a reduction per image: on its slot
-                    result = on_slot(op, _GROUP_OF[op], arg_of(op).view(n))
+                    result = on_slot(colour(op), _GROUP_OF[op])
                 else:
                     result = self._colour(op, x, arg_of(op))
                 out = keep(ops == op, result, out)
         for op in sorted(_UINT8_OPS & present):
             if op == EQUALIZE:
-                result = on_slot(EQUALIZE, "equalize", arg)
+                result = on_slot(lambda s, idx, count: self._integer(EQUALIZE, s, None), "equalize")
             else:
                 result = self._integer(op, x, arg_of(op))
             out = keep(ops == op, result, out)
@@ -415,29 +423,20 @@ class BatchedAutoAugment(_Compiles):
         shears about the top-left corner, rotation counter-clockwise about the centre; the
         argument of a translation is the input offset, ``x_in = x_out + t``).
         """
-        n = ops.shape[0]
-        m = torch.zeros(n, 2, 3)
-        m[:, 0, 0] = 1.0
-        m[:, 1, 1] = 1.0
-        sx, sy = ops == SHEAR_X, ops == SHEAR_Y
-        m[sx, 0, 1] = arg[sx]
-        m[sx, 0, 2] = arg[sx] * h / 2  # about the corner: x_in = x + s*y in corner coordinates
-        m[sy, 1, 0] = arg[sy]
-        m[sy, 1, 2] = arg[sy] * w / 2
-        tx, ty = ops == TRANSLATE_X, ops == TRANSLATE_Y
-        m[tx, 0, 2] = arg[tx]
-        m[ty, 1, 2] = arg[ty]
-        r = ops == ROTATE
-        rad = torch.deg2rad(arg[r])
-        c, s = torch.cos(rad), torch.sin(rad)
-        m[r, 0, 0], m[r, 0, 1], m[r, 1, 0], m[r, 1, 1] = c, -s, s, c
+        # element-wise in numpy: the boolean-mask assignments this replaces cost ~0.12 ms of host time
+        # per layer in small torch CPU ops (2-core CPU, batch 128)
+        o, a = ops.numpy(), arg.numpy().astype(np.float64)
+        sx, sy, tx, ty, r = (o == SHEAR_X), (o == SHEAR_Y), (o == TRANSLATE_X), (o == TRANSLATE_Y), (o == ROTATE)
+        rad = np.deg2rad(np.where(r, a, 0.0))
+        c, s = np.cos(rad), np.sin(rad)  # identity where not a rotation
+        # pixel coordinates centred on the image; shears about the corner: x_in = x + s*y in corner coordinates
+        m01 = np.where(sx, a, -s)
+        m02 = np.where(sx, a * h / 2, np.where(tx, a, 0.0))
+        m10 = np.where(sy, a, s)
+        m12 = np.where(sy, a * w / 2, np.where(ty, a, 0.0))
         # pixel (centred) -> normalised coordinates for align_corners=False
-        theta = m.clone()
-        theta[:, 0, 1] = m[:, 0, 1] * h / w
-        theta[:, 1, 0] = m[:, 1, 0] * w / h
-        theta[:, 0, 2] = m[:, 0, 2] * 2 / w
-        theta[:, 1, 2] = m[:, 1, 2] * 2 / h
-        return theta
+        theta = np.stack([c, m01 * h / w, m02 * 2 / w, m10 * w / h, c, m12 * 2 / h], axis=1)
+        return torch.from_numpy(theta.astype(np.float32)).view(-1, 2, 3)
 
     def _warp(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """Resample with the fill colour outside: ``grid_sample(x - fill) + fill``.
@@ -519,8 +518,13 @@ def _in_group(ops, group: str):
     return ops == _OP_OF_GROUP[group]
 
 
+@functools.lru_cache(maxsize=256)
 def _binomial_quantile(n: int, p: float, eps: float) -> int:
-    """The smallest c with P(Binomial(n, p) > c) < eps (terms summed in log space)."""
+    """The smallest c with P(Binomial(n, p) > c) < eps (terms summed in log space).
+
+    Cached: the masked path asks for it at every call with the same few arguments, and the sum
+    over n + 1 terms took ~0.16 ms per slot group at n = 128 on a 2-core CPU (0.63 ms of host time
+    per batch for the four groups)."""
     if p <= 0.0:
         return 0
     if p >= 1.0:
@@ -562,51 +566,51 @@ def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return grid
 
 
-def _warp(x: torch.Tensor, theta: torch.Tensor, fill: Optional[torch.Tensor], interpolation: str) -> torch.Tensor:
-    """:meth:`BatchedAutoAugment._warp` (``fill`` None: zero, torchvision's; nothing to shift)."""
+def _warp(x: torch.Tensor, theta: torch.Tensor, fill: Optional[torch.Tensor], interpolation: str,
+          count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:meth:`BatchedAutoAugment._warp` (``fill`` None: zero, torchvision's; nothing to shift).
+
+    ``count`` (a CPU tensor): resample only the first ``count`` images (a slot's members; the rest
+    of the result is left unset) with :func:`grid_sample_head`."""
     n, _, h, w = x.shape
     grid = _affine_grid(theta.to(x.dtype), h, w)
+
+    def resample(v: torch.Tensor) -> torch.Tensor:
+        if count is None:
+            return F.grid_sample(v, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+        return grid_sample_head(v, grid, count, interpolation)
+
     if fill is None:
-        return F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+        return resample(x)
     fill = fill.to(x.device, x.dtype)  # also when the augmentation was not moved with a model
-    out = F.grid_sample(x.sub_(fill), grid, mode=interpolation, padding_mode="zeros", align_corners=False)
-    return out.add_(fill)
+    return resample(x.sub_(fill)).add_(fill)
 
 
-_ANY_WARP = -1  # slot_op's op for the warp slot (the matrices say which warp)
+@torch.library.custom_op("zoo::grid_sample_head", mutates_args=())
+def grid_sample_head(x: torch.Tensor, grid: torch.Tensor, count: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """``F.grid_sample(x, grid)`` (zero padding, ``align_corners=False``) of the first ``count``
+    images only; the rest of the result is left unset.
 
-
-@torch.library.custom_op("zoo::slot_op", mutates_args=())
-def slot_op(x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, arg: torch.Tensor, theta: torch.Tensor,
-            fill: Optional[torch.Tensor], op: int, interpolation: str) -> torch.Tensor:
-    """Op ``op`` on the slot ``x[idx]``, computed for its first ``count`` samples only.
-
-    Returns a uint8 tensor of ``len(idx)`` samples; those past ``count`` (the slot's padding) are
-    left unset. ``count`` is a CPU tensor: reading it does not wait for the device, and a
-    compiled graph sees one shape whatever the draw. An opaque operator for ``torch.compile``:
-    inductor calls it as is, so the slot's padding costs nothing, and the warp runs ATen's
-    grid_sampler kernel, which did a bicubic 224 px image in 3.5 us on an H100 against 5.8 us
-    for inductor's decomposition (benchmarks/results/gpu.md: 148 us for ~42 images eager,
-    653 us for 2 x 56 compiled). ``op``: ``_ANY_WARP`` (``theta``: the slot's (len, 2, 3)
-    matrices), EQUALIZE, CONTRAST or AUTOCONTRAST (``arg``: per sample of the whole batch).
+    ``count`` is a CPU tensor: reading it does not wait for the device, and a compiled graph sees
+    one shape whatever the draw. An opaque operator for ``torch.compile``, the only one in the
+    masked path: inductor fuses the slot's gather, the grid and the rounding around it, and calls
+    ATen's grid_sampler kernel on the slot's real members, not its padding. That kernel did a
+    bicubic 224 px image in 3.5 us on an H100 against 5.8 us for inductor's decomposition
+    (benchmarks/results/gpu.md: 148 us for ~42 images eager, 653 us for 2 x 56 compiled).
+    (A first version made the whole slot op opaque, gather and Equalize/Contrast/AutoContrast
+    included: 1.56 ms of GPU time per ConvNeXt-T batch on an H200, but 194 kernels launched from
+    the host and 5.9 ms of host time, which the training step paid: benchmarks/results/gpu.md.)
     """
-    out = torch.empty((idx.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     k = int(count)
     if k:
-        members = idx[:k]
-        s = x.index_select(0, members)
-        if op == _ANY_WARP:
-            out[:k] = _to_uint8(_warp(s.float(), theta.view(-1, 2, 3)[:k], fill, interpolation))
-        elif op == EQUALIZE:
-            out[:k] = BatchedAutoAugment._integer(EQUALIZE, s, None)
-        else:
-            out[:k] = BatchedAutoAugment._colour(op, s, arg.index_select(0, members).view(-1, 1, 1, 1))
+        out[:k] = F.grid_sample(x[:k], grid[:k], mode=interpolation, padding_mode="zeros", align_corners=False)
     return out
 
 
-@slot_op.register_fake
-def _(x, idx, count, arg, theta, fill, op, interpolation):
-    return x.new_empty((idx.shape[0], *x.shape[1:]))
+@grid_sample_head.register_fake
+def _(x, grid, count, interpolation):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
