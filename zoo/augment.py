@@ -139,12 +139,12 @@ class BatchedAutoAugment(_Compiles):
         impl: ``grouped`` (samples sorted by op, each op on its slice: the least arithmetic, many
             small kernels), ``masked`` (:meth:`apply_masked`: fixed shapes, few kernels once
             compiled, more arithmetic) or ``auto``: masked when compiled on CUDA, grouped
-            otherwise. On an H100 (benchmarks/results/gpu.md, run A), compiled masked took 2.9 ms
-            of host time per ConvNeXt-T batch against grouped's 6.9, 38 kernels against 319, and
-            2.3 ms of GPU time against 1.9; in training it cost +6.0% of the step against +17.9%.
-            Eager masked costs far more GPU time than grouped (11.8 vs 1.9 ms,
-            gpu-h100-first.md). Both paths give the same images for the same draw
-            (tests/test_augment.py).
+            otherwise. On an H200 (benchmarks/results/gpu-h200-second.md, run D), compiled masked
+            took 2.6 ms of host time per ConvNeXt-T batch of 128 against grouped's 5.1, 42 kernels
+            against 317, and 1.48 ms of GPU time against 1.75; in training it cost +3.9% of the
+            step (median of 5 fits). Eager masked costs far more GPU time than grouped (11.8 vs
+            1.9 ms on an H100, gpu-h100-first.md). Both paths give the same images for the same
+            draw (tests/test_augment.py).
         compile: run the masked path through ``torch.compile`` (fused kernels; one compile per
             batch shape).
     """
@@ -249,7 +249,9 @@ class BatchedAutoAugment(_Compiles):
         data-dependent size, one host->device copy per call (ops, arguments, slots, affine
         matrices, packed): on a GPU the grouped path was launch-bound (336 small kernels per call
         for 1.7 ms of GPU time, H200, benchmarks/results/gpu-h200.md), and these shapes let
-        ``torch.compile`` fuse each layer into a few kernels.
+        ``torch.compile`` fuse each layer into a few kernels. The one opaque operator is the
+        warp slot's resample (:func:`grid_sample_head`: ATen's kernel on the slot's real
+        members, not its padding).
         """
         n, _, h, w = images.shape
         layers = [(ops.long(), arg.float()) for ops, arg in layers]
