@@ -105,8 +105,9 @@ class ImageFolderDataset(Dataset):
     is replaced by the next readable sample (and a warning names it).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable, skip_corrupt: bool = False):
-        self.samples, self.transform, self.skip_corrupt = PackedSamples(samples), transform, skip_corrupt
+    def __init__(self, samples: "list[tuple[str, int]] | PackedSamples", transform: Callable, skip_corrupt: bool = False):
+        self.samples = samples if isinstance(samples, PackedSamples) else PackedSamples(samples)
+        self.transform, self.skip_corrupt = transform, skip_corrupt
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -421,7 +422,8 @@ class TorchvisionBackend(Backend):
     def __init__(self, dm) -> None:
         super().__init__(dm)
         self._train_transform: TrainTransform | None = None
-        self._samples: dict[str, list[tuple[str, int]]] = {}
+        # per split, packed once per process (~0.56 s for ImageNet's 1.28M train samples), not per loader
+        self._samples: dict[str, PackedSamples] = {}
 
     def _marker(self, split: str):
         return cache_dir_for(self.dm.root) / f"{split}.{HEADER_CHECK}.json"
@@ -447,7 +449,7 @@ class TorchvisionBackend(Backend):
                 rank_zero_warn(f"{split}: skipping {len(bad)} unreadable images (e.g. {bad[0][0]})")
                 bad_paths = {b[0] for b in bad}
                 samples = [s for s in samples if s[0] not in bad_paths]
-            self._samples[split] = samples
+            self._samples[split] = PackedSamples(samples)
 
     def loader(self, split: str, *, train: bool, rank: int, world_size: int) -> DataLoader:
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
