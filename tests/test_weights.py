@@ -549,3 +549,25 @@ def test_torch_hub_load_from_a_local_checkout(base, tmp_path):
     assert isinstance(model, base.ImageClassifier)
     for k, v in src.state_dict().items():
         torch.testing.assert_close(model.net.state_dict()[k], v)
+
+
+def test_a_reused_read_answers_only_its_own_thread(tmp_path):
+    """``zoo.create(weights=...)`` reads the file once and lets the model reuse that read; a read
+    of the same source in another thread meanwhile reads the file itself."""
+    import threading
+
+    from zoo.weights import sources
+
+    path = tmp_path / "w.pt"
+    torch.save({"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3)}, path)
+    spec = str(path)
+    first = sources._read(spec)
+    with sources.reuse_read(spec, True, first):
+        assert sources._read(spec) is first
+        assert sources._read(spec, use_ema=False) is not first
+        other: list = []
+        thread = threading.Thread(target=lambda: other.append(sources._read(spec)))
+        thread.start()
+        thread.join()
+        assert other and other[0] is not first
+    assert sources._read(spec) is not first

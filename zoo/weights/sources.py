@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import json
 import os
 import pathlib
@@ -297,7 +298,9 @@ def _read_torchvision_hub(spec: str) -> _Weights:
     )
 
 
-_REUSE: Optional[tuple[Any, bool, _Weights]] = None  # see reuse_read
+# see reuse_read; a context variable, not a module global: another thread's (or asyncio task's)
+# read of the same object is not answered from this one's block
+_REUSE: contextvars.ContextVar[Optional[tuple[Any, bool, _Weights]]] = contextvars.ContextVar("zoo_reuse_read", default=None)
 
 
 @contextlib.contextmanager
@@ -305,20 +308,20 @@ def reuse_read(source: Any, use_ema: bool, weights: _Weights):
     """Within the block, :func:`_read` of this very ``source`` object (and ``use_ema``) returns
     ``weights`` instead of reading it again: ``zoo.create(weights=...)`` reads the file to count
     its classes, then ``ImageClassifier(weights=...)`` loads the same file."""
-    global _REUSE
-    before, _REUSE = _REUSE, (source, use_ema, weights)
+    token = _REUSE.set((source, use_ema, weights))
     try:
         yield
     finally:
-        _REUSE = before
+        _REUSE.reset(token)
 
 
 def _read(source: Any, use_ema: bool = True) -> _Weights:
     """Read any supported source into memory (once; load() and load_weights() share it)."""
     if isinstance(source, _Weights):
         return source
-    if _REUSE is not None and _REUSE[0] is source and _REUSE[1] == use_ema:
-        return _REUSE[2]
+    reuse = _REUSE.get()
+    if reuse is not None and reuse[0] is source and reuse[1] == use_ema:
+        return reuse[2]
     if isinstance(source, Mapping):
         return _from_container(source, "the given state_dict", use_ema)
     if not isinstance(source, (str, os.PathLike)):
