@@ -318,7 +318,7 @@ class BatchedAutoAugment(_Compiles):
 
         fill = None if self.fill_is_zero else self.fill
 
-        def on_slot(fn, group: str) -> torch.Tensor:  # fn(slot images, slot sample ids), then back in place
+        def on_slot(fn, group: str) -> torch.Tensor:  # fn(slot images, their ids, member count), back in place
             idx, pos, count = slots[group]
             idx = idx.long()
             return fn(x.index_select(0, idx), idx, count).index_select(0, pos.long())
