@@ -422,7 +422,7 @@ class TorchvisionBackend(Backend):
     def __init__(self, dm) -> None:
         super().__init__(dm)
         self._train_transform: TrainTransform | None = None
-        # per split, packed once per process (~0.56 s for ImageNet's 1.28M train samples), not per loader
+        # per split, packed once per setup (~0.56 s for ImageNet's 1.28M train samples), not per loader
         self._samples: dict[str, PackedSamples] = {}
 
     def _marker(self, split: str):

@@ -601,7 +601,8 @@ def grid_sample_head(x: torch.Tensor, grid: torch.Tensor, count: torch.Tensor, i
     (benchmarks/results/gpu.md: 148 us for ~42 images eager, 653 us for 2 x 56 compiled).
     (A first version made the whole slot op opaque, gather and Equalize/Contrast/AutoContrast
     included: 1.56 ms of GPU time per ConvNeXt-T batch on an H200, but 194 kernels launched from
-    the host and 5.9 ms of host time, which the training step paid: benchmarks/results/gpu.md.)
+    the host and 5.9 ms of host time, which the training step paid: run C of
+    benchmarks/results/gpu-h200-second.md.)
     """
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     k = int(count)
