@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from launch.run_dir import run_id
+
 
 class EnsembleError(ValueError):
     """A user's mistake in the member list (printed as one line by the CLI)."""
@@ -84,8 +86,6 @@ def load_members(paths: list[str], use_ema: bool = True):
 
 
 def main(argv: list[str]) -> int:
-    from launch.cli import run_id
-
     ap = argparse.ArgumentParser(prog="zoo ensemble", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="member checkpoints (.ckpt, .safetensors, hub ids)")
     ap.add_argument("--data.root", dest="root", default=None, help="ImageNet-format folder; default: the embedded dataset")

@@ -47,6 +47,8 @@ from typing import Any, Optional
 
 import yaml
 
+from launch.errors import requeue, user_errors
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "launch" / "recipes"
 SBATCH = REPO / "launch" / "slurm" / "sweep.sbatch"
@@ -477,7 +479,7 @@ class TrialPreempted(Exception):
 
 def _train_in_process(argv: list[str], env: dict[str, str]) -> int:
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # launch.cli.run_id() reads ZOO_RUN_ID first
+    os.environ.update(env)  # launch.run_dir.run_id() reads ZOO_RUN_ID first
     try:
         return _train_main(argv)
     except KeyboardInterrupt:
@@ -501,7 +503,7 @@ def _train_main(argv: list[str]) -> int:
 
     from datamodules.imagenet import ImageNetDataModule
     from callbacks.preemption import Preempted
-    from launch.cli import ZooCLI, _requeue, _user_errors
+    from launch.zoo_cli import ZooCLI  # Lightning: imported when a trial runs, not for `zoo sweep --status`
     from zoo.base import ImageClassifier
 
     class Tracker(L.Callback):
@@ -536,11 +538,11 @@ def _train_main(argv: list[str]) -> int:
     try:
         TrialCLI(ImageClassifier, ImageNetDataModule, args=fit_args, save_config_kwargs={"overwrite": True},
                  parser_kwargs={"parser_mode": "yaml"})
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as stop:  # every rank: saved at one step; rank 0 requeues the job
-        return _requeue(stop) or PREEMPTED_EXIT
+        return requeue(stop) or PREEMPTED_EXIT
     return 0
 
 
