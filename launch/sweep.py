@@ -752,22 +752,28 @@ def worker_main(argv: list[str]) -> int:
     return 1
 
 
+# the spellings before one flag style (launch/flags.py): accepted with a deprecation line
+RENAMED = {"--root": ("--run.root",), "--no-wandb": ("--wandb", "false"), "--in-process": ("--in_process",)}
+
+
 def main(argv: list[str]) -> int:
-    if argv and argv[0] == "_train":
-        return _train_main(argv[1:])
-    if argv and argv[0] == "worker":
-        return worker_main(argv[1:])
+    """Hyperparameter sweep of a recipe (Optuna), here or as a Slurm array."""
+    from launch.flags import add_bool, deprecated
+
     slurm_opts = None
     if "--slurm" in argv:
         i = argv.index("--slurm")
         argv, slurm_opts = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog="zoo sweep", description="hyperparameter sweep (Optuna, journal file)")
+    argv = deprecated(argv, RENAMED, "zoo sweep")
+    p = argparse.ArgumentParser(prog="zoo sweep", description="hyperparameter sweep (Optuna, journal file)",
+                                epilog="--slurm [SBATCH OPTIONS...]: submit the rounds as Slurm job arrays; the words "
+                                       "after --slurm go to sbatch (e.g. --partition=gpu --gpus-per-node=8)")
     p.add_argument("spec", help="sweep spec YAML (launch/sweeps/*.yaml)")
-    p.add_argument("--root", default="runs/sweeps", help="parent of sweep directories")
-    p.add_argument("--status", action="store_true", help="print the ranked table (and write CSV + plot), run nothing")
-    p.add_argument("--no-wandb", action="store_true", help="do not log the summary to W&B")
-    p.add_argument("--in-process", action="store_true",
-                   help="local: train trials in this process (no interpreter start per trial; an exception fails the trial, a hard crash such as an OOM kill ends the sweep)")
+    p.add_argument("--run.root", dest="root", default="runs/sweeps", help="parent of sweep directories")
+    add_bool(p, "--status", False, "print the ranked table (and write CSV + plot), run nothing")
+    add_bool(p, "--wandb", True, "log the summary to W&B")
+    add_bool(p, "--in_process", False,
+             help="local: train trials in this process (no interpreter start per trial; an exception fails the trial, a hard crash such as an OOM kill ends the sweep)")
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec)
@@ -787,12 +793,12 @@ def main(argv: list[str]) -> int:
         elif slurm_opts is not None:
             jobs = submit_slurm(sweep, slurm_opts)
             print(f"submitted: round arrays {', '.join(jobs[:-1])}, report job {jobs[-1]}")
-            print(f"status: zoo sweep {args.spec} --root {args.root} --status")
+            print(f"status: zoo sweep {args.spec} --run.root {args.root} --status")
             print(f"logs: {sweep.dir / 'slurm'}")
             return 0
         else:
             run_local(sweep, in_process=args.in_process)
-        csv_path, png = report(sweep, to_wandb=not args.status and not args.no_wandb)
+        csv_path, png = report(sweep, to_wandb=not args.status and args.wandb)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -801,5 +807,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def internal_main(argv: list[str]) -> int:
+    """`python -m launch.sweep _train ...` (one trial's process) and `... worker ...` (one Slurm
+    array task, launch/slurm/sweep.sbatch): the sweep's own verbs, not offered by `zoo sweep`."""
+    if argv and argv[0] == "_train":
+        return _train_main(argv[1:])
+    if argv and argv[0] == "worker":
+        return worker_main(argv[1:])
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(internal_main(sys.argv[1:]))

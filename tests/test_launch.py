@@ -255,9 +255,9 @@ def test_preempted_sweep_trial_stays_running_for_the_requeued_task(tiny_imagenet
 
     monkeypatch.setattr(zsweep, "_train_in_process", lambda argv, env: zsweep.PREEMPTED_EXIT)
     spec, root = _tiny_spec(tmp_path, tiny_imagenet), tmp_path / "sweeps"
-    main(["sweep", spec, "--root", str(root), "--in-process", "--no-wandb"])
+    main(["sweep", spec, "--run.root", str(root), "--in_process", "--wandb", "false"])
     assert "round 1 trial 0: preempted; the requeued task resumes it" in capsys.readouterr().err
-    assert main(["sweep", spec, "--root", str(root), "--status"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--status"]) == 0
     status = capsys.readouterr().out
     assert "RUNNING" in status and "FAIL" not in status and "WAITING" not in status, status
 
