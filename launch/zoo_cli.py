@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -201,6 +201,10 @@ class ZooCLI(LightningCLI):
                 # DDP without SyncBN: average BN buffers across ranks before validation and saving
                 # (timm's --dist-bn reduce default); a no-op on one process
                 callbacks.append(BNBufferSync())
+        if trainer_cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            from callbacks.model_summary import ModelSummary as ZooModelSummary
+
+            callbacks.append(ZooModelSummary())  # Lightning's, without a FLOPs total it did not count
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             from callbacks.progress import ThrottledProgressBar
 
@@ -319,17 +323,25 @@ class ZooCLI(LightningCLI):
     def _make_logger(kind: str, run_dir: Path, name: str, project: str):
         if kind == "none":
             return False
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
         if kind == "csv":
             from lightning.pytorch.loggers import CSVLogger
 
+            # Lightning's CSV writer deletes an existing metrics.csv: a resumed run keeps the
+            # earlier part as metrics.1.csv (then .2, ...) beside the new one
+            metrics = run_dir / "csv" / "metrics.csv"
+            if metrics.is_file() and rank_zero_only.rank == 0:
+                n = 1
+                while metrics.with_name(f"metrics.{n}.csv").exists():
+                    n += 1
+                metrics.rename(metrics.with_name(f"metrics.{n}.csv"))
             return CSVLogger(save_dir=str(run_dir), name="csv", version="")
         if kind == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
 
             return TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
         offline = os.environ.get("WANDB_MODE", "offline") != "online"
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
         # rank 0 (from the launcher's environment) owns the id; other ranks never start a W&B run
         wid = wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None
         from lightning.pytorch.loggers import WandbLogger
@@ -389,7 +401,15 @@ class RedactedSaveConfig(SaveConfigCallback):
         else:
             log_dir = trainer.default_root_dir
         path = Path(log_dir or ".") / self.config_filename
-        if path.is_file():
-            text = path.read_text()
-            if redact(text) != text:
-                path.write_text(redact(text))
+        if not path.is_file():
+            return
+        text = path.read_text()
+        if redact(text) != text:
+            path.write_text(redact(text))
+        # RUN/config.yaml for every logger (CSV and TensorBoard keep theirs in RUN/csv, RUN/tb):
+        # `zoo fit --config RUN/config.yaml --ckpt_path ...` resumes, and a checkpoint finds its run
+        run_copy = Path(trainer.default_root_dir) / self.config_filename
+        if run_copy.resolve() != path.resolve():
+            tmp = run_copy.with_name(f".{run_copy.name}.tmp")
+            tmp.write_text(redact(text))
+            tmp.replace(run_copy)
