@@ -89,26 +89,23 @@ def load_members(paths: list[str], use_ema: bool = True):
 RENAMED = {"--no-ema": ("--ema", "false"), "--no-stack": ("--stack", "false")}
 
 
-def run_name(path: str) -> str:
-    """A member's label: its run's name and id (``<name>/<id>``) for a checkpoint inside a run
-    directory, with the file name where it is not ``last.ckpt``; else the path as given."""
+def run_name(path: str) -> Optional[str]:
+    """A checkpoint's run as ``<name>/<id>`` when it lies in a run directory (with ``/<file>``
+    where the file is not ``last.ckpt``); None elsewhere."""
     from launch.run_dir import resumed_run_dir
 
     p = Path(path)
     run = resumed_run_dir(path) if p.suffix == ".ckpt" else None
     if run is None:
-        return path
+        return None
     label = f"{run.parent.name}/{run.name}"
     return label if p.name == "last.ckpt" else f"{label}/{p.stem}"
 
 
 def member_labels(paths: list[str]) -> list[str]:
-    """Short, distinct row labels: run names where they tell the members apart, else the paths."""
-    labels = [run_name(p) for p in paths]
-    if len(set(labels)) == len(labels):
-        return labels
-    names = [Path(p).name for p in paths]
-    return names if len(set(names)) == len(names) else list(paths)
+    """Short row labels: the run name, else the file name; the path as given where two would match."""
+    labels = [run_name(p) or Path(p).name for p in paths]
+    return [lab if labels.count(lab) == 1 else p for lab, p in zip(labels, paths)]
 
 
 def main(argv: list[str]) -> int:

@@ -70,3 +70,55 @@ def test_a_frozen_backbone_is_counted_apart():
     text = describe_param_groups(m.param_groups(0.1), frozen)
     assert "backbone" not in text and f"{frozen:,} parameters" in text.splitlines()[-1]
     assert text.splitlines()[-1].split()[0] == "frozen"
+
+
+def test_ensemble_rows_are_labelled_by_run_name(tmp_path):
+    from launch.ensemble import member_labels
+
+    paths = []
+    for rid in ("20261207-120000-aaaaaa", "20261207-130000-bbbbbb"):
+        run = tmp_path / "very" / "long" / "scratch" / "runs" / "resnet50" / rid
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("{}")
+        paths.append(str(run / "checkpoints" / "last.ckpt"))
+    best = run / "checkpoints" / "epoch=003-val_acc1=0.5000.ckpt"
+    loose = tmp_path / "m0.ckpt"
+    assert member_labels([*paths, str(best), str(loose)]) == [
+        "resnet50/20261207-120000-aaaaaa", "resnet50/20261207-130000-bbbbbb",
+        "resnet50/20261207-130000-bbbbbb/epoch=003-val_acc1=0.5000", "m0.ckpt"]
+    assert member_labels([str(loose), str(tmp_path / "x" / "m0.ckpt")]) == [str(loose), str(tmp_path / "x" / "m0.ckpt")]
+
+
+def test_export_writes_safetensors_with_data_config_and_class_names(tiny_imagenet, tmp_path, capsys):
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from tests.test_base import trainer
+    from zoo.base import ImageClassifier
+
+    m = ImageClassifier(arch="convnet", num_classes=3, arch_args={"widths": [8, 16]})
+    t = trainer(max_epochs=1)
+    t.strategy.connect(m)
+    ckpt = tmp_path / "last.ckpt"
+    t.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["datamodule_hyper_parameters"] = {"root": str(tiny_imagenet)}  # as `zoo fit` records it
+    torch.save(saved, ckpt)
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(ckpt), "--to", str(out)]) == 0
+    assert "class names" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(m.net.state_dict())
+    assert meta["arch"] == "convnet" and meta["num_classes"] == "3"
+    assert json.loads(meta["class_names"]) == sorted(p.name for p in (tiny_imagenet / "train").iterdir())
+    assert json.loads(meta["data_config"])["input_size"] == m.data_config["input_size"]
+    import zoo
+
+    back = zoo.load(weights=str(out))
+    assert torch.equal(back.net.state_dict()[next(iter(m.net.state_dict()))], next(iter(m.net.state_dict().values())))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "missing.ckpt"), "--to", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
