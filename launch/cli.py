@@ -176,15 +176,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             return _plain_command(argv[0])(argv[1:])
         except SystemExit as e:  # argparse: --help (0) or a usage error (2); in-process callers get the code
-            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    if _wants_help(argv):  # the classes' own defaults, not the demo recipe's
-        return _lightning_help(argv)
-    argv = _with_default_recipe(argv)
+            if e.code is None or isinstance(e.code, int):
+                return e.code or 0
+            print(e.code, file=sys.stderr)  # SystemExit("error: ..."): what Python prints, and exit code 1
+            return 1
+    if not _wants_help(argv):  # --help: the classes' own defaults (or a given --config's), not the demo recipe's
+        argv = _with_default_recipe(argv)
     try:
         argv = _check_configs(argv)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if _wants_help(argv):
+        return _lightning_help(argv)
     if from_shell:  # LightningCLI warns when given both args= and a different sys.argv
         sys.argv[1:] = argv
     errors = user_errors()

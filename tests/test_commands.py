@@ -112,3 +112,9 @@ def test_booleans_take_true_or_false():
         parse_bool("maybe")
     assert deprecated(["--no-ema", "--out=x", "a"], {"--no-ema": ("--ema", "false"), "--out": ("--out_dir",)},
                       "zoo t") == ["--ema", "false", "--out_dir=x", "a"]
+
+
+def test_a_command_error_still_prints_its_line(capsys):
+    assert main(["gradcheck", "mlp", "--model.arch_args", "{not json"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model.arch_args is not JSON") and err.count("\n") == 1
