@@ -87,7 +87,7 @@ LIGHTNING = "lightning"
 COMMANDS: dict[str, tuple[str, str] | str] = {
     "fit": (LIGHTNING, "train a model (no --config: the demo recipe on the embedded dataset)"),
     "validate": (LIGHTNING, "one pass over the val split with --model.weights or --ckpt_path"),
-    "test": (LIGHTNING, "one pass over the test split (the val split where there is none)"),
+    "test": (LIGHTNING, "the same pass as validate, logged as test/ metrics (ImageNet's labelled test split is val)"),
     "predict": (LIGHTNING, "class probabilities for a folder of images (predictions.csv in the run directory)"),
     "models": ("launch.cli:list_models_main", "list the registered architectures and their preprocessing"),
     "ensemble": ("launch.ensemble:main", "evaluate several checkpoints and their ensemble on the val split"),
