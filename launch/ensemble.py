@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from launch.run_dir import run_id
+from launch.run_dir import resumed_run_dir, run_id
 
 
 class EnsembleError(ValueError):
@@ -92,8 +92,6 @@ RENAMED = {"--no-ema": ("--ema", "false"), "--no-stack": ("--stack", "false")}
 def run_name(path: str) -> Optional[str]:
     """A checkpoint's run as ``<name>/<id>`` when it lies in a run directory (with ``/<file>``
     where the file is not ``last.ckpt``); None elsewhere."""
-    from launch.run_dir import resumed_run_dir
-
     p = Path(path)
     run = resumed_run_dir(path) if p.suffix == ".ckpt" else None
     if run is None:
