@@ -55,6 +55,11 @@ def _classes_of(root: str | os.PathLike | None) -> list[str]:
     return layout.classes
 
 
+def class_ids(root: str | os.PathLike | None) -> list[str]:
+    """Class ids in label order of the dataset at ``root`` (None: the embedded synthetic dataset)."""
+    return _classes_of(root)
+
+
 def count_classes(root: str | None) -> int:
     """Number of classes of the dataset at ``root`` (None: the embedded synthetic dataset).
 

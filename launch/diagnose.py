@@ -2,9 +2,9 @@
 as commands, with a table on stdout, a CSV and (init-stats) a PNG plot.
 
     zoo gradcheck mlp                       # small float64 instance, 3 entries per tensor
-    zoo gradcheck convnet --arch-args '{"widths": [4, 8], "skip": true}' --threshold 1e-4
-    zoo init-stats mlp --arch-args '{"depth": 6, "width": 256, "input_size": 32}'
-    zoo init-stats convnet --input-size 64
+    zoo gradcheck convnet --model.arch_args '{"widths": [4, 8], "skip": true}' --threshold 1e-4
+    zoo init-stats mlp --model.arch_args '{"depth": 6, "width": 256, "input_size": 32}'
+    zoo init-stats convnet --input_size 64
 """
 
 from __future__ import annotations
@@ -21,28 +21,45 @@ from tqdm import tqdm
 from zoo import diagnostics
 from zoo.registry import UnknownModelError
 
+from launch.flags import deprecated
+
+# the spellings before one flag style (launch/flags.py): accepted with a deprecation line
+RENAMED = {"--arch-args": ("--model.arch_args",), "--num-classes": ("--model.num_classes",),
+           "--input-size": ("--input_size",), "--out": ("--out_dir",), "--per-tensor": ("--per_tensor",),
+           "--batch-size": ("--batch_size",)}
+
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="registry name (zoo models lists them)")
-    p.add_argument("--arch-args", default="{}", help="JSON architecture arguments, e.g. '{\"depth\": 4}'")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--input-size", type=int, default=None, help="image side (fixed-input nets: their input_size)")
+    p.add_argument("model", nargs="?", default=None, help="registry name (zoo models lists them); or --model.arch")
+    p.add_argument("--model.arch", dest="arch", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model.arch_args", dest="arch_args", default="{}",
+                   help="JSON architecture arguments, e.g. '{\"depth\": 4}'")
+    p.add_argument("--model.num_classes", dest="num_classes", type=int, default=10)
+    p.add_argument("--input_size", type=int, default=None, help="image side (fixed-input nets: their input_size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output directory (default runs/<command>/<model>/<time>)")
+    p.add_argument("--out_dir", default=None, help="output directory (default runs/<command>/<model>/<time>)")
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.arch is None):
+        p.error("give the architecture once: zoo {} MODEL (or --model.arch MODEL)".format(p.prog.split()[-1]))
+    args.model = args.model or args.arch
+    return args
 
 
 def _arch_args(text: str) -> dict:
     try:
         args = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"error: --arch-args is not JSON ({e.msg}); write e.g. '{{\"depth\": 4}}'")
+        raise SystemExit(f"error: --model.arch_args is not JSON ({e.msg}); write e.g. '{{\"depth\": 4}}'")
     if not isinstance(args, dict):
-        raise SystemExit("error: --arch-args must be a JSON object, e.g. '{\"depth\": 4}'")
+        raise SystemExit("error: --model.arch_args must be a JSON object, e.g. '{\"depth\": 4}'")
     return args
 
 
 def _out_dir(args, command: str) -> Path:
-    out = Path(args.out) if args.out else Path("runs") / command / args.model.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out_dir) if args.out_dir else Path("runs") / command / args.model.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     return out.resolve()
 
@@ -68,12 +85,14 @@ def _build(args, small: bool):
 
 
 def gradcheck_main(argv: list[str]) -> int:
+    """Check an architecture's backprop against central finite differences (float64)."""
+    argv = deprecated(argv, RENAMED, "zoo gradcheck")
     p = argparse.ArgumentParser(prog="zoo gradcheck", description="backprop vs central finite differences (float64)")
     _common(p)
-    p.add_argument("--per-tensor", type=int, default=3, help="random entries checked per parameter tensor")
+    p.add_argument("--per_tensor", type=int, default=3, help="random entries checked per parameter tensor")
     p.add_argument("--eps", type=float, default=1e-6, help="finite-difference step")
     p.add_argument("--threshold", type=float, default=1e-4, help="largest relative error that passes (CS231n: 1e-4 with kinks)")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     import torch
 
     torch.manual_seed(args.seed)  # the instance's weights: the same table for the same seed
@@ -108,10 +127,12 @@ NAIVE = {"N(0,1)": 1.0, "0.01*N(0,1)": 0.01}
 
 
 def init_stats_main(argv: list[str]) -> int:
+    """Per-layer activation statistics of an architecture at initialisation."""
+    argv = deprecated(argv, RENAMED, "zoo init-stats")
     p = argparse.ArgumentParser(prog="zoo init-stats", description="per-layer activation statistics at initialisation")
     _common(p)
-    p.add_argument("--batch-size", type=int, default=64)
-    args = p.parse_args(argv)
+    p.add_argument("--batch_size", type=int, default=64, help="random N(0,1) inputs per forward")
+    args = _parse(p, argv)
     results = {}
     for scheme in tqdm(["default", *NAIVE], desc="init schemes", file=sys.stderr):
         import torch

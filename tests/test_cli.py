@@ -185,7 +185,7 @@ def _distinct_recipes() -> list[Path]:
 def _instantiate(recipe: Path, data: Path, tmp_path: Path):
     """Parse a recipe and build its model, callbacks, DataModule and trainer without running."""
     from datamodules.imagenet import ImageNetDataModule
-    from launch.cli import ZooCLI
+    from launch.zoo_cli import ZooCLI
     from zoo.base import ImageClassifier
 
     return ZooCLI(ImageClassifier, ImageNetDataModule, run=False, parser_kwargs={"parser_mode": "yaml"},

@@ -92,7 +92,7 @@ from zoo import diagnostics  # noqa: E402
 
 @pytest.mark.parametrize("arch", ["logreg", "mlp", "convnet"])
 def test_gradcheck_passes_on_the_zoo_small_models(arch, tmp_path, capsys):
-    assert main(["gradcheck", arch, "--out", str(tmp_path)]) == 0
+    assert main(["gradcheck", arch, "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "max relative error" in out and (tmp_path / "gradcheck.csv").is_file()
 
@@ -137,7 +137,7 @@ def test_gradcheck_catches_a_wrong_backward(tmp_path, capsys):
     name = "planted_wrong_backward"
     if name not in registry.list_models():
         registry.register_model(name, data_config=registry.DataConfig(input_size=6))(_PlantedNet)
-    assert main(["gradcheck", name, "--arch-args", '{"input_size": 6}', "--out", str(tmp_path)]) == 1
+    assert main(["gradcheck", name, "--model.arch_args", '{"input_size": 6}', "--out_dir", str(tmp_path)]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
@@ -164,8 +164,8 @@ def test_init_stats_default_keeps_scale_naive_blows_up_or_vanishes(arch, args, s
 
 
 def test_init_stats_command_writes_table_and_plot(tmp_path, capsys):
-    assert main(["init-stats", "mlp", "--arch-args", '{"depth": 3, "width": 32, "input_size": 8}',
-                 "--batch-size", "16", "--out", str(tmp_path)]) == 0
+    assert main(["init-stats", "mlp", "--model.arch_args", '{"depth": 3, "width": 32, "input_size": 8}',
+                 "--batch_size", "16", "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"plot: {tmp_path / 'init_stats.png'}" in out and (tmp_path / "init_stats.csv").is_file()
     assert (tmp_path / "init_stats.png").stat().st_size > 1000
@@ -198,7 +198,7 @@ def _tiny_spec(tmp_path, data_root, name="tiny", **over) -> str:
 def test_sweep_local_grid_finishes_and_ranks(tiny_imagenet, tmp_path, capsys):
     spec = _tiny_spec(tmp_path, tiny_imagenet)
     root = tmp_path / "sweeps"
-    assert main(["sweep", spec, "--root", str(root), "--in-process", "--no-wandb"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--in_process", "--wandb", "false"]) == 0
     out = capsys.readouterr().out
     assert f"table: {root / 'tiny' / 'results.csv'}" in out and f"plot: {root / 'tiny' / 'sweep.png'}" in out
     import csv
@@ -213,7 +213,7 @@ def test_sweep_local_grid_finishes_and_ranks(tiny_imagenet, tmp_path, capsys):
         assert (Path(r["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
         assert list(Path(r["run_dir"]).rglob("config.yaml"))  # (csv logger: under csv/)
     # --status reads the same study later
-    assert main(["sweep", spec, "--root", str(root), "--status"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--status"]) == 0
     assert "COMPLETE" in capsys.readouterr().out
 
 
@@ -226,7 +226,7 @@ def test_sweep_refuses_bad_specs_in_one_line(tiny_imagenet, tmp_path, capsys):
     ]
     for i, (over, msg) in enumerate(bad):
         spec = _tiny_spec(tmp_path, tiny_imagenet, name=f"bad{i}", **over)
-        assert main(["sweep", spec, "--root", str(tmp_path / "sweeps")]) == 2
+        assert main(["sweep", spec, "--run.root", str(tmp_path / "sweeps")]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "sweeps" / f"bad{i}").exists()  # refused before anything ran
@@ -266,7 +266,7 @@ def test_sweep_as_slurm_array_completes_every_trial(tiny_imagenet, tmp_path, cap
         pytest.fail("local Slurm is not up: run launch/slurm/local_cluster.sh start (make test does)")
     spec = _tiny_spec(tmp_path, tiny_imagenet, name="tiny_slurm")
     root = tmp_path / "sweeps"
-    assert main(["sweep", spec, "--root", str(root), "--slurm", "--cpus-per-task=1", "--time=10"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--slurm", "--cpus-per-task=1", "--time=10"]) == 0
     out = capsys.readouterr().out
     jobs = out.split("submitted: round arrays ")[1].split("\n")[0].replace(", report job", ",").split(", ")
     assert len(jobs) == 2  # one array for the 4 trials, one report job after it
@@ -332,7 +332,7 @@ def test_landscape_of_a_trained_model_is_lowest_near_the_origin(tiny_imagenet, t
     ckpt = next((tmp_path / "ls").glob("*/checkpoints/last.ckpt"))
     capsys.readouterr()
     assert main(["landscape", str(ckpt), "--data.root", str(tiny_imagenet), "--res", "32", "--images", "18",
-                 "--steps", "7", "--grid", "3", "--span", "2.0", "--no-wandb"]) == 0
+                 "--steps", "7", "--grid", "3", "--span", "2.0", "--wandb", "false"]) == 0
     out = capsys.readouterr().out
     land = ckpt.parent.parent / "landscape"
     assert f"plots: {land / 'landscape_1d.png'} {land / 'landscape_2d.png'}" in out
