@@ -147,6 +147,7 @@ def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_pat
         (["--model.arch", "timm/resnet5x"], "unknown timm architecture"),
         (["--data.root", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
         (["--model.weights", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
+        (["--model.arch_args", '{"init": "he"}'], "unknown init 'he'; choose one of fan_in, xavier, normal, small"),
     ],
 )
 def test_user_mistakes_end_in_one_line(args, expected, tmp_path, capsys, tiny_imagenet):

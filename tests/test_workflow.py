@@ -229,13 +229,14 @@ def test_gradcheck_catches_a_wrong_backward(tmp_path, capsys):
 @pytest.mark.parametrize("arch,args,size", [("mlp", {"depth": 6, "width": 256, "input_size": 16}, 16),
                                             ("convnet", {}, 64)])  # the demo's ConvNet, as built
 def test_init_stats_default_keeps_scale_naive_blows_up_or_vanishes(arch, args, size):
+    from zoo.init import init_weights_
     from zoo.registry import create_network
 
-    def stats(std=None):
+    def stats(scheme=None):
         torch.manual_seed(0)
         net = create_network(arch, num_classes=10, **args)
-        if std is not None:
-            diagnostics.naive_init_(net, std)
+        if scheme is not None:
+            init_weights_(net, scheme)
         return diagnostics.init_stats(net, (3, size, size), batch_size=16)
 
     default = stats()
@@ -243,8 +244,41 @@ def test_init_stats_default_keeps_scale_naive_blows_up_or_vanishes(arch, args, s
     # logits follow a global average pool, which shrinks E[a^2] by itself (not an init effect)
     rows = default if arch == "mlp" else default[:-1]
     assert len(rows) >= 5 and diagnostics.max_scale_drift(rows) <= 2.0, [(s.layer, s.mean_square) for s in rows]
-    big, small = stats(1.0)[-2], stats(0.01)[-2]  # the last activation
+    big, small = stats("normal")[-2], stats("small")[-2]  # the last activation
     assert big.mean_square > 1e3 and small.mean_square < 1e-3
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_init_stats_shows_saturation_of_sigmoid_and_tanh(activation):
+    from zoo.init import init_weights_
+    from zoo.registry import create_network
+
+    def stats(scheme):
+        torch.manual_seed(0)
+        net = create_network("mlp", num_classes=10, activation=activation, input_size=16, depth=3, width=128)
+        init_weights_(net, scheme)
+        return [s for s in diagnostics.init_stats(net, (3, 16, 16), batch_size=32) if s.layer.startswith("blocks.")]
+
+    bad, good = stats("normal"), stats("fan_in")
+    assert len(bad) == 3 and all(s.saturated > 0.5 and s.flagged for s in bad), [(s.layer, s.saturated) for s in bad]
+    assert all(s.saturated < 0.1 and not s.flagged for s in good), [(s.layer, s.saturated) for s in good]
+    # E[a^2] alone does not tell: the saturated sigmoid's (~0.5, outputs near 0 and 1) is no
+    # farther from the input's 1 than fan-in's (~0.27, outputs near 0.5)
+    if activation == "sigmoid":
+        assert abs(math.log(bad[0].mean_square)) < abs(math.log(good[0].mean_square))
+    # the backward signal: reported per layer, and with sigmoid's derivative <= 1/4 it shrinks toward the input
+    assert all(s.grad_var is not None and s.grad_var > 0 for s in good)
+    assert good[0].grad_var < good[-1].grad_var
+
+
+def test_init_stats_command_flags_saturated_layers(tmp_path, capsys):
+    assert main(["init-stats", "mlp", "--arch-args", '{"depth": 2, "width": 32, "input_size": 8, "activation": "sigmoid"}',
+                 "--batch-size", "16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "saturated outputs" in out and "Var(dL/da)" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("N(0,1) ") and "largest departure" in ln)
+    assert "saturated: blocks.0.act" in line
+    assert "saturated:" not in next(ln for ln in out.splitlines() if ln.startswith("default ") and "largest departure" in ln)
 
 
 def test_init_stats_command_writes_table_and_plot(tmp_path, capsys):
