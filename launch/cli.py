@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from jsonargparse import ArgumentError
 
@@ -187,6 +187,22 @@ def _resumed_run_dir(ckpt_path: Optional[str]) -> Optional[Path]:
     return None
 
 
+LIMIT_BATCHES = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def _limit_batches_int_first(parser) -> None:
+    """``--trainer.limit_train_batches 1`` means one batch, as ``Trainer(limit_train_batches=1)``.
+
+    Lightning types the limits ``Union[float, int, None]``; jsonargparse tries the union's types
+    in order, so ``1`` (command line or YAML) became the float 1.0, which Lightning reads as
+    100 % of the batches. Trying int first keeps ``1`` an int and ``1.0``/``0.25`` floats.
+    (The parser keeps the type of a signature argument on its action, ``_typehint``.)
+    """
+    for action in parser._actions:
+        if getattr(action, "dest", "").split(".")[-1] in LIMIT_BATCHES and hasattr(action, "_typehint"):
+            action._typehint = Optional[Union[int, float]]
+
+
 def _num_classes_or_placeholder(root: Optional[str]) -> int:
     # jsonargparse wraps a link's exception in a usage dump: a bad root gets its one-line
     # DataError from the DataModule instead, which validates the folder again.
@@ -217,6 +233,7 @@ class ZooCLI(LightningCLI):
             "--run.monitor", type=str, default="val/acc1",
             help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
         )
+        _limit_batches_int_first(parser)
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         parser.link_arguments("data.root", "model.num_classes", compute_fn=_num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")

@@ -335,3 +335,21 @@ def test_sbatch_launches_two_ddp_tasks(tiny_imagenet, tmp_path):
     assert sorted(cpus) == [0, 1], log[-3000:]
     sets = [set(map(int, v.strip("[]").split(","))) for v in cpus.values()]
     assert all(len(s) == 1 for s in sets) and not sets[0] & sets[1], cpus
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25)])
+def test_limit_batches_one_means_one_batch(value, expected, tmp_path, tiny_imagenet):
+    """``--trainer.limit_train_batches 1`` is one batch (an int), as Trainer(limit_train_batches=1);
+    ``1.0`` stays 100 %. On the command line and in a YAML file alike."""
+    from launch.cli import ZooCLI
+    from datamodules.imagenet import ImageNetDataModule
+    from zoo.base import ImageClassifier
+
+    recipe = tmp_path / "limits.yaml"
+    recipe.write_text(f"trainer:\n  limit_val_batches: {value}\n")
+    cli = ZooCLI(ImageClassifier, ImageNetDataModule, run=False, parser_kwargs={"exit_on_error": False},
+                 args=["--config", str(REPO / "launch/recipes/demo.yaml"), "--config", str(recipe),
+                       *tiny_data(tiny_imagenet), "--trainer.limit_train_batches", value,
+                       "--run.root", str(tmp_path), "--run.logger", "none"])
+    for got in (cli.trainer.limit_train_batches, cli.trainer.limit_val_batches):
+        assert got == expected and type(got) is type(expected)
