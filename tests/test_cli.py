@@ -148,6 +148,11 @@ def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_pat
         (["--data.root", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
         (["--model.weights", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
         (["--model.arch_args", '{"init": "he"}'], "unknown init 'he'; choose one of fan_in, xavier, normal, small"),
+        (["--model.arch", "mlp", "--data.train_res", "null", "--data.val_res", "null"],
+         """mlp flattens images of one fixed size: give it with --model.arch_args '{"input_size": N}'"""),
+        (["--model.arch", "mlp", "--model.arch_args", '{"input_size": 16}'],
+         "mlp is built for 16 px images (arch_args input_size) but data.train_res is 32 and data.val_res is 32"),
+        (["--model.arch", "logreg", "--data.val_res", "24"], "data.train_res 32 and data.val_res 24 differ"),
     ],
 )
 def test_user_mistakes_end_in_one_line(args, expected, tmp_path, capsys, tiny_imagenet):
@@ -353,3 +358,18 @@ def test_limit_batches_one_means_one_batch(value, expected, tmp_path, tiny_image
                        "--run.root", str(tmp_path), "--run.logger", "none"])
     for got in (cli.trainer.limit_train_batches, cli.trainer.limit_val_batches):
         assert got == expected and type(got) is type(expected)
+
+
+def test_fixed_input_model_takes_the_data_resolution(tmp_path, tiny_imagenet):
+    """``--model.arch mlp`` without input_size on 32 px data: built for 32 px (~1.6 M parameters
+    at width 512), not the registry's 224 (77 M), and its data config says 32."""
+    from launch.cli import ZooCLI
+    from datamodules.imagenet import ImageNetDataModule
+    from zoo.base import ImageClassifier
+
+    cli = ZooCLI(ImageClassifier, ImageNetDataModule, run=False, parser_kwargs={"exit_on_error": False},
+                 args=["--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
+                       "--model.arch", "mlp", "--run.root", str(tmp_path), "--run.logger", "none"])
+    assert cli.model.net.input_shape == (3, 32, 32) and cli.model.hparams.arch_args["input_size"] == 32
+    assert sum(p.numel() for p in cli.model.parameters()) < 2_000_000
+    assert cli.model.data_config["input_size"] == 32 and cli.datamodule.val_resolution == 32

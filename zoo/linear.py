@@ -53,6 +53,6 @@ def _create(**kwargs) -> LogisticRegression:
 
 # 224x224x3 like every ImageNet entry; pass input_size for small images (and a matching
 # DataConfig in the data module).
-@register_model(data_config=DataConfig(input_size=224))
+@register_model(data_config=DataConfig(input_size=224), fixed_input=True)
 def logreg(**kwargs) -> nn.Module:
     return _create(**kwargs)

@@ -150,6 +150,6 @@ def _create(**kwargs) -> MLP:
     return MLP(**kwargs)
 
 
-@register_model(data_config=DataConfig(input_size=224))
+@register_model(data_config=DataConfig(input_size=224), fixed_input=True)
 def mlp(**kwargs) -> nn.Module:
     return _create(**kwargs)
