@@ -17,7 +17,8 @@ path. It judges the training loss against what the loss can reach, not against c
 
 Per epoch that had a validation, the first that applies:
 
-1. **not learning**: the loss is NaN/inf (diverged: the learning rate is too high), or, from the
+1. **not learning**: the loss is NaN/inf, or above chance and rising (by more than ``falling``)
+   or above 3 x chance (diverging: the learning rate is too high), or, from the
    second validation on, the training loss never made ``stuck_progress`` (5 %) of its reachable
    drop, is not falling now (by less than ``falling``, 1 %, since the last validation) and
    top-1 is less than half way from chance. Training longer will not help: the learning rate is
@@ -295,6 +296,15 @@ class FitDiagnosis(L.Callback):
             where += f" (label smoothing {label_smoothing:g})"
         trend_text = {"": "first validation", "improving": "val still improving", "stalled":
                       f"val not improving over {self.patience} validations", "worse": f"val loss {100 * rise:.0f}% above its best"}[trend]
+
+        # 1a. diverging: above chance and climbing (or far above it): steps too large
+        if train_loss > chance and ((change is not None and change > self.falling) or train_loss > 3 * chance):
+            return Diagnosis(
+                verdict="not learning", cause="diverged",
+                reason=f"train loss {train_loss:.4g} is above chance ln({num_classes}) = {chance:.3f}"
+                       + (f" and rising ({100 * change:+.3g}% since the last validation)" if change is not None and change > 0 else "")
+                       + f": training is diverging; {lr_text} is too high (lower it 3-10x, add warmup or gradient clipping)",
+                **kw)
 
         # 1. not learning: the loss never left chance and does not move now (a trend needs an
         #    earlier validation: at the first one a slow start cannot be told from a stuck one)

@@ -167,6 +167,9 @@ def test_fit_diagnosis_fine_and_diverged():
     assert d.verdict == "fine" and d.val_trend == "improving", d.line()
     d = _diagnose_history([(2.0, 0.2, 2.0, 0.2), (float("nan"), None, float("nan"), 0.1)], lr=3.0)
     assert d.verdict == "not learning" and d.cause == "diverged" and "too high" in d.reason, d.line()
+    # exploding but still finite: not "LR too low"
+    d = _diagnose_history([(2.4, 0.1, 3.0, 0.1), (9.0, 0.1, 40.0, 0.1), (6e23, 0.02, 8e26, 0.13)], lr=0.05)
+    assert d.verdict == "not learning" and d.cause == "diverged" and "lr 0.05 is too high" in d.reason, d.line()
 
 
 # ----------------------------------------------------------------------------- gradcheck
