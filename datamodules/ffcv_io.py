@@ -637,3 +637,13 @@ def beton_info(path: str | os.PathLike) -> dict:
         labels = reader.metadata[f"f{list(reader.handlers).index('label')}"]
         info["num_classes"] = int(labels.max()) + 1 if len(labels) else 0
     return info
+
+
+def beton_labels(path: str | os.PathLike) -> np.ndarray:
+    """Every sample's label, in the .beton's order, from its metadata (no image is read)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(os.fspath(path))
+    if "label" not in reader.handlers:
+        raise DataError(f"{path} has no 'label' field: data.train_per_class needs labelled data")
+    return np.asarray(reader.metadata[f"f{list(reader.handlers).index('label')}"], dtype=np.int64).reshape(-1)

@@ -162,11 +162,11 @@ def main(argv: list[str]) -> int:
     (run_dir / "ensemble.json").write_text(json.dumps(
         {"checkpoints": args.checkpoints, "combine": args.combine, "images": int(y.numel()), "rows": rows}, indent=1))
     best = min(range(len(names)), key=lambda i: (-rows[names[i]]["top1"], rows[names[i]]["nll"]))
-    from callbacks.ensemble import combine
+    from callbacks.ensemble import combine, ranking_scores
 
     png = reliability_png(run_dir / "reliability.png", {
         f"best member ({names[best]})": (logits[best].softmax(-1), y),
-        f"ensemble ({args.combine})": (combine(logits, args.combine), y),
+        f"ensemble ({args.combine})": (combine(logits, args.combine), y, ranking_scores(logits, args.combine)),
     })
     print(f"reliability diagram: {png}\nlogs: {run_dir}", flush=True)
     return 0

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.fit_diagnosis import FitDiagnosis
 from datamodules.imagenet import DataError, count_classes
+from launch.config_fixes import fixed_input_size, limit_batches_int_first
 from launch.run_dir import check_slurm_launch, git_revision, resumed_run_dir, run_id, save_wandb_run_id, wandb_run_id
 
 
@@ -52,6 +53,7 @@ class ZooCLI(LightningCLI):
             help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
         )
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
+        limit_batches_int_first(parser)
         parser.link_arguments("data.root", "model.num_classes", compute_fn=num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
 
@@ -59,6 +61,7 @@ class ZooCLI(LightningCLI):
         """A constructor's own argument check (a ValueError or TypeError while the model, data,
         trainer or a callback is built, e.g. ``WeightEMA(decay=2)``) is a user's mistake: one
         line naming it, instead of jsonargparse's traceback and union-type dump."""
+        fixed_input_size(self.config[self.subcommand] if self.subcommand else self.config)
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as e:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from . import heads, registry
+from . import heads, init, registry
 from .augment import DeviceAugment
 
 Schedule = Literal["cosine", "step", "cyclic", "constant"]
@@ -199,7 +199,7 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         self.save_hyperparameters()
         entry = registry.get_entry(arch)
-        self.net = entry.builder(num_classes=num_classes, **(arch_args or {}))
+        self.net = init.build(entry.builder, num_classes=num_classes, arch_args=arch_args)  # arch_args["init"]: zoo/init.py
         data_config = entry.data_config
         if "input_size" in (arch_args or {}):  # fixed-input nets (logreg, mlp) set their own size
             data_config = dataclasses.replace(data_config, input_size=int(arch_args["input_size"]))
