@@ -346,7 +346,7 @@ def test_sbatch_launches_two_ddp_tasks(tiny_imagenet, tmp_path):
 def test_limit_batches_one_means_one_batch(value, expected, tmp_path, tiny_imagenet):
     """``--trainer.limit_train_batches 1`` is one batch (an int), as Trainer(limit_train_batches=1);
     ``1.0`` stays 100 %. On the command line and in a YAML file alike."""
-    from launch.cli import ZooCLI
+    from launch.zoo_cli import ZooCLI
     from datamodules.imagenet import ImageNetDataModule
     from zoo.base import ImageClassifier
 
@@ -363,7 +363,7 @@ def test_limit_batches_one_means_one_batch(value, expected, tmp_path, tiny_image
 def test_fixed_input_model_takes_the_data_resolution(tmp_path, tiny_imagenet):
     """``--model.arch mlp`` without input_size on 32 px data: built for 32 px (~1.6 M parameters
     at width 512), not the registry's 224 (77 M), and its data config says 32."""
-    from launch.cli import ZooCLI
+    from launch.zoo_cli import ZooCLI
     from datamodules.imagenet import ImageNetDataModule
     from zoo.base import ImageClassifier
 
