@@ -154,10 +154,12 @@ class MemberRunner:
     ``forward(x) -> (members, N, C)`` logits in the members' order. ``fold``: conv + BN
     folded first (:func:`fold_bn`), for both paths; the members' own modules stay untouched.
     ``stack``: ``None`` (auto) stacks on a CUDA device, and on other devices only MLPs (no
-    convolution, two or more Linear layers), decided at the first batch. Measured on the 2-core
-    CPU (README "Stacked vs looped inference"): stacked convnets 0.3-1.06x the loop's speed, MLPs
-    1.1-1.7x, logistic regression (one Linear) 0.5-0.9x; on an H200 stacked convnets ran 1.2-1.6x
-    at batch 1 and within 5% at 64+.
+    convolution, two or more Linear layers), decided at the first batch: on a CPU, vmap turns
+    each stacked conv into a grouped conv over members x channels plus copies around every
+    layer, which costs more than the members' convs one after another, while stacked MLPs run
+    faster than the loop and a single Linear loses to vmap's own cost; on a GPU one launch
+    instead of one per member wins at small batches and ties at large ones
+    (benchmarks/ensemble.py; docs/benchmarks.md, "Ensembles: stacked vs looped").
     """
 
     def __init__(self, nets: Sequence[nn.Module], keys: Sequence, stack: Optional[bool] = None, fold: bool = True) -> None:

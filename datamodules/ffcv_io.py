@@ -499,7 +499,7 @@ class ClosingLoader:
 class LoaderPool:
     """Built ffcv Loaders, reused across DataModules in one process, one holder at a time.
 
-    Why: a Loader's numba code is never freed (about 9 MiB for a fit's train + val pair, README
+    Why: a Loader's numba code is never freed (about 9 MiB for a fit's train + val pair, docs/reliability.md,
     "Soak"), so a process that fits again and again (a sweep, a notebook, fit + resume in one
     process) grew by that much per fit. A Loader is taken out under its key (the .beton's identity, the
     pipeline's settings, every Loader argument) and comes back when the :class:`ClosingLoader`

@@ -122,8 +122,8 @@ class ImageNetDataModule(L.LightningDataModule):
             it does the other ffcv options): decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg-turbo's
             scaled IDCT) when the random crop stays at least twice (4x, 8x) the output size, then
             resize with INTER_AREA as usual. +3-9% train loader img/s on 2 CPU cores at 160 px
-            from 500 px images, all or half JPEG (``benchmarks/loader.py``; README "decode-time
-            DCT scaling", which also holds its accuracy check).
+            from 500 px images, all or half JPEG (``benchmarks/loader.py``; docs/benchmarks.md, "Loader
+            throughput", and its accuracy check, "Decode-time DCT scaling: accuracy").
     """
 
     def __init__(

@@ -265,8 +265,10 @@ PUBLISHED_PER_STEP_LR = {
     # (cosine_scheduler(args.lr, ...), no rescaling); the resnext50 recipe reuses it
     "convnext_tiny": 4e-3,
     "resnext50_32x4d": 4e-3,
-    # this project's own choice, measured on the 2-core machine (README "make demo"): 0.1 at 64
+    # this project's own choice, measured on the 2-core machine (docs/benchmarks.md, "Demo"): 0.1 at 64
     "demo": 0.1,
+    # this project's own choice for the new head, at batch 16 (docs/fine-tuning.md, worked example)
+    "finetune_*": 0.05,
 }
 
 
