@@ -40,6 +40,7 @@ import queue
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -52,6 +53,9 @@ from .ffcv_ops import _random_crop, _sample_seed_jit  # the FFCV path's crop dra
 from .folder import DataError
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 warns at every decode_jpeg call that its decoders move to TorchCodec; they
+# are what this module is built on (tested with torchvision 0.29.1), so the note is shown once.
+warnings.filterwarnings("once", message="The image decoding and encoding capabilities of TorchVision are deprecated")
 
 MODES = ("off", "auto", "on")
 HEADROOM = 0.1  # auto: the CPU must decode 10% faster than training takes images to keep the CPU path
@@ -285,7 +289,8 @@ class BetonSamples:
         return [torch.from_numpy(self._bytes[p:p + s]) for p, s in zip(ptrs.tolist(), sizes.tolist())]
 
 
-def _cpu_decode(samples: BetonSamples, indices, res, state, scale, ratio, distinct, flip, center, crop_decode, dest):
+def _cpu_decode(samples: BetonSamples, indices, res, state, scale, ratio, distinct, flip, center, crop_decode, dest,
+                dct_scaling=False):
     """The FFCV path's decode loop on ``indices`` into ``dest`` ((n, res, res, 3) uint8)."""
     from .ffcv_ops import _decode_batch, _register_symbols
 
@@ -293,7 +298,7 @@ def _cpu_decode(samples: BetonSamples, indices, res, state, scale, ratio, distin
     temp = np.empty((len(indices), samples.max_pixels * 3), dtype=np.uint8)
     _decode_batch(np.asarray(indices, dtype=np.uint64), dest, temp, samples.meta, (samples.mmap, samples.ptrs, samples.sizes),
                   np.uint64(0), state, np.asarray(scale, dtype=np.float64), np.asarray(ratio, dtype=np.float64),
-                  bool(distinct), float(flip), False, samples.jpg, float(center), bool(crop_decode))
+                  bool(distinct), float(flip), bool(dct_scaling), samples.jpg, float(center), bool(crop_decode))
     return dest
 
 
@@ -321,7 +326,7 @@ class GPUDecodeLoader:
                  split: Split, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5, seed: int = 0,
                  distinct_repeats: bool = False, center: float = 224 / 256, order: Any = "random",
                  distributed: bool = False, drop_last: bool = True, indices=None, num_workers: int = 1,
-                 batches_ahead: int = 3, crop_decode: bool | None = None) -> None:
+                 batches_ahead: int = 3, crop_decode: bool | None = None, dct_scaling: bool = False) -> None:
         from ffcv.traversal_order import Random, Sequential
 
         from .ffcv_ops import crop_decode_available
@@ -336,6 +341,7 @@ class GPUDecodeLoader:
         self.drop_last = bool(drop_last)
         self.num_workers, self.batches_ahead = max(1, int(num_workers)), max(1, int(batches_ahead))
         self.crop_decode = crop_decode_available() and crop_decode is not False
+        self.dct_scaling = bool(dct_scaling)  # the CPU share only (the device decodes whole JPEGs)
         idx = np.arange(self.samples.num_samples, dtype="uint64") if indices is None else np.asarray(indices)
         shim = SimpleNamespace(indices=idx, seed=self.seed, distributed=bool(distributed))
         if order == "random":
@@ -397,7 +403,7 @@ class GPUDecodeLoader:
             host = torch.empty((len(cpu_pos), res, res, 3), dtype=torch.uint8, pin_memory=pin)
             # the CPU part's own positions: the same draws as the full batch's unless distinct_repeats
             _cpu_decode(s, batch[cpu_pos], res, state, self.scale, self.ratio, self.distinct, self.flip, self.center,
-                        self.crop_decode, host.numpy())
+                        self.crop_decode, host.numpy(), self.dct_scaling)
             self._cpu_times.append((len(cpu_pos), time.perf_counter() - t))
             part = host.to(dev, non_blocking=True).permute(0, 3, 1, 2)
             if out is None:

@@ -114,6 +114,12 @@ class ImageNetDataModule(L.LightningDataModule):
             resize with INTER_AREA as usual. +3-9% train loader img/s on 2 CPU cores at 160 px
             from 500 px images, all or half JPEG (``benchmarks/loader.py``; README "decode-time
             DCT scaling", which also holds its accuracy check).
+        gpu_decode: ffcv backend: the share of JPEG samples decoded on the device (nvJPEG through
+            ``torchvision.io.decode_jpeg``) and cropped/resized there, same crops and flips
+            (datamodules/gpu_decode.py): ``off``; ``on`` (all; needs CUDA); a fraction such as 0.5;
+            or ``auto``: measure the CPU decode rate against the rate training takes images over the
+            first train batches and move just enough JPEGs to the device (none when the CPU keeps
+            up; the CPU path on a machine without CUDA).
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class ImageNetDataModule(L.LightningDataModule):
         progress: bool = True,
         ra_reps: int = 1,
         dct_scaling: bool = False,
+        gpu_decode: str | float = "off",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,6 +170,12 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
+        from .gpu_decode import check_device, parse_gpu_decode
+
+        if parse_gpu_decode(gpu_decode)[0] != "off":
+            if backend != "ffcv":
+                raise DataError(f"data.gpu_decode={gpu_decode!r} decodes the .beton's JPEGs: it needs data.backend=ffcv (is {backend!r})")
+            check_device(gpu_decode)
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
         dc = data_config or {}
         self.val_resolution: int = val_res or _input_size(dc) or DEFAULT_VAL_RES
