@@ -43,8 +43,8 @@ def betons(tmp_path_factory) -> dict[str, Path]:
 def gpu_loader(path, res=32, train=True, share=1.0, **kw):
     from datamodules.gpu_decode import GPUDecodeLoader, Split
 
-    kw = {"batch_size": 8, "seed": 3, "order": "random" if train else "sequential", "drop_last": train, **kw}
-    return GPUDecodeLoader(path, res=res, train=train, device="cpu", split=Split("share", share), **kw)
+    kw = {"batch_size": 8, "seed": 3, "order": "random" if train else "sequential", "drop_last": train, "device": "cpu", **kw}
+    return GPUDecodeLoader(path, res=res, train=train, split=Split("share", share), **kw)
 
 
 def ffcv_loader(path, res=32, train=True, flip=0.5, seed=3, batch_size=8):
