@@ -475,7 +475,10 @@ class GPUDecodeLoader:
     def _produce(self, batches, epoch, res, ready: queue.Queue, stop: threading.Event) -> None:
         try:
             numba.set_num_threads(min(self.num_workers, numba.config.NUMBA_NUM_THREADS))  # per thread in numba
-            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            stream = None
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # the current device is per thread (DDP: this rank's GPU)
+                stream = torch.cuda.Stream(self.device)
             for batch in batches:
                 if stop.is_set():
                     return

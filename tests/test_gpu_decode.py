@@ -282,3 +282,13 @@ def test_gpu_decode_option_errors_are_one_line(tiny_imagenet, monkeypatch):
     dm.prepare_data()
     dm.setup("fit")
     assert isinstance(dm.val_dataloader(), ClosingLoader)
+
+
+def test_zoo_bench_gpu_runs_the_gpu_decode_part(monkeypatch):
+    """`zoo bench gpu` asks benchmarks/gpu.py for its GPU-decode part (the table with the split chosen)."""
+    import benchmarks.gpu
+    from launch import bench
+
+    seen = []
+    monkeypatch.setattr(benchmarks.gpu, "main", lambda argv: seen.append(argv) or 0)
+    assert bench.main(["gpu"]) == 0 and seen == [["--gpu-decode"]]
