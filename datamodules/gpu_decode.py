@@ -61,7 +61,7 @@ MODES = ("off", "auto", "on")
 HEADROOM = 0.1  # auto: the CPU must decode 10% faster than training takes images to keep the CPU path
 SHARE_STEP = 0.05  # auto: shares are rounded up to 5% steps (a stable choice across small rate changes)
 # auto: train batches before measuring (the first ones include torch.compile and numba compiles),
-# then batches measured; a medians over 16 intervals, as benchmarks/gpu.py times steps after warm-up
+# then the batches measured (the median interval of 16), as benchmarks/gpu.py times steps after a warm-up
 AUTO_WARMUP, AUTO_WINDOW = 8, 16
 PASS_BYTES = 256 << 20  # bound on one resample chunk's float rows (images are split into chunks above it)
 
@@ -401,7 +401,8 @@ class GPUDecodeLoader:
             t = time.perf_counter()
             pin = dev.type == "cuda"
             host = torch.empty((len(cpu_pos), res, res, 3), dtype=torch.uint8, pin_memory=pin)
-            # the CPU part's own positions: the same draws as the full batch's unless distinct_repeats
+            # drawn with their positions in the CPU part: the same crops unless distinct_repeats (ra_reps > 1)
+            # with a share strictly between 0 and 1, where the copies still get distinct crops
             _cpu_decode(s, batch[cpu_pos], res, state, self.scale, self.ratio, self.distinct, self.flip, self.center,
                         self.crop_decode, host.numpy(), self.dct_scaling)
             self._cpu_times.append((len(cpu_pos), time.perf_counter() - t))

@@ -203,28 +203,28 @@ def dm_with_gpu_decode(tmp_path, tiny_imagenet, monkeypatch, **kw):
 
 
 def test_progressive_resize_and_mid_epoch_resume(beton_dir, tiny_imagenet, monkeypatch):
-    tmp_path = beton_dir
     from datamodules.gpu_decode import GPUDecodeLoader
 
-    dm = dm_with_gpu_decode(tmp_path, tiny_imagenet, monkeypatch)
+    tmp_path = beton_dir
+    # batches of 2, one prepared ahead: a size read per batch instead of per epoch would show
+    dm = dm_with_gpu_decode(tmp_path, tiny_imagenet, monkeypatch, batch_size=2, batches_ahead=1)
     loader = dm.train_dataloader()
-    assert isinstance(loader, GPUDecodeLoader) and len(loader) == 3
+    assert isinstance(loader, GPUDecodeLoader) and len(loader) == 9
     it = iter(loader)
     first = next(it)[0]
     dm.set_train_resolution(16)  # from the next epoch on
-    assert next(it)[0].shape[-1] == 24 and first.shape[-1] == 24
-    it.close()
+    assert [x.shape[-1] for x, _ in it] == [24] * 8 and first.shape[-1] == 24
     full = [x for x, _ in loader]  # epoch 1 at 16 px
-    assert [x.shape[-1] for x in full] == [16] * 3
+    assert [x.shape[-1] for x in full] == [16] * 9
     # resume epoch 1 after its first batch: the remaining batches, same crops, the first not decoded
     state = {"epoch": 1, "batches": 1}
-    resumed = dm_with_gpu_decode(tmp_path, tiny_imagenet, monkeypatch, train_res=16)
+    resumed = dm_with_gpu_decode(tmp_path, tiny_imagenet, monkeypatch, train_res=16, batch_size=2)
     r = resumed.train_dataloader()
     r.load_state_dict(state)
     r.next_epoch = 1
     rest = [x for x, _ in r]
-    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, full[1:]))
-    assert r.state_dict() == {"epoch": 1, "batches": 3}
+    assert len(rest) == 8 and all(torch.equal(a, b) for a, b in zip(rest, full[1:]))
+    assert r.state_dict() == {"epoch": 1, "batches": 9}
 
 
 def test_ddp_evaluation_reads_each_sample_once(beton_dir, tiny_imagenet, monkeypatch):
