@@ -40,7 +40,6 @@ import queue
 import statistics
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -53,9 +52,6 @@ from .ffcv_ops import _random_crop, _sample_seed_jit  # the FFCV path's crop dra
 from .folder import DataError
 
 log = logging.getLogger(__name__)
-# torchvision 0.29 warns at every decode_jpeg call that its decoders move to TorchCodec; they
-# are what this module is built on (tested with torchvision 0.29.1), so the note is shown once.
-warnings.filterwarnings("once", message="The image decoding and encoding capabilities of TorchVision are deprecated")
 
 MODES = ("off", "auto", "on")
 HEADROOM = 0.1  # auto: the CPU must decode 10% faster than training takes images to keep the CPU path
