@@ -170,12 +170,12 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
-        from .gpu_decode import check_device, parse_gpu_decode
-
-        if parse_gpu_decode(gpu_decode)[0] != "off":
+        if str(gpu_decode).strip().lower() not in ("off", "0", "0.0"):  # gpu_decode.py imports numba: only when asked
             if backend != "ffcv":
                 raise DataError(f"data.gpu_decode={gpu_decode!r} decodes the .beton's JPEGs: it needs data.backend=ffcv (is {backend!r})")
-            check_device(gpu_decode)
+            from .gpu_decode import check_device
+
+            check_device(gpu_decode)  # also one line for a value that is no mode or share
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
         dc = data_config or {}
         self.val_resolution: int = val_res or _input_size(dc) or DEFAULT_VAL_RES
