@@ -124,6 +124,12 @@ class ImageNetDataModule(L.LightningDataModule):
             resize with INTER_AREA as usual. +3-9% train loader img/s on 2 CPU cores at 160 px
             from 500 px images, all or half JPEG (``benchmarks/loader.py``; docs/benchmarks.md, "Loader
             throughput", and its accuracy check, "Decode-time DCT scaling: accuracy").
+        gpu_decode: ffcv backend: the share of JPEG samples decoded on the device (nvJPEG through
+            ``torchvision.io.decode_jpeg``) and cropped/resized there, same crops and flips
+            (datamodules/gpu_decode.py): ``off``; ``on`` (all; needs CUDA); a fraction such as 0.5;
+            or ``auto``: measure the CPU decode rate against the rate training takes images over the
+            first train batches and move just enough JPEGs to the device (none when the CPU keeps
+            up; the CPU path on a machine without CUDA).
     """
 
     def __init__(
@@ -153,6 +159,7 @@ class ImageNetDataModule(L.LightningDataModule):
         ra_reps: int = 1,
         dct_scaling: bool = False,
         train_per_class: int | None = None,
+        gpu_decode: str | float = "off",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -177,6 +184,12 @@ class ImageNetDataModule(L.LightningDataModule):
         if train_per_class is not None and (isinstance(train_per_class, bool) or int(train_per_class) != train_per_class
                                             or train_per_class < 1):
             raise DataError(f"train_per_class={train_per_class} must be a whole number >= 1 (images per class), or null for all")
+        if str(gpu_decode).strip().lower() not in ("off", "0", "0.0"):  # gpu_decode.py imports numba: only when asked
+            if backend != "ffcv":
+                raise DataError(f"data.gpu_decode={gpu_decode!r} decodes the .beton's JPEGs: it needs data.backend=ffcv (is {backend!r})")
+            from .gpu_decode import check_device
+
+            check_device(gpu_decode)  # also one line for a value that is no mode or share
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
         dc = data_config or {}
         self.val_resolution: int = val_res or _input_size(dc) or DEFAULT_VAL_RES

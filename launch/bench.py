@@ -2,7 +2,8 @@
 
     zoo bench                      # augment, overhead (+ data-bound check), loader
     zoo bench augment overhead     # a subset
-    zoo bench gpu                  # the GPU script (benchmarks/README.md)
+    zoo bench gpu                  # the GPU script (benchmarks/README.md), with its GPU-decode part:
+                                   # the data.gpu_decode split that `auto` chose from the measured rates
 
 Each table is also written to benchmarks/results/<name>.md with its command and machine.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 BENCHES = ("augment", "overhead", "loader", "gpu")
 DEFAULT = ("augment", "overhead", "loader")
+ARGS = {"gpu": ["--gpu-decode"]}  # arguments zoo bench gives a script
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(repo))
     for name in names:
         print(f"== benchmarks/{name}.py", flush=True)
-        rc = importlib.import_module(f"benchmarks.{name}").main([])
+        rc = importlib.import_module(f"benchmarks.{name}").main(list(ARGS.get(name, [])))
         if isinstance(rc, int) and rc:  # loader.main returns its table
             return rc
     return 0
