@@ -80,7 +80,8 @@ class ConvNet(FcHead, nn.Module):
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                init_fan_in_(m, "relu")  # He et al. 2015
+                # He et al. 2015 (fan-in, the paper's eq. 10; torchvision's VGG uses its fan-out form)
+                init_fan_in_(m, "relu")
             elif isinstance(m, nn.BatchNorm2d):
                 init_norm_(m)
         if isinstance(self.fc, nn.Linear):

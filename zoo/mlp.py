@@ -128,7 +128,7 @@ class MLP(FcHead, nn.Module):
     @torch.no_grad()
     def _init_weights(self) -> None:
         for block in self.blocks:
-            init_fan_in_(block.fc, self.activation)
+            init_fan_in_(block.fc, self.activation)  # He et al. 2015 (ReLU/GELU), LeCun et al. 1998 (sigmoid)
             if not isinstance(block.norm, nn.Identity):
                 init_norm_(block.norm)
         if isinstance(self.fc, nn.Linear):
