@@ -313,7 +313,37 @@ class ImageNetDataModule(L.LightningDataModule):
                 )
             self.prepare_data()
         self.backend.setup()
+        if stage in ("fit", None):
+            self.check_train_batches(ws)
         self._check_eval_split_covers_ranks(stage, ws)
+
+    def check_train_batches(self, world_size: int = 1) -> None:
+        """With ``drop_last``, a train split smaller than one batch per process trains nothing
+        (Lightning stops with "No training batches" and exit 0): one DataError line instead.
+
+        Each process loads ``batch_size // world_size`` images per step from its share of the
+        train split, ``ceil(n / world_size)`` images (padded as torch's DistributedSampler and
+        ffcv's distributed order do; with ``ra_reps`` the RASampler's count).
+        """
+        if not self.hparams.drop_last or (self.hparams.root is None and not self.root.exists()):
+            return
+        ws = max(1, int(world_size))
+        per_rank_batch = self.hparams.batch_size // ws
+        n = self._num_eval("train")
+        if self.hparams.ra_reps > 1:
+            from .samplers import ra_indices
+
+            share = len(ra_indices(n, 0, reps=self.hparams.ra_reps, seed=0, world_size=ws, shuffle=False))
+        else:
+            share = -(-n // ws)
+        if share >= per_rank_batch:
+            return
+        where = f" over {ws} processes ({share} per process, batch {per_rank_batch} per process)" if ws > 1 else ""
+        raise DataError(
+            f"the train split has {n} image(s){where}, fewer than one batch of data.batch_size={self.hparams.batch_size} "
+            f"with data.drop_last true: nothing would be trained; use --data.batch_size {max(ws, share * ws)} "
+            "or smaller, or --data.drop_last false"
+        )
 
     def _check_eval_split_covers_ranks(self, stage: str | None, ws: int) -> None:
         """Each process evaluates its share of the val images, none padded (eval_indices); a
