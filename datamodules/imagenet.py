@@ -81,6 +81,9 @@ class ImageNetDataModule(L.LightningDataModule):
             DataLoader worker processes); any name in ``datamodules.backends.BACKENDS``.
         batch_size: global batch; must divide by the number of processes.
         num_workers: ffcv: decoding threads per process; torchvision: worker processes per process.
+            None: the CPUs this process may use (its affinity, which Slurm's --cpus-per-task sets;
+            shared between this node's processes when nothing binds them); a larger value is
+            lowered to that count with one line (``datamodules/cpus.py``).
         train_res: train crop size; None: the model's ``input_size`` (else 224).
         val_res: eval crop size; None: the model's ``input_size`` (else 224).
         val_crop_ratio: center-crop side / short image side; None: the model's ``crop_pct``
@@ -121,7 +124,7 @@ class ImageNetDataModule(L.LightningDataModule):
         root: str | None = None,
         backend: str = "ffcv",
         batch_size: int = 256,  # He et al. 2016 / Goyal et al. 2017 reference batch
-        num_workers: int = 2,  # a laptop's share; on a GPU node use (cores / GPUs) - 1
+        num_workers: int | None = None,  # the CPUs this process may use (datamodules/cpus.py)
         train_res: int | None = None,
         val_res: int | None = None,
         val_crop_ratio: float | None = None,
@@ -149,7 +152,7 @@ class ImageNetDataModule(L.LightningDataModule):
         self.backend.check_installed()
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be >= 1")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise DataError(f"num_workers={num_workers} must be >= 0")
         if not (0 < scale[0] <= scale[1] <= 1):
             raise DataError(f"scale={tuple(scale)} must satisfy 0 < min <= max <= 1 (fractions of the image area)")
@@ -176,6 +179,7 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"val_crop_ratio={self.val_crop} must be in (0, 1] (224/256 = 0.875 is standard)")
         self.per_device_batch_size = batch_size
         self._loaders: dict[str, Any] = {}
+        self._num_workers: int | None = None
         self._layout: Layout | None = None
 
     # ------------------------------------------------------------------ what the data is
@@ -188,6 +192,18 @@ class ImageNetDataModule(L.LightningDataModule):
     def batch_size(self) -> int:
         """The global batch (all processes); ImageClassifier scales its LR with it."""
         return int(self.hparams.batch_size)
+
+    @property
+    def num_workers(self) -> int:
+        """Loader threads (ffcv) or worker processes (torchvision) of this process: ``num_workers``
+        fitted to the CPUs it may use (:func:`datamodules.cpus.loader_workers`), decided once."""
+        if self._num_workers is None:
+            from .cpus import loader_workers
+
+            trainer = getattr(self, "trainer", None)
+            local = int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1
+            self._num_workers = loader_workers(self.hparams.num_workers, local_processes=local)
+        return self._num_workers
 
     @property
     def layout(self) -> Layout | None:
