@@ -44,3 +44,24 @@ def loader_workers(requested: int | None, *, local_processes: int = 1, what: str
         )
         return cpus
     return int(requested)
+
+
+def numba_layer_for_one_cpu() -> bool:
+    """With one usable CPU, put numba's OpenMP layer before TBB (ffcv's decoding runs in numba).
+
+    numba's TBB layer hangs the process at interpreter exit when it may use one CPU: TBB starts
+    no worker thread there, and ``unload_tbb`` waits on a task no thread runs (numba/numba#10556,
+    uxlfoundation/oneTBB#2056): a Slurm task with ``--cpus-per-task=1`` trains, prints its
+    results and never exits. Only the priority changes (OpenMP, numba's workqueue, then TBB), and
+    only before numba starts its threads; ``NUMBA_THREADING_LAYER`` set by the user is left alone.
+    Returns whether the priority was changed.
+    """
+    if usable_cpus() > 1 or os.environ.get("NUMBA_THREADING_LAYER"):
+        return False
+    import numba
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:  # the layer is chosen once, at the first parallel launch
+        return False
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    return True

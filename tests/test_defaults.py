@@ -207,3 +207,19 @@ def test_zoo_fit_on_a_users_folder_trains_with_the_class_defaults(tiny_imagenet,
     assert data["max_resolution"] == 500 and data["compress_probability"] == 0.5 and data["train_res"] is None
     assert data["val_crop_ratio"] is None and model["label_smoothing"] == 0.0 and model["warmup_epochs"] == 0.0
     assert cfg["trainer"]["max_epochs"] == 1  # the user's value over the default 90
+
+
+def test_one_cpu_puts_numbas_openmp_layer_before_tbb(cpus, monkeypatch):
+    """numba's TBB layer hangs at exit with one CPU (numba/numba#10556): OpenMP first there."""
+    numba = pytest.importorskip("numba")
+    from numba.np.ufunc import parallel
+
+    from datamodules.cpus import numba_layer_for_one_cpu
+
+    monkeypatch.setattr(numba.config, "THREADING_LAYER_PRIORITY", ["tbb", "omp", "workqueue"])
+    monkeypatch.setattr(parallel, "_is_initialized", False)
+    monkeypatch.delenv("NUMBA_THREADING_LAYER", raising=False)
+    cpus(2, 16)
+    assert not numba_layer_for_one_cpu() and numba.config.THREADING_LAYER_PRIORITY[0] == "tbb"
+    cpus(1, 16)
+    assert numba_layer_for_one_cpu() and numba.config.THREADING_LAYER_PRIORITY == ["omp", "workqueue", "tbb"]
