@@ -15,8 +15,7 @@ torchvision workers than CPUs only time-share them. So:
 from __future__ import annotations
 
 import os
-
-from lightning.pytorch.utilities import rank_zero_info
+import sys
 
 
 def usable_cpus() -> int:
@@ -38,6 +37,8 @@ def loader_workers(requested: int | None, *, local_processes: int = 1, what: str
         share = cpus if _bound() else cpus // max(1, local_processes)
         return max(1, share)
     if requested > cpus:
+        from lightning.pytorch.utilities import rank_zero_info
+
         rank_zero_info(
             f"{what}={requested} lowered to {cpus}: this process may use {cpus} CPU(s) (its affinity, e.g. "
             f"Slurm's --cpus-per-task); ask for more CPUs or set {what} <= {cpus}"
@@ -52,16 +53,21 @@ def numba_layer_for_one_cpu() -> bool:
     numba's TBB layer hangs the process at interpreter exit when it may use one CPU: TBB starts
     no worker thread there, and ``unload_tbb`` waits on a task no thread runs (numba/numba#10556,
     uxlfoundation/oneTBB#2056): a Slurm task with ``--cpus-per-task=1`` trains, prints its
-    results and never exits. Only the priority changes (OpenMP, numba's workqueue, then TBB), and
-    only before numba starts its threads; ``NUMBA_THREADING_LAYER`` set by the user is left alone.
-    Returns whether the priority was changed.
+    results and never exits. Only the priority changes (OpenMP, numba's workqueue, then TBB),
+    before numba starts its threads: importing ffcv does (its Compiler sets numba's thread
+    count), so this runs when ``datamodules`` is imported. ``NUMBA_THREADING_LAYER`` or
+    ``NUMBA_THREADING_LAYER_PRIORITY`` set by the user are left alone. Returns whether it changed.
     """
-    if usable_cpus() > 1 or os.environ.get("NUMBA_THREADING_LAYER"):
+    if usable_cpus() > 1 or os.environ.get("NUMBA_THREADING_LAYER") or os.environ.get("NUMBA_THREADING_LAYER_PRIORITY"):
         return False
+    priority = ["omp", "workqueue", "tbb"]
+    if "numba" not in sys.modules:  # numba reads it when imported (numba.core.config)
+        os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = " ".join(priority)
+        return True
     import numba
     from numba.np.ufunc import parallel
 
-    if parallel._is_initialized:  # the layer is chosen once, at the first parallel launch
+    if parallel._is_initialized:  # the layer is chosen once, when numba starts its threads
         return False
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    numba.config.THREADING_LAYER_PRIORITY = priority
     return True

@@ -107,9 +107,6 @@ class FFCVBackend(Backend):
         indices = None
         if not train and world_size > 1:
             indices = list(eval_indices(beton_info(path)["num_samples"], rank, world_size))
-        from .cpus import numba_layer_for_one_cpu
-
-        numba_layer_for_one_cpu()  # numba's TBB layer hangs at exit on one CPU
         loader = make_loader(
             path, {"image": image, "label": label_pipeline()},
             batch_size=dm.per_device_batch_size, num_workers=max(1, dm.num_workers),

@@ -219,6 +219,7 @@ def test_one_cpu_puts_numbas_openmp_layer_before_tbb(cpus, monkeypatch):
     monkeypatch.setattr(numba.config, "THREADING_LAYER_PRIORITY", ["tbb", "omp", "workqueue"])
     monkeypatch.setattr(parallel, "_is_initialized", False)
     monkeypatch.delenv("NUMBA_THREADING_LAYER", raising=False)
+    monkeypatch.delenv("NUMBA_THREADING_LAYER_PRIORITY", raising=False)
     cpus(2, 16)
     assert not numba_layer_for_one_cpu() and numba.config.THREADING_LAYER_PRIORITY[0] == "tbb"
     cpus(1, 16)
