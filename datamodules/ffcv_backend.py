@@ -118,7 +118,7 @@ class FFCVBackend(Backend):
             indices = dm.train_subset(beton_labels(path))  # ffcv's orders (and distributed split) draw from these
         loader = make_loader(
             path, {"image": image, "label": label_pipeline()},
-            batch_size=dm.per_device_batch_size, num_workers=max(1, hp.num_workers),
+            batch_size=dm.per_device_batch_size, num_workers=max(1, dm.num_workers),
             order=(ffcv_ra_order(hp.ra_reps) if hp.ra_reps > 1 else hp.order) if train else "sequential",
             distributed=distributed, seed=dm.seed,
             drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,

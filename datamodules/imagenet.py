@@ -87,6 +87,9 @@ class ImageNetDataModule(L.LightningDataModule):
             DataLoader worker processes); any name in ``datamodules.backends.BACKENDS``.
         batch_size: global batch; must divide by the number of processes.
         num_workers: ffcv: decoding threads per process; torchvision: worker processes per process.
+            None: the CPUs this process may use (its affinity, which Slurm's --cpus-per-task sets;
+            shared between this node's processes when nothing binds them); a larger value is
+            lowered to that count with one line (``datamodules/cpus.py``).
         train_res: train crop size; None: the model's ``input_size`` (else 224).
         val_res: eval crop size; None: the model's ``input_size`` (else 224).
         val_crop_ratio: center-crop side / short image side; None: the model's ``crop_pct``
@@ -137,7 +140,7 @@ class ImageNetDataModule(L.LightningDataModule):
         root: str | None = None,
         backend: str = "ffcv",
         batch_size: int = 256,  # He et al. 2016 / Goyal et al. 2017 reference batch
-        num_workers: int = 2,  # a laptop's share; on a GPU node use (cores / GPUs) - 1
+        num_workers: int | None = None,  # the CPUs this process may use (datamodules/cpus.py)
         train_res: int | None = None,
         val_res: int | None = None,
         val_crop_ratio: float | None = None,
@@ -167,7 +170,7 @@ class ImageNetDataModule(L.LightningDataModule):
         self.backend.check_installed()
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be >= 1")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise DataError(f"num_workers={num_workers} must be >= 0")
         if not (0 < scale[0] <= scale[1] <= 1):
             raise DataError(f"scale={tuple(scale)} must satisfy 0 < min <= max <= 1 (fractions of the image area)")
@@ -203,6 +206,7 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"val_crop_ratio={self.val_crop} must be in (0, 1] (224/256 = 0.875 is standard)")
         self.per_device_batch_size = batch_size
         self._loaders: dict[str, Any] = {}
+        self._num_workers: int | None = None
         self._layout: Layout | None = None
 
     # ------------------------------------------------------------------ what the data is
@@ -215,6 +219,18 @@ class ImageNetDataModule(L.LightningDataModule):
     def batch_size(self) -> int:
         """The global batch (all processes); ImageClassifier scales its LR with it."""
         return int(self.hparams.batch_size)
+
+    @property
+    def num_workers(self) -> int:
+        """Loader threads (ffcv) or worker processes (torchvision) of this process: ``num_workers``
+        fitted to the CPUs it may use (:func:`datamodules.cpus.loader_workers`), decided once."""
+        if self._num_workers is None:
+            from .cpus import loader_workers
+
+            trainer = getattr(self, "trainer", None)
+            local = int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1
+            self._num_workers = loader_workers(self.hparams.num_workers, local_processes=local)
+        return self._num_workers
 
     @property
     def layout(self) -> Layout | None:
@@ -362,7 +378,37 @@ class ImageNetDataModule(L.LightningDataModule):
                 )
             self.prepare_data()
         self.backend.setup()
+        if stage in ("fit", None):
+            self.check_train_batches(ws)
         self._check_eval_split_covers_ranks(stage, ws)
+
+    def check_train_batches(self, world_size: int = 1) -> None:
+        """With ``drop_last``, a train split smaller than one batch per process trains nothing
+        (Lightning stops with "No training batches" and exit 0): one DataError line instead.
+
+        Each process loads ``batch_size // world_size`` images per step from its share of the
+        train split, ``ceil(n / world_size)`` images (padded as torch's DistributedSampler and
+        ffcv's distributed order do; with ``ra_reps`` the RASampler's count).
+        """
+        if not self.hparams.drop_last or (self.hparams.root is None and not self.root.exists()):
+            return
+        ws = max(1, int(world_size))
+        per_rank_batch = self.hparams.batch_size // ws
+        n = self._num_eval("train")
+        if self.hparams.ra_reps > 1:
+            from .samplers import ra_indices
+
+            share = len(ra_indices(n, 0, reps=self.hparams.ra_reps, seed=0, world_size=ws, shuffle=False))
+        else:
+            share = -(-n // ws)
+        if share >= per_rank_batch:
+            return
+        where = f" over {ws} processes ({share} per process, batch {per_rank_batch} per process)" if ws > 1 else ""
+        raise DataError(
+            f"the train split has {n} image(s){where}, fewer than one batch of data.batch_size={self.hparams.batch_size} "
+            f"with data.drop_last true: nothing would be trained; use --data.batch_size {max(ws, share * ws)} "
+            "or smaller, or --data.drop_last false"
+        )
 
     def _check_eval_split_covers_ranks(self, stage: str | None, ws: int) -> None:
         """Each process evaluates its share of the val images, none padded (eval_indices); a

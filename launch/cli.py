@@ -29,7 +29,6 @@ def rank_zero_info(message: str) -> None:
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-DEFAULT_RECIPE = RECIPES / "demo.yaml"
 
 
 def list_models_main(argv: list[str]) -> int:
@@ -49,11 +48,13 @@ def list_models_main(argv: list[str]) -> int:
 
 
 def _with_default_recipe(argv: list[str]) -> list[str]:
-    """`zoo fit` with no --config trains the demo recipe on the embedded dataset."""
-    if argv and argv[0] in ("fit", "validate", "test", "predict"):
-        if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
-            rank_zero_info(f"no --config given: using {DEFAULT_RECIPE.relative_to(RECIPES.parent.parent)}")
-            return [argv[0], "--config", str(DEFAULT_RECIPE), *argv[1:]]
+    """No --config: the demo recipe on the embedded dataset, the class defaults on a user's
+    --data.root (launch/defaults.py); the first line says which."""
+    from launch.defaults import with_default_recipe
+
+    argv, line = with_default_recipe(argv)
+    if line:
+        rank_zero_info(line)
     return argv
 
 

@@ -264,6 +264,8 @@ class ZooCLI(LightningCLI):
         if dm is not None and getattr(dm, "hparams", {}).get("root") is not None:
             if not (sub == "predict" and dm.is_flat):
                 dm.classes  # noqa: B018 - the folder layout, train/ vs val/ classes: one DataError line
+                if sub == "fit" and hasattr(dm, "check_train_batches"):
+                    dm.check_train_batches(trainer.world_size)  # fewer images than one batch: one line, nothing written
         env = getattr(trainer.strategy, "cluster_environment", None)
         if env is not None:  # Lightning checks Slurm's task layout only when it launches: here, before any file
             try:

@@ -157,20 +157,20 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(
         self,
-        arch: str = "convnet",
+        arch: str = "resnet18",  # torchvision references/classification train.py's default --model
         num_classes: int = 1000,
         arch_args: Optional[dict] = None,
         weights: Optional[str] = None,
         use_ema: bool = True,
         optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.1,
+        lr: float = 0.1,  # at batch 256 (He et al. 2016; Goyal et al. 2017's linear scaling rule)
         lr_reference_batch: Optional[int] = 256,
-        momentum: float = 0.9,
+        momentum: float = 0.9,  # He et al. 2016; torchvision references' --momentum
         nesterov: bool = False,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 5e-5,
+        betas: tuple[float, float] = (0.9, 0.999),  # Adam's (Kingma & Ba 2015), torch's and timm's default
+        weight_decay: float = 1e-4,  # He et al. 2016; torchvision references' --wd 1e-4
         norm_weight_decay: float = 0.0,
-        schedule: Schedule = "cosine",
+        schedule: Schedule = "cosine",  # Loshchilov & Hutter 2017, timm's default --sched
         warmup_epochs: float = 0.0,
         warmup_start: float = 0.0,
         peak_epoch: float = 2.0,
