@@ -68,7 +68,7 @@ def test_fit_checkpoint_records_eval_preprocessing_and_class_names(fitted):
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
 
 
-def test_eval_transform_is_timms_and_takes_pil_or_uint8(fitted, folder):
+def test_eval_transform_is_timms_and_takes_pil_or_uint8(fitted, folder, caplog):
     """The transform equals timm's eval transform for the recorded config on a PIL image, and a
     uint8 tensor of the same image gives the same result (up to PIL's vs torch's resampling)."""
     from timm.data import create_transform, resolve_data_config
@@ -86,6 +86,13 @@ def test_eval_transform_is_timms_and_takes_pil_or_uint8(fitted, folder):
     assert t.dtype == torch.uint8
     y = tf(t)
     assert y.shape == (3, 32, 32) and (y - x).abs().mean() < 0.05
+    # an explicit override: used, and said in one line
+    import logging
+
+    caplog.set_level(logging.INFO)
+    assert model.eval_transform(input_size=64)(img).shape == (3, 64, 64)
+    said = [r.getMessage() for r in caplog.records if "instead of the recorded" in r.getMessage()]
+    assert len(said) == 1 and "input_size=64" in said[0] and "input_size=32" in said[0], said
 
 
 def test_predict_classes_names_classes(fitted, folder):

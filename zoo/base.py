@@ -368,10 +368,13 @@ class ImageClassifier(L.LightningModule):
             "num_classes": int(self.hparams.num_classes), "label_names": self.class_names,
         }
 
-    def eval_transform(self):
+    def eval_transform(self, **overrides):
         """The evaluation transform these weights expect: a PIL image or a uint8 ``(3, H, W)`` tensor
         -> resize the short side to ``floor(input_size / crop_pct)``, center-crop ``input_size``,
         scale to [0, 1], normalise with mean/std -> float ``(3, input_size, input_size)``.
+
+        ``overrides``: data config keys (``input_size=64``, ``crop_pct=1.0``, ...) to evaluate
+        otherwise than recorded; one line says which differ from the record.
 
         timm's own eval transform (``resolve_data_config`` + ``create_transform``) built from
         :attr:`pretrained_cfg`; its PIL-to-tensor step is replaced by torchvision's ``ToImage`` +
@@ -381,7 +384,18 @@ class ImageClassifier(L.LightningModule):
         from timm.data import create_transform, resolve_data_config
         from torchvision.transforms import v2
 
-        cfg = resolve_data_config(pretrained_cfg=self.pretrained_cfg)
+        pretrained_cfg = self.pretrained_cfg
+        unknown = set(overrides) - {"input_size", "crop_pct", "interpolation", "mean", "std"}
+        if unknown:
+            raise ValueError(f"eval_transform overrides {sorted(unknown)}: use input_size, crop_pct, interpolation, mean, std")
+        differ = [f"{k}={v}" for k, v in overrides.items() if v is not None and v != self.data_config.get(k)
+                  and not (k in ("mean", "std") and list(v) == list(self.data_config[k]))]
+        for k, v in overrides.items():
+            if v is not None:
+                pretrained_cfg[k] = (3, int(v), int(v)) if k == "input_size" else tuple(v) if k in ("mean", "std") else v
+        if differ:
+            rank_zero_info(f"eval_transform: {', '.join(differ)} instead of the recorded {', '.join(f'{k}={self.data_config.get(k)}' for k in (d.split('=')[0] for d in differ))}")
+        cfg = resolve_data_config(pretrained_cfg=pretrained_cfg)
         tf = create_transform(**cfg, is_training=False)
         to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
         steps = [to_float if type(t).__name__ in ("MaybeToTensor", "ToTensor") else t for t in tf.transforms]
