@@ -194,7 +194,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_loading_path_evaluates_as_trained(tmp_path, capsys):
+def test_every_loading_path_evaluates_as_trained(tmp_path, capsys, caplog):
     """convnet trained at 32 px (its registered size is 64) on a tiny ImageFolder through `zoo fit`
     with the demo recipe: predict (a labelled folder and a folder of photos), validate, zoo.load +
     eval_transform, torch.hub.load, landscape and gradcheck/init-stats all use 32 px and reproduce
@@ -240,13 +240,17 @@ def test_every_loading_path_evaluates_as_trained(tmp_path, capsys):
     assert (ref.argmax(1) == labels).float().mean().item() == pytest.approx(fit_acc, abs=1e-4)  # printed with 4 decimals
 
     # predict on a folder of photos: one load line, class names, the reference's classes
+    import logging
+
+    caplog.set_level(logging.INFO)
+    caplog.clear()
     rc = main(["predict", "--data.root", str(flat), "--data.backend", "torchvision", "--data.num_workers", "0",
                "--model.weights", str(ckpt), "--run.root", str(tmp_path / "pred"), "--run.logger", "none",
                "--trainer.enable_progress_bar", "false"])
-    cap = capsys.readouterr()
-    printed = cap.out + cap.err
+    capsys.readouterr()
+    said = "\n".join(r.getMessage() for r in caplog.records)
     assert rc == 0
-    assert printed.count("loaded weights from") == 1 and "head not loaded" not in printed, printed
+    assert said.count("loaded weights from") == 1 and "head not loaded" not in said, said
     rows = _read_csv(next((tmp_path / "pred").rglob("predictions.csv")))
     by_path = {Path(r["path"]).name: r for r in rows}
     predicted = [by_path[p.name]["class_1"] for p in paths]
