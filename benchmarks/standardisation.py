@@ -66,8 +66,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1, help="SGD at batch 64 (the demo recipe's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-root", default="runs/standardisation")
+    ap.add_argument("--models", default="logreg,mlp", help="comma-separated: logreg, mlp")
     args = ap.parse_args()
-    models = [("logreg", '{"input_size": 32}'), ("mlp", '{"input_size": 32, "depth": 2, "width": 256}')]
+    known = {"logreg": '{"input_size": 32}', "mlp": '{"input_size": 32, "depth": 2, "width": 256}'}
+    models = [(m, known[m]) for m in args.models.split(",")]
     rows = []
     for arch, arch_args in models:
         for normalize in ("imagenet", "dataset"):
