@@ -46,14 +46,15 @@ def _config_files(args: list[str]) -> list[str]:
     return files
 
 
-def explicit_data_keys(args: Iterable[str], implicit_configs: Iterable[str | Path] = ()) -> set[str]:
-    """``data.*`` keys the user set: as ``--data.KEY`` flags, or in a ``--config`` file other than
-    ``implicit_configs`` (the recipe ``zoo`` adds by itself)."""
+def explicit_keys(args: Iterable[str], section: str, implicit_configs: Iterable[str | Path] = ()) -> set[str]:
+    """``SECTION.*`` keys (``data``, ``model``) the user set: as ``--SECTION.KEY`` flags, or in a
+    ``--config`` file other than ``implicit_configs`` (the recipe ``zoo`` adds by itself)."""
     args = [str(a) for a in args]
+    prefix = f"--{section}."
     keys = set()
     for a in args:
-        if a.startswith("--data."):
-            keys.add(a[len("--data."):].split("=", 1)[0])
+        if a.startswith(prefix):
+            keys.add(a[len(prefix):].split("=", 1)[0])
     implicit = {str(Path(p).expanduser().resolve()) for p in implicit_configs}
     for f in _config_files(args):
         path = Path(f).expanduser()
@@ -65,12 +66,30 @@ def explicit_data_keys(args: Iterable[str], implicit_configs: Iterable[str | Pat
             cfg = yaml.safe_load(path.read_text()) or {}
         except Exception:
             continue
-        data = cfg.get("data") if isinstance(cfg, dict) else None
-        if isinstance(data, dict):
-            keys.update(str(k) for k in data)
-            if isinstance(data.get("init_args"), dict):
-                keys.update(str(k) for k in data["init_args"])
+        part = cfg.get(section) if isinstance(cfg, dict) else None
+        if isinstance(part, dict):
+            keys.update(str(k) for k in part)
+            if isinstance(part.get("init_args"), dict):
+                keys.update(str(k) for k in part["init_args"])
     return keys
+
+
+def explicit_data_keys(args: Iterable[str], implicit_configs: Iterable[str | Path] = ()) -> set[str]:
+    """``data.*`` keys the user set (:func:`explicit_keys`)."""
+    return explicit_keys(args, "data", implicit_configs)
+
+
+def weights_arch(weights: Optional[str]) -> tuple[Optional[str], Optional[dict]]:
+    """The architecture (and its arguments) ``weights`` record, (None, None) when they say none."""
+    if not weights:
+        return None, None
+    try:
+        from zoo.weights.sources import _read
+
+        w = _read(weights, True)
+        return w.arch, (dict(w.arch_args) if w.arch_args else None)
+    except Exception:  # unreadable or unknown: the model's own load reports it in one line
+        return None, None
 
 
 def eval_settings(recorded: dict, current: dict, explicit: set[str], source: str) -> tuple[dict, Optional[str]]:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.fit_diagnosis import FitDiagnosis
 from datamodules.imagenet import DataError, count_classes
-from launch.config_fixes import fixed_input_size, limit_batches_int_first
+from launch.config_fixes import arch_from_weights, fixed_input_size, limit_batches_int_first
 from launch.run_dir import check_slurm_launch, git_revision, resumed_run_dir, run_id, save_wandb_run_id, wandb_run_id
 
 
@@ -69,7 +69,11 @@ class ZooCLI(LightningCLI):
         """A constructor's own argument check (a ValueError or TypeError while the model, data,
         trainer or a callback is built, e.g. ``WeightEMA(decay=2)``) is a user's mistake: one
         line naming it, instead of jsonargparse's traceback and union-type dump."""
-        fixed_input_size(self.config[self.subcommand] if self.subcommand else self.config)
+        from launch.defaults import DEMO_RECIPE
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        arch_from_weights(cfg, getattr(self, "_zoo_args", []), [DEMO_RECIPE])
+        fixed_input_size(cfg)
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as e:

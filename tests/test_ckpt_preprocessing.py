@@ -210,7 +210,7 @@ def test_every_loading_path_evaluates_as_trained(tmp_path, capsys, caplog):
         (flat / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
     base = ["--data.root", str(root), "--data.backend", "torchvision", "--data.num_workers", "0",
             "--data.batch_size", "8", "--run.logger", "csv", "--trainer.enable_progress_bar", "false"]
-    rc = main(["fit", *base, "--data.train_res", "32", "--data.val_res", "32", "--data.val_crop_ratio", "1.0",
+    rc = main(["fit", "--config", "demo", *base, "--data.train_res", "32", "--data.val_res", "32", "--data.val_crop_ratio", "1.0",
                "--trainer.max_epochs", "2", "--run.root", str(tmp_path / "runs"), "--run.dashboard", "false"])
     out = capsys.readouterr().out
     assert rc == 0, out
