@@ -3,6 +3,7 @@
     zoo bench                      # augment, overhead (+ data-bound check), loader
     zoo bench augment overhead     # a subset
     zoo bench gpu                  # the GPU script (benchmarks/README.md)
+    zoo bench peers --timm-train T --torchvision-train V   # zoo fit vs the peers' scripts
 
 Each table is also written to benchmarks/results/<name>.md with its command and machine.
 """
@@ -13,12 +14,15 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHES = ("augment", "overhead", "loader", "gpu")
+BENCHES = ("augment", "overhead", "loader", "gpu", "peers")
 DEFAULT = ("augment", "overhead", "loader")
 
 
 def main(argv: list[str]) -> int:
-    names = [a for a in argv if not a.startswith("-")] or list(DEFAULT)
+    if argv[:1] == ["peers"]:  # takes the peers' script paths: its own arguments follow
+        names, rest = ["peers"], argv[1:]
+    else:
+        names, rest = [a for a in argv if not a.startswith("-")] or list(DEFAULT), []
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         print(f"error: unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHES)}", file=sys.stderr)
@@ -30,7 +34,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(repo))
     for name in names:
         print(f"== benchmarks/{name}.py", flush=True)
-        rc = importlib.import_module(f"benchmarks.{name}").main([])
+        rc = importlib.import_module(f"benchmarks.{name}").main(rest)
         if isinstance(rc, int) and rc:  # loader.main returns its table
             return rc
     return 0
