@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=2, help="rounds; the table gives medians")
     ap.add_argument("--data", type=Path, default=None, help="default: $ZOO_DATA_DIR (or /tmp)/zoo-digits32")
     ap.add_argument("--zoo-variant", action="append", default=[], metavar="LABEL=ARGS",
-                    help="another zoo row: extra `zoo fit` arguments, e.g. "
-                         "'zero-init={\"--model.arch_args\": ...}' given as LABEL=--opt value ...")
+                    help="another zoo row: LABEL=extra `zoo fit` arguments (shell-quoted), e.g. "
+                         "zero-init=--model.arch_args '{\"zero_init_residual\": true}'")
     ap.add_argument("--zoo-repo", type=Path, default=REPO, help="checkout whose `zoo fit` runs (before/after)")
     ap.add_argument("--tools", default="zoo,timm,torchvision")
     ap.add_argument("--work", type=Path, default=None, help="run directories (deleted after each run)")
