@@ -194,14 +194,21 @@ def tv_top1(log: str) -> float | None:
     return float(found[-1]) / 100 if found else None
 
 
-def run_one(cmd: list[str], out: Path, env: dict, timeout: float) -> tuple[float, str, int]:
+def run_one(cmd: list[str], out: Path, env: dict, timeout: float) -> tuple[float, float, str, int]:
+    """Wall seconds, CPU seconds (user + system of the process and the children it waited for:
+    loader workers included; what the run cost the machine, less skewed by other work), output, rc."""
+    import resource
+
     out.mkdir(parents=True, exist_ok=True)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=timeout)
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     (out / "log.txt").write_text(p.stdout)
-    return wall, p.stdout, p.returncode
+    return wall, cpu, p.stdout, p.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,18 +276,19 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = timm_cmd(args.timm_train.resolve(), model, data, out)
                 else:
                     cmd = tv_cmd(launcher, args.torchvision_train.resolve(), model, data, out)
-                wall, log, rc = run_one(cmd, out, env, args.timeout)
+                wall, cpu, log, rc = run_one(cmd, out, env, args.timeout)
                 if label.startswith("zoo"):
                     top1 = zoo_top1(log)
                 elif label.startswith("timm"):
                     top1 = timm_top1(out)
                 else:
                     top1 = tv_top1(log)
-                r = rows.setdefault((model, label), {"walls": [], "top1": [], "cmd": cmd, "rc": []})
+                r = rows.setdefault((model, label), {"walls": [], "cpus": [], "top1": [], "cmd": cmd, "rc": []})
                 r["walls"].append(wall)
+                r["cpus"].append(cpu)
                 r["top1"].append(top1)
                 r["rc"].append(rc)
-                print(f"round {rnd} {model:14s} {label:24s} rc {rc} wall {wall:7.1f} s top-1 {top1}", flush=True)
+                print(f"round {rnd} {model:14s} {label:24s} rc {rc} wall {wall:7.1f} s cpu {cpu:7.1f} s top-1 {top1}", flush=True)
                 if rc:
                     print("\n".join(log.splitlines()[-15:]), file=sys.stderr)
                 if not args.keep:
@@ -303,13 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         f"val crop 1.0, {WORKERS} workers, seed {SEED}, no wd on norms/biases; resnet18: SGD nesterov lr 0.1 "
         "m 0.9 wd 5e-4; convnext_tiny: AdamW lr 1e-3 wd 0.05, no drop path.",
         "",
-        "| model | tool | val top-1 (final epoch, median) | wall s (whole process, median) | runs (wall s) |",
-        "|---|---|---:|---:|---|",
+        "| model | tool | val top-1 (final epoch, median) | wall s (whole process, median) | CPU s (median) | runs (wall s) |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for (model, label), r in rows.items():
         fails = sum(1 for c in r["rc"] if c)
         walls = ", ".join(f"{w:.0f}" for w in r["walls"])
-        lines.append(f"| {model} | {label} | {fmt_top1(r['top1'])} | {statistics.median(r['walls']):.0f} | {walls}"
+        lines.append(f"| {model} | {label} | {fmt_top1(r['top1'])} | {statistics.median(r['walls']):.0f} | {statistics.median(r['cpus']):.0f} | {walls}"
                      + (f" ({fails} failed)" if fails else "") + " |")
     lines += ["", "Commands (round 0):", ""]
     for (model, label), r in rows.items():
