@@ -6,10 +6,14 @@
 - a grid of the first training batch as the network sees it: after the loader's crops and
   flips and the module's device augmentation (``augment.post_normalise`` is replayed on a copy
   under a forked RNG, so training draws the same numbers with or without this callback);
-- at each validation end a confusion matrix and the most confidently wrong images (W&B Table
-  with image, label, prediction, confidence; TensorBoard images), gathered over all ranks.
-  The hot path stays on the device: per batch a top-k merge and a confusion-matrix update,
-  no host sync; images come to the host once per validation.
+- every ``every_n_epochs`` validations and at the last epoch, a confusion matrix and the most
+  confidently wrong images (W&B Table with image, label, prediction, confidence; TensorBoard
+  images), gathered over all ranks. They are built from the logits the module's
+  ``validation_step`` returns (``{"loss", "logits"}``; a second forward pass only for a module
+  that returns no logits). The hot path stays on the device: per batch a top-k merge and a
+  confusion-matrix update, no host sync; images come to the host once per such validation.
+  Drawing and logging them every epoch cost more than a default callback may on a short CPU
+  fit (benchmarks/results/peers.md), hence every 5th epoch by default.
 
 PNG copies go to ``<run dir>/plots`` so CSV-logged runs have them too. Works with any module of
 the zoo (``ImageClassifier``: ``pixel_mean``/``pixel_std`` buffers, optional ``augment``).
@@ -28,9 +32,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 class Dashboard(Callback):
     def __init__(self, num_images: int = 16, num_wrong: int = 8, max_confusion_classes: int = 100,
-                 plots_dir: Optional[str] = None) -> None:
+                 plots_dir: Optional[str] = None, every_n_epochs: int = 5) -> None:
         if num_images < 1 or num_wrong < 0:
             raise ValueError(f"num_images must be >= 1 and num_wrong >= 0, got {num_images}, {num_wrong}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1 (1: every validation), got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.num_wrong = num_wrong
         self.max_confusion_classes = max_confusion_classes  # a 1000x1000 heatmap says little; kept as a file
@@ -75,11 +82,22 @@ class Dashboard(Callback):
             self._log_image(trainer, "train/augmented_batch", grid, caption=f"labels {y.tolist()}")
 
     # ------------------------------------------------------------------ validation
+    def _due(self, trainer: Trainer) -> bool:
+        """This validation draws the confusion matrix and mistakes: every ``every_n_epochs``-th
+        epoch, the last epoch of the fit, or a validation outside fit (``zoo validate``)."""
+        if trainer.sanity_checking:
+            return False
+        if not trainer.training and trainer.state.fn != "fit":
+            return True
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
+        return last or trainer.should_stop or epoch % self.every_n_epochs == 0
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from torchmetrics.classification import MulticlassConfusionMatrix
 
         n = int(pl_module.hparams.get("num_classes", 0)) if hasattr(pl_module, "hparams") else 0
-        if n < 2:
+        if n < 2 or not self._due(trainer):
             self._confmat = None
             return
         if self._confmat is None or self._confmat.num_classes != n:
@@ -92,8 +110,11 @@ class Dashboard(Callback):
         if self._confmat is None or trainer.sanity_checking:
             return
         x, y = batch[0], batch[1]
-        with torch.no_grad():
-            probs = pl_module(x).float().softmax(-1)
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if logits is None:
+            with torch.no_grad():
+                logits = pl_module(x)
+        probs = logits.detach().float().softmax(-1)
         conf, pred = probs.max(-1)
         self._confmat.update(pred, y)
         if not self.num_wrong:

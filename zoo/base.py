@@ -647,7 +647,9 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/acc1", acc1, prog_bar=True)
         self.log(f"{split}/acc5", acc5)
-        return loss
+        # the logits go to the callbacks' on_*_batch_end (the Dashboard's confusion matrix and
+        # mistakes reuse them instead of a second forward pass)
+        return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch, batch_idx: int):
         return self._eval_step(batch, "val")
