@@ -4,6 +4,7 @@
     zoo fit --config launch/recipes/resnet50.yaml --data.root /data/imagenet
     zoo validate --config ... --model.weights runs/.../checkpoints/last.ckpt
     zoo models [PATTERN]                      # list registered architectures
+    zoo report RUN_DIR                        # the run's report: RUN_DIR/report/report.html
 
 Every run writes under one run directory (``--run.root/<name>/<id>``): the resolved
 config, checkpoints and logs (W&B offline by default; ``wandb sync <dir>`` uploads later).
@@ -344,6 +345,11 @@ class ZooCLI(LightningCLI):
                 # Slurm's SIGUSR1: all ranks save at one agreed step, then main() requeues (no
                 # save inside Lightning's signal handler, which can deadlock DDP); no-op elsewhere
                 callbacks.append(SlurmRequeue())
+            from callbacks.metric_log import MetricLog
+            from callbacks.run_report import RunReport
+
+            if not any(isinstance(c, MetricLog) for c in callbacks):
+                callbacks.append(RunReport())  # RUN/metrics.jsonl whatever the logger; RUN/report/ at the end
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             from callbacks.prediction_writer import PredictionWriter
 
@@ -353,13 +359,15 @@ class ZooCLI(LightningCLI):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
             if logger is not False and self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if logger is not False and self.subcommand == "fit" and run["dashboard"]:
+        if self.subcommand == "fit" and run["dashboard"]:
             from lightning.pytorch.callbacks import ThroughputMonitor
 
             from callbacks._batches import batch_size_of
             from callbacks.dashboard import Dashboard
 
-            callbacks += [Dashboard(), ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"])]
+            callbacks.append(Dashboard())  # its plots/ feed the run report, with or without a logger
+            if logger is not False:  # ThroughputMonitor logs through the logger only
+                callbacks.append(ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"]))
         if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
             from callbacks.bn_stats import BNBufferSync
 
@@ -591,6 +599,7 @@ PLAIN_COMMANDS: dict[str, str] = {
     "init-stats": "launch.diagnose:init_stats_main",
     "sweep": "launch.sweep:main",
     "landscape": "launch.landscape:main",
+    "report": "launch.report:main",
 }
 
 
