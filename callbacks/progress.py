@@ -239,12 +239,14 @@ class _Lines:
         if not (self.first or n % self.bar.log_interval == 0) or n == total:  # the epoch's line follows
             return
         dt = max(now - self.window_t0, 1e-9)
-        self.batch_s = dt / self.window_batches
         of = f"/{total}" if math.isfinite(total) else ""
-        left = self._fit_left(total - n if math.isfinite(total) else math.inf)
-        eta = f"  ETA {_clock(left)}" if left is not None else ""
-        print(f"{self._epochs()}  batch {n}{of}  {self._metrics(pl_module)}  {self.window_images / dt:.1f} img/s{eta}",
-              flush=True)
+        if self.first:  # loader start-up (ffcv compiles its pipeline) is no rate to extrapolate from
+            timing = f"  first batch after {dt:.1f} s"
+        else:
+            self.batch_s = dt / self.window_batches
+            left = self._fit_left(total - n if math.isfinite(total) else math.inf)
+            timing = f"  {self.window_images / dt:.1f} img/s" + (f"  ETA {_clock(left)}" if left is not None else "")
+        print(f"{self._epochs()}  batch {n}{of}  {self._metrics(pl_module)}{timing}", flush=True)
         self.first = False
         self.window_t0, self.window_images, self.window_batches = now, 0, 0
 
