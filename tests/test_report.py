@@ -164,3 +164,43 @@ def test_every_image_of_the_report_loads_in_chromium(run_dir, tmp_path):
     m = re.search(r"<title>images (\d+) loaded (\d+)</title>", r.stdout)
     assert m, (r.stdout[-500:], r.stderr[-2000:])
     assert int(m.group(1)) == 5 and m.group(1) == m.group(2), m.group(0)
+
+
+# ---------------------------------------------------------------------- through `zoo fit`
+def test_zoo_fit_writes_the_report_without_a_logger(tiny_imagenet, tmp_path, capsys):
+    from launch.cli import main
+    from tests.test_cli import REPO, tiny_data
+
+    rc = main(["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
+               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+               "--run.root", str(tmp_path), "--run.logger", "none"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    run = Path(out.split("run directory: ")[1].splitlines()[0])
+    _, epochs, _ = read_metric_log(run)
+    assert [r["epoch"] for r in epochs] == [0] and "val/acc1" in epochs[0]
+    html = (run / "report" / "report.html").read_text()
+    assert len(_pngs_in(html)) == 4  # curves, confusion, wrong images, augmented batch (2 steps: no step row)
+    assert "last.ckpt" in html and "convnet" in html  # checkpoints and the config summary
+
+
+@pytest.mark.slow
+def test_zoo_fit_off_a_terminal_writes_lines_not_redrawn_bars(tiny_imagenet, tmp_path):
+    """`zoo fit > log 2>&1` as under Slurm or nohup, on FFCV (its .beton writer's bar too): no
+    carriage return, a few lines per epoch, and the report at the end."""
+    from tests.test_cli import CPU_TINY, REPO, tiny_data
+
+    log = tmp_path / "fit.log"
+    with open(log, "w") as f:
+        r = subprocess.run(
+            [str(Path(sys.executable).with_name("zoo")), "fit", "--config", str(REPO / "launch/recipes/demo.yaml"),
+             *CPU_TINY, *tiny_data(tiny_imagenet, "ffcv", batch=2), "--trainer.max_epochs", "3",
+             "--run.root", str(tmp_path / "runs"), "--run.logger", "csv"],
+            cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert r.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    epoch_lines = [ln for ln in text.splitlines() if re.match(r"epoch \d \(\d of 3\)", ln)]
+    assert len(epoch_lines) == 1 + 3, epoch_lines  # the first batch, then one per epoch (9 batches < 50)
+    assert len(text.splitlines()) < 60, text
+    assert "run report: " in text
