@@ -55,10 +55,18 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+def _table(header: Optional[list[str]], rows: list[list[Any]]) -> str:
+    head = "<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr></thead>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+def _rel(path: Path, run_dir: Path) -> str:
+    """A file of the run as a path inside the run directory (shown once, at the top)."""
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _config(run_dir: Path) -> tuple[Optional[Path], dict]:
@@ -84,7 +92,7 @@ def _lookup(cfg: dict, dotted: str) -> Any:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 class _Page:
@@ -133,8 +141,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     if judged:
         facts.append(["fit diagnosis", f"{judged[-1]['diagnosis'].upper()} (epoch {judged[-1]['epoch']}): "
                                        f"{judged[-1].get('diagnosis_reason', '')}"])
-    facts.append(["metrics read from", str(source) if source else "none (no metrics.jsonl or csv/metrics.csv)"])
-    page.section("Summary", _table(["", ""], facts))
+    facts.append(["metrics read from", _rel(source, run_dir) if source else "none (no metrics.jsonl or csv/metrics.csv)"])
+    page.section("Summary", _table(None, facts))
 
     # ------------------------------------------------------------------ curves
     if epochs:
@@ -196,13 +204,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     if cfg_path is not None:
         summary = [[k, _fmt(v)] for k in SUMMARY_KEYS if (v := _lookup(cfg, k)) is not None]
         body = _table(["setting", "value"], summary) if summary else ""
-        body += (f"<details><summary>{_esc(cfg_path.name)} (all of it)</summary>"
+        body += (f"<details><summary>{_esc(_rel(cfg_path, run_dir))} (all of it)</summary>"
                  f"<pre>{_esc(cfg_path.read_text())}</pre></details>")
         page.section("Configuration", body)
     ckpts = sorted([*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")])
     if ckpts:
-        page.section("Checkpoints", _table(["file", "size", "written"], [
-            [str(p.resolve()), f"{p.stat().st_size / 2**20:.1f} MiB",
+        page.section("Checkpoints", _table(["file (in the run directory)", "size", "written"], [
+            [_rel(p, run_dir), f"{p.stat().st_size / 2**20:.1f} MiB",
              time.strftime("%Y-%m-%d %H:%M", time.localtime(p.stat().st_mtime))] for p in ckpts]))
 
     report = out / REPORT_FILE
