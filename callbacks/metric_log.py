@@ -6,7 +6,7 @@ tools. This callback appends one JSON object per line, on rank zero only:
 
 - a ``"kind": "step"`` row every ``every_n_steps`` optimizer steps (default: the trainer's
   ``log_every_n_steps``, when the loggers write too): ``train/loss`` of that batch, the learning
-  rate of every parameter group (``lr/pg0``, ``lr/pg1``, ...) and ``throughput/img_per_s``, the
+  rate of every parameter group (``lr/<its name>``, e.g. ``lr/backbone``, or ``lr/pg0``, ``lr/pg1``, ...) and ``throughput/img_per_s``, the
   images per second of all ranks together since the previous row (wall clock, data loading
   included);
 - a ``"kind": "epoch"`` row at each train epoch's end: every epoch-level scalar the module and
@@ -94,7 +94,7 @@ class MetricLog(L.Callback):
             row["train/loss"] = v
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
         for i, g in enumerate(groups):
-            row[f"lr/pg{i}"] = float(g["lr"])
+            row[f"lr/{g.get('name') or f'pg{i}'}"] = float(g["lr"])
         dt = now - self._window_t0
         if dt > 0 and self._images:
             row["throughput/img_per_s"] = round(self._images * trainer.world_size / dt, 2)
@@ -193,9 +193,9 @@ def _from_csv(path: Path) -> tuple[list[dict], list[dict]]:
                 s["train/loss"] = vals["train/loss_step"]
                 if epoch is not None:
                     s["epoch"] = int(epoch)
-            lrs = {k: v for k, v in vals.items() if k.startswith("lr-")}
-            for i, k in enumerate(sorted(lrs)):
-                steps.setdefault(step, {"kind": "step", "step": step})[f"lr/pg{i}"] = lrs[k]
+            for k, v in vals.items():  # LearningRateMonitor: lr/<group name> (the zoo's names) or lr-<optimizer>
+                if k.startswith(("lr/", "lr-")):
+                    steps.setdefault(step, {"kind": "step", "step": step})["lr/" + k[3:]] = v
             if "train/samples_per_sec" in vals:
                 steps.setdefault(step, {"kind": "step", "step": step})["throughput/img_per_s"] = vals["train/samples_per_sec"]
             epoch_keys = {k: v for k, v in vals.items()

@@ -182,7 +182,8 @@ def curves_figure(epochs: Sequence[dict]):
         for ax in axes:
             ax.axvline(epoch, color=colour, linestyle="--", alpha=0.7)
         axes[0].annotate(verdict, xy=(epoch, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                         textcoords="offset points", color=colour, fontsize=8, rotation=0, va="top")
+                         textcoords="offset points", color=colour, fontsize=8, va="top",
+                         bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
     fig.suptitle("per epoch (dashed: the fit diagnosis from that epoch on)", fontsize=10)
     return fig
 
@@ -191,14 +192,14 @@ def steps_figure(steps: Sequence[dict]):
     """Learning rate (each distinct parameter group), throughput and train loss per optimizer step."""
     fig = _figure(12.0, 3.4)
     ax_lr, ax_tp, ax_loss = fig.subplots(1, 3)
-    groups = sorted({k for r in steps for k in r if k.startswith("lr/")}, key=lambda k: int(k.split("pg")[-1]) if k.split("pg")[-1].isdigit() else 0)
+    groups = sorted({k for r in steps for k in r if k.startswith("lr/")})
     seen: list[list] = []
     for key in groups:
         xs, ys = _series(steps, key, "step")
         if ys in seen:
             continue  # groups with the same schedule (no weight decay on norms and biases): one line
         seen.append(ys)
-        ax_lr.plot(xs, ys, label=key.replace("lr/", "group "))
+        ax_lr.plot(xs, ys, label=key[3:])
     ax_lr.set_title("learning rate", fontsize=10)
     if len(seen) > 1:
         ax_lr.legend(fontsize=8)
