@@ -22,7 +22,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench docs clean
 
 setup: $(STAMPS)/venv
 
@@ -57,7 +57,7 @@ $(STAMPS)/test-deps: Makefile
 $(STAMPS)/venv: pyproject.toml $(STAMPS)/deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[$$(cat $(STAMPS)/extras)dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$$(cat $(STAMPS)/extras)dev,docs]"
 	@touch $@
 
 # The main job: generate the embedded dataset, write .beton files, train a small CNN on
@@ -80,5 +80,9 @@ test-fast: setup
 bench: setup
 	$(VENV)/bin/zoo bench
 
+# The documentation site into site/ (mkdocs.yml; --strict: a warning or a dead link fails).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(STAMPS) runs .pytest_cache
+	rm -rf $(STAMPS) runs .pytest_cache site

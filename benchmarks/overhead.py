@@ -103,7 +103,7 @@ class _Clock:
 
 
 def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tuple[float, float]:
-    """Images/s (wall, CPU time) of a Trainer with the callbacks `zoo fit` adds (launch/cli.py:
+    """Images/s (wall, CPU time) of a Trainer with the callbacks `zoo fit` adds (launch/zoo_cli.py:
     LR monitor, fit diagnosis, dashboard + throughput monitor, BN buffer sync; demo recipe's
     logging interval), a CSV logger in place of W&B, no checkpoints or validation."""
     import lightning as L
@@ -119,7 +119,7 @@ def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tupl
     clock = _Clock(warmup)
     zoo_fit = [LearningRateMonitor(logging_interval="step"), FitDiagnosis(), Dashboard(plots_dir=log_dir),
                ThroughputMonitor(batch_size_fn=batch_size_of, window_size=50), BNBufferSync(),
-               ThrottledProgressBar()]  # cli.py defaults
+               ThrottledProgressBar()]  # zoo_cli.py defaults
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=CSVLogger(log_dir),
         log_every_n_steps=10,  # demo recipe

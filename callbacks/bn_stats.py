@@ -51,12 +51,12 @@ HELDOUT_PER_BATCH = 8
 # BNStatsCheck's default overhead budget: the goal of issue #7 (<= 2% of an epoch)
 MAX_OVERHEAD = 0.02
 # Costs in eval forward passes, for BNStatsCheck's schedule. Training one image (forward +
-# backward + step): about 3 (Kaplan et al. 2020: 6N vs 2N FLOPs); measured (benchmarks/
-# bn_overhead.py, README "BNStatsCheck overhead") 2.9 fp32 / 3.3 bf16 for ResNet-50 at 224 px
-# on an H200, 4.9 for the demo convnet on the 2-core CPU. The estimator's forward (BN in train
-# mode, a hook computing fp32 mean/var at every BN input): 1.8 fp32 / 3.2 bf16 (ResNet-50,
-# H200), 2.5 (convnet, CPU). 3 and 3: the training side at its smallest, the estimator near
-# its largest, so the schedule errs towards checking less often.
+# backward + step): about 3 (Kaplan et al. 2020: 6N vs 2N FLOPs); per-image costs measured by
+# benchmarks/bn_overhead.py (docs/benchmarks.md, "BN check overhead") give 3-5 for training
+# and 2-3 for the estimator's forward (BN in train mode, a hook computing fp32 mean/var at
+# every BN input), depending on the model, the device and the precision. 3 and 3: the training
+# side at its smallest, the estimator near its largest, so the schedule errs towards checking
+# less often.
 TRAIN_COST_IN_FORWARDS = 3.0
 ESTIMATOR_COST_IN_FORWARDS = 3.0
 

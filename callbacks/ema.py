@@ -101,8 +101,9 @@ class WeightEMA(L.Callback):
     def _locate(self, pl_module) -> None:
         """Remember where each EMA'd tensor lives: (the module's ``_parameters`` or ``_buffers``
         dict, its name), in ``self.ema``'s order. ``update`` then reads the live tensors from
-        those dicts instead of walking ``state_dict()`` each step (1.4 ms of host time per update
-        for ConvNeXt-T on an H100 machine; the lookup is a list comprehension). Reading the dict
+        those dicts instead of walking ``state_dict()`` each step (a walk costs about 100x the
+        lookup's host time, per update: benchmarks/ema_lookup.py, docs/benchmarks.md, "EMA
+        update"; the lookup is a list comprehension). Reading the dict
         each time follows what ``.to()`` or ``load_state_dict`` put there. When the module tree
         does not match ``state_dict()`` (a custom state-dict hook renames or adds entries), the
         walk stays.

@@ -7,8 +7,8 @@
   ties too, the lowest class index (``torch.argmax`` returns the first maximum). The vote's
   "probabilities" are the vote shares (so NLL is often infinite: reported as such).
 - Metrics per member, best member and ensemble: top-1, top-5, NLL, Brier score (sum over
-  classes of squared error, averaged over images), ECE (15 bins, torchmetrics
-  ``MulticlassCalibrationError``, Guo et al. 2017).
+  classes of squared error, averaged over images), ECE (15 bins, Guo et al. 2017;
+  torchmetrics' calibration error of the predicted class's confidence and its correctness).
 - On a GPU, members of the same architecture run *stacked*: ``torch.func.stack_module_state``
   + ``functional_call`` + ``vmap`` (every member in eval mode), one batched call instead of one
   per member; on a CPU only MLPs do (convnets stacked measured slower there); the rest loop
@@ -58,8 +58,6 @@ def ranking_scores(logits: torch.Tensor, how: Combine = "mean_prob") -> torch.Te
 
 def metrics(probs: torch.Tensor, y: torch.Tensor, scores: Optional[torch.Tensor] = None) -> dict[str, float]:
     """top-1, top-5, NLL, Brier, ECE of (N, C) probabilities; ``scores`` rank the classes."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
     scores = probs if scores is None else scores
     n, c = probs.shape
     k = min(5, c)
@@ -68,19 +66,27 @@ def metrics(probs: torch.Tensor, y: torch.Tensor, scores: Optional[torch.Tensor]
     p_true = probs.gather(1, y[:, None]).squeeze(1)
     nll = float(-(p_true.clamp_min(0).log()).mean())
     brier = float(((probs - F.one_hot(y, c).float()) ** 2).sum(-1).mean())
-    # confidence = the probability of the predicted class (top-1 of scores)
+    # confidence = the probability (vote: the vote share) of the predicted class, top-1 of scores
     pred = top[:, 0]
-    conf_probs = probs if scores is probs else _confidence_matrix(probs, pred)
-    ece = float(multiclass_calibration_error(conf_probs, y, num_classes=c, n_bins=ECE_BINS, norm="l1"))
+    conf = probs.gather(1, pred[:, None]).squeeze(1)
+    ece = expected_calibration_error(conf, pred == y)
     return {"top1": float(hit[:, 0].float().mean()), "top5": float(hit.any(-1).float().mean()),
             "nll": nll, "brier": brier, "ece": ece}
 
 
-def _confidence_matrix(probs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    # torchmetrics takes the argmax of its input as the prediction: make it ``pred`` (vote tie-break)
-    out = probs.clone()
-    out.scatter_(1, pred[:, None], probs.gather(1, pred[:, None]) + 1e-6)
-    return out
+def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Top-label ECE (Guo et al. 2017) of the predicted class's confidence and its correctness.
+
+    torchmetrics' ``binary_calibration_error`` on (confidence, correct): the same equal-width
+    bins and L1 norm as its ``multiclass_calibration_error``, but fed the confidences directly.
+    The multiclass form takes a probability matrix and its own argmax as the prediction, and
+    softmaxes the whole matrix when any entry lies outside [0, 1] (it reads it as logits), so
+    it can neither take the vote's tie-break nor a vote share nudged above 1 to impose it.
+    """
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    conf = conf.float().clamp(0.0, 1.0)  # rounding must never switch torchmetrics to its logit path
+    return float(binary_calibration_error(conf, correct.long(), n_bins=n_bins, norm="l1"))
 
 
 def arch_key(model) -> tuple:
@@ -148,10 +154,12 @@ class MemberRunner:
     ``forward(x) -> (members, N, C)`` logits in the members' order. ``fold``: conv + BN
     folded first (:func:`fold_bn`), for both paths; the members' own modules stay untouched.
     ``stack``: ``None`` (auto) stacks on a CUDA device, and on other devices only MLPs (no
-    convolution, two or more Linear layers), decided at the first batch. Measured on the 2-core
-    CPU (README "Stacked vs looped inference"): stacked convnets 0.3-1.06x the loop's speed, MLPs
-    1.1-1.7x, logistic regression (one Linear) 0.5-0.9x; on an H200 stacked convnets ran 1.2-1.6x
-    at batch 1 and within 5% at 64+.
+    convolution, two or more Linear layers), decided at the first batch: on a CPU, vmap turns
+    each stacked conv into a grouped conv over members x channels plus copies around every
+    layer, which costs more than the members' convs one after another, while stacked MLPs run
+    faster than the loop and a single Linear loses to vmap's own cost; on a GPU one launch
+    instead of one per member wins at small batches and ties at large ones
+    (benchmarks/ensemble.py; docs/benchmarks.md, "Ensembles: stacked vs looped").
     """
 
     def __init__(self, nets: Sequence[nn.Module], keys: Sequence, stack: Optional[bool] = None, fold: bool = True) -> None:
@@ -196,8 +204,10 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def reliability_png(path: Path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
-    """Reliability diagram (accuracy vs confidence in 15 bins) for named (probs, labels)."""
+def reliability_png(path: Path, curves: dict[str, tuple]) -> Path:
+    """Reliability diagram (accuracy vs confidence in 15 bins) for named (probs, labels) or
+    (probs, labels, scores): the prediction is the top-1 of ``scores`` (the vote's tie-break),
+    its confidence the probability (vote share) of that class, as in :func:`metrics`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,8 +216,9 @@ def reliability_png(path: Path, curves: dict[str, tuple[torch.Tensor, torch.Tens
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     edges = torch.linspace(0, 1, ECE_BINS + 1)
-    for name, (probs, y) in curves.items():
-        conf, pred = probs.max(-1)
+    for name, (probs, y, *scores) in curves.items():
+        pred = (scores[0] if scores else probs).argmax(-1)
+        conf = probs.gather(1, pred[:, None]).squeeze(1)
         correct = (pred == y).float()
         idx = torch.bucketize(conf, edges[1:-1])
         xs, ys = [], []
@@ -355,7 +366,7 @@ class Ensemble(L.Callback):
         print(f"Ensemble of {len(self.snapshots)} snapshots on {split}:\n{table(rows)}", flush=True)
         reliability_png(Path(trainer.default_root_dir) / f"ensemble_reliability_{split}.png", {
             "best member": (logits[best_index(rows)].softmax(-1), y),
-            "ensemble": (combine(logits, self.combine), y),
+            "ensemble": (combine(logits, self.combine), y, ranking_scores(logits, self.combine)),
         })
 
     def on_fit_end(self, trainer, pl_module) -> None:

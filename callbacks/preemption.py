@@ -20,7 +20,7 @@ follows the requeue finds nothing half-done::
     except Preempted as stop:
         stop.requeue()  # every rank: ignore SIGTERM, barrier; then rank 0: scontrol requeue $SLURM_JOB_ID
 
-``zoo fit`` does this itself (launch/cli.py). Outside Slurm the callback does nothing.
+``zoo fit`` does this itself (launch/zoo_cli.py, launch/errors.py). Outside Slurm the callback does nothing.
 """
 
 from __future__ import annotations

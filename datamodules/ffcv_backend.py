@@ -107,6 +107,10 @@ class FFCVBackend(Backend):
         indices = None
         if not train and world_size > 1:
             indices = list(eval_indices(beton_info(path)["num_samples"], rank, world_size))
+        if train and hp.train_per_class is not None:
+            from .ffcv_io import beton_labels
+
+            indices = dm.train_subset(beton_labels(path))  # ffcv's orders (and distributed split) draw from these
         loader = make_loader(
             path, {"image": image, "label": label_pipeline()},
             batch_size=dm.per_device_batch_size, num_workers=max(1, hp.num_workers),

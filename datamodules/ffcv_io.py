@@ -501,7 +501,7 @@ class ClosingLoader:
 class LoaderPool:
     """Built ffcv Loaders, reused across DataModules in one process, one holder at a time.
 
-    Why: a Loader's numba code is never freed (about 9 MiB for a fit's train + val pair, README
+    Why: a Loader's numba code is never freed (about 9 MiB for a fit's train + val pair, docs/reliability.md,
     "Soak"), so a process that fits again and again (a sweep, a notebook, fit + resume in one
     process) grew by that much per fit. A Loader is taken out under its key (the .beton's identity, the
     pipeline's settings, every Loader argument) and comes back when the :class:`ClosingLoader`
@@ -639,3 +639,13 @@ def beton_info(path: str | os.PathLike) -> dict:
         labels = reader.metadata[f"f{list(reader.handlers).index('label')}"]
         info["num_classes"] = int(labels.max()) + 1 if len(labels) else 0
     return info
+
+
+def beton_labels(path: str | os.PathLike) -> np.ndarray:
+    """Every sample's label, in the .beton's order, from its metadata (no image is read)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(os.fspath(path))
+    if "label" not in reader.handlers:
+        raise DataError(f"{path} has no 'label' field: data.train_per_class needs labelled data")
+    return np.asarray(reader.metadata[f"f{list(reader.handlers).index('label')}"], dtype=np.int64).reshape(-1)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 
 from . import synthetic
 from .backends import Backend, eval_indices, get_backend
@@ -53,6 +54,11 @@ def _classes_of(root: str | os.PathLike | None) -> list[str]:
         raise DataError(f"{root} holds images without class folders: only `zoo predict` reads such a folder "
                         "(with --model.weights); to train or validate use train/<class>/ and val/<class>/")
     return layout.classes
+
+
+def class_ids(root: str | os.PathLike | None) -> list[str]:
+    """Class ids in label order of the dataset at ``root`` (None: the embedded synthetic dataset)."""
+    return _classes_of(root)
 
 
 def count_classes(root: str | None) -> int:
@@ -108,12 +114,16 @@ class ImageNetDataModule(L.LightningDataModule):
         progress: show a progress bar while writing .beton files.
         ra_reps: repeated augmentation: each train image ``ra_reps`` times per epoch with different
             crops (torchvision's RASampler, ``--ra-reps 4`` in its ResNet-50 v2 recipe); 1: off.
+        train_per_class: train on ``N`` images of each class (all of a class with fewer): a subset
+            of the train split drawn with ``seed`` from the labels alone, so both backends and
+            every rank train on the same images; val is untouched. None: the whole split. The
+            course's overfitting example: a few images per class, memorised.
         dct_scaling: ffcv backend's train pipeline only (the torchvision backend ignores it, as
             it does the other ffcv options): decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg-turbo's
             scaled IDCT) when the random crop stays at least twice (4x, 8x) the output size, then
             resize with INTER_AREA as usual. +3-9% train loader img/s on 2 CPU cores at 160 px
-            from 500 px images, all or half JPEG (``benchmarks/loader.py``; README "decode-time
-            DCT scaling", which also holds its accuracy check).
+            from 500 px images, all or half JPEG (``benchmarks/loader.py``; docs/benchmarks.md, "Loader
+            throughput", and its accuracy check, "Decode-time DCT scaling: accuracy").
     """
 
     def __init__(
@@ -142,6 +152,7 @@ class ImageNetDataModule(L.LightningDataModule):
         progress: bool = True,
         ra_reps: int = 1,
         dct_scaling: bool = False,
+        train_per_class: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,6 +174,9 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
+        if train_per_class is not None and (isinstance(train_per_class, bool) or int(train_per_class) != train_per_class
+                                            or train_per_class < 1):
+            raise DataError(f"train_per_class={train_per_class} must be a whole number >= 1 (images per class), or null for all")
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
         dc = data_config or {}
         self.val_resolution: int = val_res or _input_size(dc) or DEFAULT_VAL_RES
@@ -253,6 +267,28 @@ class ImageNetDataModule(L.LightningDataModule):
         if self.is_flat and split != "predict":
             self.classes  # noqa: B018 - raises the flat folder's one-line error
         return self.layout.samples(split)
+
+    def train_subset(self, labels) -> np.ndarray | None:
+        """Indices into the train split (whose labels, in order, are ``labels``) that training
+        reads: ``train_per_class`` of each class (``samplers.per_class_subset``), or None for all.
+        Fails in one line when the subset is smaller than one batch per process that drop_last
+        would drop."""
+        n = self.hparams.train_per_class
+        if n is None:
+            return None
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from .samplers import per_class_subset
+
+        idx = per_class_subset(labels, int(n), self.seed)
+        per_rank = -(-len(idx) // self._world_size())
+        if self.hparams.drop_last and per_rank < self.per_device_batch_size:
+            raise DataError(
+                f"train_per_class={n} keeps {len(idx)} train images, fewer than one batch of {self.per_device_batch_size} "
+                f"per process: lower data.batch_size (at most {per_rank}) or set data.drop_last false"
+            )
+        rank_zero_info(f"training on a subset: {len(idx)} of {len(labels)} train images, {n} per class (seed {self.seed})")
+        return idx
 
     def sample_list(self, split: str) -> SampleList:
         return SampleList(self.samples(split), self.classes, f"{self.layout.images or self.root}/{split}")

@@ -3,10 +3,9 @@
 A RandomResizedCrop reads on average about half of an image, yet a full decode runs the IDCT
 and colour conversion over all of it. ``zoo_jpeg_decode_region`` (libjpeg-turbo's
 ``jpeg_skip_scanlines``/``jpeg_crop_scanline``) decodes only the rows and iMCU columns that
-cover the crop, with the same pixels as the full decode. Measured on this project's 2-core CI
-machine, one thread, the loader benchmark's 2,000 JPEGs (~500x375, q90), the crops of
-``RandomResizedCrop(160)``: 2,122 full decodes/s against 2,954 region decodes/s (1.39x); see
-the README's loader section.
+cover the crop, with the same pixels as the full decode, so a crop of half the image costs
+about half the IDCT and colour conversion (decode rates with and without it: docs/benchmarks.md,
+"Loader throughput").
 
 The library is compiled once per source version with the C compiler and libjpeg headers
 that ffcv's own build needed (``cc``, ``pkg-config libjpeg``) into the zoo's cache directory

@@ -163,8 +163,12 @@ def _parse(part: str, root: Path, dest: Path) -> None:
     parse = {"devkit": tv.parse_devkit_archive, "train": tv.parse_train_archive, "val": tv.parse_val_archive}[part]
     try:
         parse(str(dest), file=archive)
-    except RuntimeError as e:  # torchvision: "archive ... not present ... or is corrupted" (md5)
-        raise DataError(f"{archive} failed torchvision's check ({str(e).splitlines()[0]}): download it again") from e
+    except RuntimeError as e:  # torchvision's "archive ... not present ... or is corrupted": its md5 check
+        if not Path(archive).is_file() or "corrupted" not in str(e):
+            raise DataError(f"{archive} could not be read ({str(e).splitlines()[0]}): download it again") from e
+        md5 = tv.ARCHIVE_META[part][1]
+        raise DataError(f"{archive}: its MD5 checksum differs from image-net.org's ({md5}), so the file is "
+                        "incomplete or damaged: download it again") from None
 
 
 def _extract_official(root: Path) -> None:

@@ -80,3 +80,13 @@ def ffcv_ra_order(reps: int):
             return np.asarray(self.indices)[pos]
 
     return RAOrder()
+
+
+def per_class_subset(labels: Sequence[int], per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` samples of each class (all of a class with fewer), drawn
+    without replacement by a generator seeded with ``seed``: a function of the labels and the
+    seed only, so every backend and every rank that sees the same split picks the same images."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)

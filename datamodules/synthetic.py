@@ -6,8 +6,8 @@ over a random low-saturation textured background with a few small distractor dot
 The shape survives RandomResizedCrop(scale >= 0.35) and flips (every such crop contains the
 central part of the image), colour alone gives only 2 of 10 classes, shape alone 5.
 
-``make_synthetic_imagenet(default_root())`` writes ~3,500 JPEGs in ~15 s on 2 cores
-(measured on a 2-core AMD EPYC VM).
+``make_synthetic_imagenet(default_root())`` writes ~3,500 JPEGs, once per seed (seconds on a
+CPU; docs/benchmarks.md, "Demo").
 
 Drawn with OpenCV (anti-aliased, installed with the ``[ffcv]`` extra) when it can be imported,
 else with PIL (same shapes, sizes and colours from the same random draws; edges not

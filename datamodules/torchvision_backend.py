@@ -462,7 +462,10 @@ class TorchvisionBackend(Backend):
             tf: Callable = self._train_transform
         else:
             tf = val_transform(dm.val_resolution, dm.val_crop, dm.interpolation)
-        dataset = ImageFolderDataset(self._samples[split], tf, hp.skip_corrupt)
+        samples = self._samples[split]
+        if train and hp.train_per_class is not None:
+            samples = PackedSamples([samples[int(i)] for i in dm.train_subset(samples.labels)])
+        dataset = ImageFolderDataset(samples, tf, hp.skip_corrupt)
         sampler = None
         if not train and world_size > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)

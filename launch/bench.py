@@ -9,6 +9,7 @@ Each table is also written to benchmarks/results/<name>.md with its command and 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -18,7 +19,12 @@ DEFAULT = ("augment", "overhead", "loader")
 
 
 def main(argv: list[str]) -> int:
-    names = [a for a in argv if not a.startswith("-")] or list(DEFAULT)
+    """Run the benchmark scripts of benchmarks/ and print their tables."""
+    ap = argparse.ArgumentParser(prog="zoo bench", description=main.__doc__)
+    ap.add_argument("names", nargs="*", metavar="NAME",
+                    help=f"benchmarks to run, of {', '.join(BENCHES)} (default: {' '.join(DEFAULT)})")
+    args = ap.parse_args(argv)
+    names = args.names or list(DEFAULT)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         print(f"error: unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHES)}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Deep ensembles of independently trained checkpoints (Lakshminarayanan et al. 2017): every
 member is loaded with ``zoo.load(weights=ckpt)`` (``weights_only=True``; EMA weights when the
-checkpoint has them, ``--no-ema`` for the trained ones), evaluated on the val split, and the
+checkpoint has them, ``--ema false`` for the trained ones), evaluated on the val split, and the
 table (per member, best member, ensemble: top-1, top-5, NLL, Brier, ECE) printed and written
 with a reliability diagram into the run directory (``--run.root/ensemble/<id>``).
 Same-architecture members run stacked (torch.func vmap), see callbacks/ensemble.py.
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from launch.run_dir import resumed_run_dir, run_id
 
 
 class EnsembleError(ValueError):
@@ -83,10 +85,33 @@ def load_members(paths: list[str], use_ema: bool = True):
     return members, (next(iter(known.values())) if known else None)
 
 
-def main(argv: list[str]) -> int:
-    from launch.cli import run_id
+# the spellings before one flag style (launch/flags.py): accepted with a deprecation line
+RENAMED = {"--no-ema": ("--ema", "false"), "--no-stack": ("--stack", "false")}
 
-    ap = argparse.ArgumentParser(prog="zoo ensemble", description=__doc__.split("\n\n")[0])
+
+def run_name(path: str) -> Optional[str]:
+    """A checkpoint's run as ``<name>/<id>`` when it lies in a run directory (with ``/<file>``
+    where the file is not ``last.ckpt``); None elsewhere."""
+    p = Path(path)
+    run = resumed_run_dir(path) if p.suffix == ".ckpt" else None
+    if run is None:
+        return None
+    label = f"{run.parent.name}/{run.name}"
+    return label if p.name == "last.ckpt" else f"{label}/{p.stem}"
+
+
+def member_labels(paths: list[str]) -> list[str]:
+    """Short row labels: the run name, else the file name; the path as given where two would match."""
+    labels = [run_name(p) or Path(p).name for p in paths]
+    return [lab if labels.count(lab) == 1 else p for lab, p in zip(labels, paths)]
+
+
+def main(argv: list[str]) -> int:
+    """Evaluate several checkpoints and their ensemble on the val split."""
+    from launch.flags import add_bool, deprecated
+
+    argv = deprecated(argv, RENAMED, "zoo ensemble")
+    ap = argparse.ArgumentParser(prog="zoo ensemble", description=main.__doc__)
     ap.add_argument("checkpoints", nargs="+", help="member checkpoints (.ckpt, .safetensors, hub ids)")
     ap.add_argument("--data.root", dest="root", default=None, help="ImageNet-format folder; default: the embedded dataset")
     ap.add_argument("--data.backend", dest="backend", default=None, choices=["ffcv", "torchvision"],
@@ -94,10 +119,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--data.batch_size", dest="batch_size", type=int, default=None)
     ap.add_argument("--data.num_workers", dest="num_workers", type=int, default=None)
     ap.add_argument("--combine", default="mean_prob", choices=["mean_prob", "mean_logit", "vote"])
-    ap.add_argument("--no-ema", dest="use_ema", action="store_false", help="the trained weights, not the EMA")
-    ap.add_argument("--stack", dest="stack", action="store_true", default=None,
-                    help="run same-architecture members stacked (vmap); default: on a GPU, and MLPs on any device")
-    ap.add_argument("--no-stack", dest="stack", action="store_false", help="loop over members (no vmap)")
+    add_bool(ap, "--ema", True, "the checkpoints' EMA weights where they have them (false: the trained ones)", dest="use_ema")
+    add_bool(ap, "--stack", None, "run same-architecture members stacked (vmap; false: loop over members); "
+             "default: on a GPU, and MLPs on any device")
     ap.add_argument("--run.root", dest="run_root", default="runs")
     args = ap.parse_args(argv)
     from datamodules.imagenet import DataError, ImageNetDataModule
@@ -130,8 +154,7 @@ def main(argv: list[str]) -> int:
             labels.append(y.clone())  # FFCV reuses its batch buffers: keep a copy
     dt = time.perf_counter() - t0
     logits, y = torch.cat(logits, 1), torch.cat(labels)
-    names = [Path(p).name if Path(p).name not in {Path(q).name for q in args.checkpoints if q != p}
-             else p for p in args.checkpoints]
+    names = member_labels(args.checkpoints)
     rows = evaluate_members(logits, y, names, args.combine)
     print(f"{len(members)} members, {y.numel()} val images, {y.numel() / dt:.0f} images/s "
           f"({'stacked' if args.stack else 'looped'})")
@@ -139,11 +162,11 @@ def main(argv: list[str]) -> int:
     (run_dir / "ensemble.json").write_text(json.dumps(
         {"checkpoints": args.checkpoints, "combine": args.combine, "images": int(y.numel()), "rows": rows}, indent=1))
     best = min(range(len(names)), key=lambda i: (-rows[names[i]]["top1"], rows[names[i]]["nll"]))
-    from callbacks.ensemble import combine
+    from callbacks.ensemble import combine, ranking_scores
 
     png = reliability_png(run_dir / "reliability.png", {
         f"best member ({names[best]})": (logits[best].softmax(-1), y),
-        f"ensemble ({args.combine})": (combine(logits, args.combine), y),
+        f"ensemble ({args.combine})": (combine(logits, args.combine), y, ranking_scores(logits, args.combine)),
     })
     print(f"reliability diagram: {png}\nlogs: {run_dir}", flush=True)
     return 0

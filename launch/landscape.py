@@ -188,7 +188,15 @@ def _to_wandb(run_dir: Path, out: Path, pngs: tuple[Path, Path], title: str) -> 
     return mode
 
 
+# the spellings before one flag style (launch/flags.py): accepted with a deprecation line
+RENAMED = {"--batch-size": ("--data.batch_size",), "--out": ("--out_dir",), "--no-wandb": ("--wandb", "false")}
+
+
 def main(argv: list[str]) -> int:
+    """Plot a checkpoint's loss surface along random filter-normalised directions."""
+    from launch.flags import add_bool, deprecated
+
+    argv = deprecated(argv, RENAMED, "zoo landscape")
     p = argparse.ArgumentParser(prog="zoo landscape", description="loss surface along filter-normalised directions")
     p.add_argument("ckpt", help="Lightning checkpoint of a zoo run (checkpoints/last.ckpt)")
     p.add_argument("--data.root", dest="root", default=None, help="ImageNet-format folder (default: the embedded data)")
@@ -197,11 +205,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--grid", type=int, default=15, help="points per side of the 2-D grid")
     p.add_argument("--span", type=float, default=1.0, help="directions are scanned over [-span, span]")
     p.add_argument("--res", type=int, default=None, help="image side (default: the model's input size)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--data.batch_size", dest="batch_size", type=int, default=128, help="images per loss evaluation")
     p.add_argument("--seed", type=int, default=0, help="seeds the directions and the subset")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--out", default=None, help="output directory (default: <run dir>/landscape)")
-    p.add_argument("--no-wandb", action="store_true")
+    p.add_argument("--out_dir", default=None, help="output directory (default: <run dir>/landscape)")
+    add_bool(p, "--wandb", True, "log the plots to the run's W&B run (offline unless WANDB_MODE=online)")
     args = p.parse_args(argv)
     if args.steps < 3 or args.grid < 2 or args.span <= 0 or args.images < 1:
         print("error: need --steps >= 3, --grid >= 2, --span > 0 and --images >= 1", file=sys.stderr)
@@ -226,7 +234,7 @@ def main(argv: list[str]) -> int:
           f"{args.steps} steps x 2 directions + {args.grid}x{args.grid} grid over [-{args.span}, {args.span}]")
     res = landscape(model, x, y, steps=args.steps, grid=args.grid, span=args.span, seed=args.seed,
                     batch_size=args.batch_size, progress=lambda j: tqdm(j, desc="loss evaluations", file=sys.stderr))
-    out = _out_dir(ckpt, args.out)
+    out = _out_dir(ckpt, args.out_dir)
     title = f"{model.hparams.arch}" + ("+skip" if (model.hparams.arch_args or {}).get("skip") else "")
     with open(out / "landscape_1d.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -243,8 +251,8 @@ def main(argv: list[str]) -> int:
         losses = res["line"][k, :, 0]
         print(f"d{k + 1}: loss {losses[i0]:.4f} at 0, {losses[0]:.4f} at -{args.span:g}, {losses[-1]:.4f} at "
               f"+{args.span:g}; lowest {losses.min():.4f} at {res['alphas'][int(losses.argmin())]:+.2f}")
-    run_dir = out.parent if ckpt.parent.name == "checkpoints" and not args.out else out
-    mode = None if args.no_wandb else _to_wandb(run_dir, out, pngs, title)
+    run_dir = out.parent if ckpt.parent.name == "checkpoints" and not args.out_dir else out
+    mode = _to_wandb(run_dir, out, pngs, title) if args.wandb else None
     print(f"table: {out / 'landscape_1d.csv'} (2-D grid: {out / 'landscape.npz'})")
     print(f"plots: {pngs[0]} {pngs[1]}")
     if mode:

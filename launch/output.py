@@ -4,7 +4,8 @@ and real warnings; third-party notices that ask nothing of the user only with ``
 
 Hidden by default (each is printed on every run, on every machine, and needs no action):
 
-* Lightning's tip recommending the LitLogger product (``logger_connector.py``).
+* Lightning's tips recommending the LitLogger and litmodels products (``logger_connector.py``,
+  ``callback_connector.py``).
 * "The `srun` command is available on your system but is not used" (Lightning's
   SLURMEnvironment, shown on any machine where Slurm is installed, also outside a job).
 * "SLURM auto-requeueing enabled. Setting signal handlers." (Lightning's; under Slurm the zoo's
@@ -25,6 +26,7 @@ import warnings
 
 NOISE = (
     "litlogger",  # "💡 Tip: ... try installing [litlogger]"
+    "litmodels",  # "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]"
     "GPU available:",
     "TPU available:",
     "HPU available:",

@@ -2,7 +2,7 @@
 atomic and unpickling-free checkpoint files, run names that stay in the run root, no secrets
 in what a run writes.
 
-Used by ``launch/cli.py`` only (launch/ is imported by nothing).
+Used by the ``zoo`` command (``launch/zoo_cli.py``, ``launch/errors.py``) only (launch/ is imported by nothing).
 """
 
 from __future__ import annotations

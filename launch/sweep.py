@@ -47,6 +47,8 @@ from typing import Any, Optional
 
 import yaml
 
+from launch.errors import requeue, user_errors
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "launch" / "recipes"
 SBATCH = REPO / "launch" / "slurm" / "sweep.sbatch"
@@ -477,7 +479,7 @@ class TrialPreempted(Exception):
 
 def _train_in_process(argv: list[str], env: dict[str, str]) -> int:
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # launch.cli.run_id() reads ZOO_RUN_ID first
+    os.environ.update(env)  # launch.run_dir.run_id() reads ZOO_RUN_ID first
     try:
         return _train_main(argv)
     except KeyboardInterrupt:
@@ -501,7 +503,7 @@ def _train_main(argv: list[str]) -> int:
 
     from datamodules.imagenet import ImageNetDataModule
     from callbacks.preemption import Preempted
-    from launch.cli import ZooCLI, _requeue, _user_errors
+    from launch.zoo_cli import ZooCLI  # Lightning: imported when a trial runs, not for `zoo sweep --status`
     from zoo.base import ImageClassifier
 
     class Tracker(L.Callback):
@@ -536,11 +538,11 @@ def _train_main(argv: list[str]) -> int:
     try:
         TrialCLI(ImageClassifier, ImageNetDataModule, args=fit_args, save_config_kwargs={"overwrite": True},
                  parser_kwargs={"parser_mode": "yaml"})
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as stop:  # every rank: saved at one step; rank 0 requeues the job
-        return _requeue(stop) or PREEMPTED_EXIT
+        return requeue(stop) or PREEMPTED_EXIT
     return 0
 
 
@@ -750,22 +752,28 @@ def worker_main(argv: list[str]) -> int:
     return 1
 
 
+# the spellings before one flag style (launch/flags.py): accepted with a deprecation line
+RENAMED = {"--root": ("--run.root",), "--no-wandb": ("--wandb", "false"), "--in-process": ("--in_process",)}
+
+
 def main(argv: list[str]) -> int:
-    if argv and argv[0] == "_train":
-        return _train_main(argv[1:])
-    if argv and argv[0] == "worker":
-        return worker_main(argv[1:])
+    """Hyperparameter sweep of a recipe (Optuna), here or as a Slurm array."""
+    from launch.flags import add_bool, deprecated
+
     slurm_opts = None
     if "--slurm" in argv:
         i = argv.index("--slurm")
         argv, slurm_opts = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog="zoo sweep", description="hyperparameter sweep (Optuna, journal file)")
+    argv = deprecated(argv, RENAMED, "zoo sweep")
+    p = argparse.ArgumentParser(prog="zoo sweep", description="hyperparameter sweep (Optuna, journal file)",
+                                epilog="--slurm [SBATCH OPTIONS...]: submit the rounds as Slurm job arrays; the words "
+                                       "after --slurm go to sbatch (e.g. --partition=gpu --gpus-per-node=8)")
     p.add_argument("spec", help="sweep spec YAML (launch/sweeps/*.yaml)")
-    p.add_argument("--root", default="runs/sweeps", help="parent of sweep directories")
-    p.add_argument("--status", action="store_true", help="print the ranked table (and write CSV + plot), run nothing")
-    p.add_argument("--no-wandb", action="store_true", help="do not log the summary to W&B")
-    p.add_argument("--in-process", action="store_true",
-                   help="local: train trials in this process (no interpreter start per trial; an exception fails the trial, a hard crash such as an OOM kill ends the sweep)")
+    p.add_argument("--run.root", dest="root", default="runs/sweeps", help="parent of sweep directories")
+    add_bool(p, "--status", False, "print the ranked table (and write CSV + plot), run nothing")
+    add_bool(p, "--wandb", True, "log the summary to W&B")
+    add_bool(p, "--in_process", False,
+             help="local: train trials in this process (no interpreter start per trial; an exception fails the trial, a hard crash such as an OOM kill ends the sweep)")
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec)
@@ -785,12 +793,12 @@ def main(argv: list[str]) -> int:
         elif slurm_opts is not None:
             jobs = submit_slurm(sweep, slurm_opts)
             print(f"submitted: round arrays {', '.join(jobs[:-1])}, report job {jobs[-1]}")
-            print(f"status: zoo sweep {args.spec} --root {args.root} --status")
+            print(f"status: zoo sweep {args.spec} --run.root {args.root} --status")
             print(f"logs: {sweep.dir / 'slurm'}")
             return 0
         else:
             run_local(sweep, in_process=args.in_process)
-        csv_path, png = report(sweep, to_wandb=not args.status and not args.no_wandb)
+        csv_path, png = report(sweep, to_wandb=not args.status and args.wandb)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -799,5 +807,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def internal_main(argv: list[str]) -> int:
+    """`python -m launch.sweep _train ...` (one trial's process) and `... worker ...` (one Slurm
+    array task, launch/slurm/sweep.sbatch): the sweep's own verbs, not offered by `zoo sweep`."""
+    if argv and argv[0] == "_train":
+        return _train_main(argv[1:])
+    if argv and argv[0] == "worker":
+        return worker_main(argv[1:])
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(internal_main(sys.argv[1:]))

@@ -1,5 +1,5 @@
-"""Every bad input of README's "Bad input" table: one line naming the thing and the fix, exit
-code 2, and nothing half-written (no run directory, no W&B run, no temporary file)."""
+"""Every bad input of the "Bad input" table (docs/reliability.md): one line naming the thing and
+the fix, exit code 2, and nothing half-written (no run directory, no W&B run, no temporary file)."""
 
 from __future__ import annotations
 
@@ -197,9 +197,9 @@ def test_bad_input(row, tmp_path, capsys, monkeypatch):
         assert not [p for p in (tmp_path / "betons").rglob("*") if p.is_file() and p.suffix != ".lock"]
 
 
-def test_bad_input_table_in_readme_lists_every_row():
-    readme = (REPO / "README.md").read_text()
-    missing = [r for r in ROWS if f"`{r}`" not in readme]
+def test_bad_input_table_in_the_docs_lists_every_row():
+    page = (REPO / "docs" / "reliability.md").read_text()
+    missing = [r for r in ROWS if f"`{r}`" not in page]
     assert not missing, missing
 
 

@@ -147,6 +147,12 @@ def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_pat
         (["--model.arch", "timm/resnet5x"], "unknown timm architecture"),
         (["--data.root", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
         (["--model.weights", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
+        (["--model.arch_args", '{"init": "he"}'], "unknown init 'he'; choose one of fan_in, xavier, normal, small"),
+        (["--model.arch", "mlp", "--data.train_res", "null", "--data.val_res", "null"],
+         """mlp flattens images of one fixed size: give it with --model.arch_args '{"input_size": N}'"""),
+        (["--model.arch", "mlp", "--model.arch_args", '{"input_size": 16}'],
+         "mlp is built for 16 px images (arch_args input_size) but data.train_res is 32 and data.val_res is 32"),
+        (["--model.arch", "logreg", "--data.val_res", "24"], "data.train_res 32 and data.val_res 24 differ"),
     ],
 )
 def test_user_mistakes_end_in_one_line(args, expected, tmp_path, capsys, tiny_imagenet):
@@ -185,7 +191,7 @@ def _distinct_recipes() -> list[Path]:
 def _instantiate(recipe: Path, data: Path, tmp_path: Path):
     """Parse a recipe and build its model, callbacks, DataModule and trainer without running."""
     from datamodules.imagenet import ImageNetDataModule
-    from launch.cli import ZooCLI
+    from launch.zoo_cli import ZooCLI
     from zoo.base import ImageClassifier
 
     return ZooCLI(ImageClassifier, ImageNetDataModule, run=False, parser_kwargs={"parser_mode": "yaml"},
@@ -259,8 +265,10 @@ PUBLISHED_PER_STEP_LR = {
     # (cosine_scheduler(args.lr, ...), no rescaling); the resnext50 recipe reuses it
     "convnext_tiny": 4e-3,
     "resnext50_32x4d": 4e-3,
-    # this project's own choice, measured on the 2-core machine (README "make demo"): 0.1 at 64
+    # this project's own choice, measured on the 2-core machine (docs/benchmarks.md, "Demo"): 0.1 at 64
     "demo": 0.1,
+    # this project's own choice for the new head, at batch 16 (docs/fine-tuning.md, worked example)
+    "finetune_*": 0.05,
 }
 
 
@@ -334,3 +342,36 @@ def test_sbatch_launches_two_ddp_tasks(tiny_imagenet, tmp_path):
     assert sorted(cpus) == [0, 1], log[-3000:]
     sets = [set(map(int, v.strip("[]").split(","))) for v in cpus.values()]
     assert all(len(s) == 1 for s in sets) and not sets[0] & sets[1], cpus
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25)])
+def test_limit_batches_one_means_one_batch(value, expected, tmp_path, tiny_imagenet):
+    """``--trainer.limit_train_batches 1`` is one batch (an int), as Trainer(limit_train_batches=1);
+    ``1.0`` stays 100 %. On the command line and in a YAML file alike."""
+    from launch.zoo_cli import ZooCLI
+    from datamodules.imagenet import ImageNetDataModule
+    from zoo.base import ImageClassifier
+
+    recipe = tmp_path / "limits.yaml"
+    recipe.write_text(f"trainer:\n  limit_val_batches: {value}\n")
+    cli = ZooCLI(ImageClassifier, ImageNetDataModule, run=False, parser_kwargs={"exit_on_error": False},
+                 args=["--config", str(REPO / "launch/recipes/demo.yaml"), "--config", str(recipe),
+                       *tiny_data(tiny_imagenet), "--trainer.limit_train_batches", value,
+                       "--run.root", str(tmp_path), "--run.logger", "none"])
+    for got in (cli.trainer.limit_train_batches, cli.trainer.limit_val_batches):
+        assert got == expected and type(got) is type(expected)
+
+
+def test_fixed_input_model_takes_the_data_resolution(tmp_path, tiny_imagenet):
+    """``--model.arch mlp`` without input_size on 32 px data: built for 32 px (~1.6 M parameters
+    at width 512), not the registry's 224 (77 M), and its data config says 32."""
+    from launch.zoo_cli import ZooCLI
+    from datamodules.imagenet import ImageNetDataModule
+    from zoo.base import ImageClassifier
+
+    cli = ZooCLI(ImageClassifier, ImageNetDataModule, run=False, parser_kwargs={"exit_on_error": False},
+                 args=["--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
+                       "--model.arch", "mlp", "--run.root", str(tmp_path), "--run.logger", "none"])
+    assert cli.model.net.input_shape == (3, 32, 32) and cli.model.hparams.arch_args["input_size"] == 32
+    assert sum(p.numel() for p in cli.model.parameters()) < 2_000_000
+    assert cli.model.data_config["input_size"] == 32 and cli.datamodule.val_resolution == 32

@@ -733,3 +733,60 @@ def test_flip_zero_never_flips(tiny_imagenet, tmp_path, backend):
     assert (signs > 0).all(), f"flip=0 flipped {(signs < 0).sum().item()} of {len(signs)} crops"
     with pytest.raises(DataError, match=r"flip=1.5 must be a probability"):
         ImageNetDataModule(root=str(tiny_imagenet), backend=backend, flip=1.5)
+
+
+# --------------------------------------------------------------------------- train_per_class
+@pytest.mark.parametrize("backend", [pytest.param("ffcv", marks=[needs_ffcv, pytest.mark.slow]), "torchvision"])
+def test_train_per_class_reads_n_images_of_each_class(tiny_imagenet, tmp_path, backend):
+    dm = ImageNetDataModule(root=str(tiny_imagenet), backend=backend, batch_size=3, num_workers=1 if backend == "ffcv" else 0,
+                            train_res=RES, val_res=RES, max_resolution=100, beton_dir=str(tmp_path), progress=False,
+                            drop_last=False, train_per_class=2, seed=5)
+    dm.prepare_data()
+    dm.setup("fit")
+    _, y = _epoch(dm.train_dataloader())
+    assert sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]  # 2 of the 6 per class, every epoch
+    _, y2 = _epoch(dm.train_dataloader())
+    assert sorted(y2.tolist()) == [0, 0, 1, 1, 2, 2]
+    _, yv = _epoch(dm.val_dataloader())
+    assert len(yv) == 9  # val untouched
+
+
+def test_train_per_class_subset_is_the_same_on_every_backend_and_rank(tiny_imagenet, tmp_path):
+    from datamodules.samplers import per_class_subset
+
+    def dm(**kw):
+        return ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=2, num_workers=0,
+                                  train_res=RES, val_res=RES, drop_last=False, train_per_class=2, seed=5, **kw)
+
+    tv = dm()
+    tv.prepare_data()
+    tv.setup("fit")
+    labels = tv.backend._samples["train"].labels
+    idx = tv.train_subset(labels)
+    assert sorted(np.bincount(labels[idx]).tolist()) == [2, 2, 2]
+    assert np.array_equal(idx, per_class_subset(labels, 2, 5))  # a function of labels and seed only
+    assert not np.array_equal(idx, per_class_subset(labels, 2, 6))  # another seed, another subset
+    if importlib.util.find_spec("ffcv") is not None:
+        from datamodules.ffcv_io import beton_labels
+
+        fv = ImageNetDataModule(root=str(tiny_imagenet), backend="ffcv", batch_size=2, num_workers=1, train_res=RES,
+                                val_res=RES, max_resolution=100, beton_dir=str(tmp_path), progress=False,
+                                train_per_class=2, seed=5)
+        fv.prepare_data()
+        # the .beton is written in the split's order: the same indices are the same images
+        assert np.array_equal(fv.train_subset(beton_labels(fv.beton_path("train"))), idx)
+    # two ranks: each reads its share of the same subset, together all of it
+    picked = [tv.backend._samples["train"][int(i)] for i in idx]
+    seen = []
+    for rank in (0, 1):
+        loader = tv.backend.loader("train", train=True, rank=rank, world_size=2)
+        seen += [loader.dataset.samples[i] for i, _ in loader.sampler]
+    assert sorted(set(seen)) == sorted(picked)
+    with pytest.raises(DataError, match=r"train_per_class=1 keeps 3 train images, fewer than one batch of 4"):
+        d = ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", batch_size=4, num_workers=0,
+                               train_res=RES, val_res=RES, train_per_class=1)
+        d.prepare_data()
+        d.setup("fit")
+        d.train_dataloader()
+    with pytest.raises(DataError, match=r"train_per_class=0 must be a whole number >= 1"):
+        ImageNetDataModule(root=str(tiny_imagenet), backend="torchvision", train_per_class=0)

@@ -189,3 +189,30 @@ def test_zoo_ensemble_prints_the_table_and_writes_the_diagram(tiny_imagenet, tmp
     assert "3 members, 9 val images" in out and "ensemble (vote)" in out and "best member (m" in out
     run = next((tmp_path / "ensemble").iterdir())
     assert (run / "reliability.png").stat().st_size > 1000 and (run / "ensemble.json").exists()
+
+
+def test_vote_ece_of_calibrated_votes_is_zero():
+    # 3 members, 3 classes, 6 images. Images 0-2: unanimous and right (confidence 1, accuracy 1).
+    # Images 3-5: two of three members vote the predicted class (confidence 2/3), right on 2 of
+    # the 3 images (accuracy 2/3). Perfectly calibrated: ECE 0 (the old path gave 0.42).
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    votes = torch.tensor([[0, 1, 2, 0, 1, 0],   # member 0
+                          [0, 1, 2, 0, 1, 0],   # member 1
+                          [0, 1, 2, 1, 2, 2]])  # member 2: the dissenter on images 3-5
+    logits = torch.nn.functional.one_hot(votes, 3).float() * 5.0
+    rows = evaluate_members(logits, y, ["a", "b", "c"], "vote")
+    ens = rows["ensemble (vote)"]
+    assert ens["top1"] == pytest.approx(5 / 6)
+    assert ens["ece"] == pytest.approx(0.0, abs=1e-6)
+    # all unanimous and right
+    unanimous = torch.nn.functional.one_hot(y[:3].expand(3, 3), 3).float() * 5.0
+    assert evaluate_members(unanimous, y[:3], ["a", "b", "c"], "vote")["ensemble (vote)"]["ece"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ece_from_confidence_and_correctness():
+    from callbacks.ensemble import expected_calibration_error
+
+    conf = torch.tensor([1.0, 1.0, 0.5, 0.5])
+    correct = torch.tensor([True, False, True, False])
+    # bin 1.0: accuracy 0.5 (gap 0.5, weight 1/2); bin 0.5: accuracy 0.5 (gap 0)
+    assert expected_calibration_error(conf, correct) == pytest.approx(0.25, abs=1e-6)

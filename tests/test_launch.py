@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import cli
-from launch.cli import main, run_id
+from launch.run_dir import WANDB_ID_FILE, run_id
+from launch.cli import main
 from tests.test_cli import REPO, ZOO, tiny_data
 from tests.wandb_records import history, wait_complete
 from tests.wandb_records import run_id as wandb_file_run_id
@@ -120,7 +120,7 @@ def test_resume_continues_run_dir_last_ckpt_and_wandb_run(tiny_imagenet, tmp_pat
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*")) == ["last.ckpt"]
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
 
-    wid = (run_dir / cli.WANDB_ID_FILE).read_text().strip()
+    wid = (run_dir / WANDB_ID_FILE).read_text().strip()
     parts = sorted((run_dir / "wandb").glob("offline-run-*"))
     # wandb names a folder offline-run-<second>-<id>, with "-1" appended when a second part
     # starts within the same second (seen on an idle machine)
@@ -242,7 +242,7 @@ def test_preemption_signal_to_one_rank_stops_every_rank_at_one_step(tiny_imagene
     (part,) = (run_dir / "wandb").glob("offline-run-*")
     (run_file,) = part.glob("run-*.wandb")
     wait_complete(run_file, timeout=5)
-    assert wandb_file_run_id(run_file) == (run_dir / cli.WANDB_ID_FILE).read_text().strip()
+    assert wandb_file_run_id(run_file) == (run_dir / WANDB_ID_FILE).read_text().strip()
     steps = sorted({row["trainer/global_step"] for row in history(run_file) if "train/loss_step" in row})
     assert steps == list(range(0, g)), (g, steps)
 
@@ -255,9 +255,9 @@ def test_preempted_sweep_trial_stays_running_for_the_requeued_task(tiny_imagenet
 
     monkeypatch.setattr(zsweep, "_train_in_process", lambda argv, env: zsweep.PREEMPTED_EXIT)
     spec, root = _tiny_spec(tmp_path, tiny_imagenet), tmp_path / "sweeps"
-    main(["sweep", spec, "--root", str(root), "--in-process", "--no-wandb"])
+    main(["sweep", spec, "--run.root", str(root), "--in_process", "--wandb", "false"])
     assert "round 1 trial 0: preempted; the requeued task resumes it" in capsys.readouterr().err
-    assert main(["sweep", spec, "--root", str(root), "--status"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--status"]) == 0
     status = capsys.readouterr().out
     assert "RUNNING" in status and "FAIL" not in status and "WAITING" not in status, status
 
@@ -357,7 +357,7 @@ def test_preempted_job_requeues_and_resumes(tiny_imagenet, tmp_path):
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == epochs - 1
     # one W&B run in two offline parts; the step goes on from the hpc checkpoint
     g = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
-    wid = (run_dir / cli.WANDB_ID_FILE).read_text().strip()
+    wid = (run_dir / WANDB_ID_FILE).read_text().strip()
     parts = sorted((run_dir / "wandb").glob("offline-run-*"))
     same_id = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(wid)}(-\d+)?")  # "-1": same second
     assert [bool(same_id.fullmatch(p.name)) for p in parts] == [True, True], parts

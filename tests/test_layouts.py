@@ -134,3 +134,14 @@ def test_incomplete_layout_says_what_is_missing(tmp_path, remove, message):
     with pytest.raises(DataError, match=message) as e:
         _dm(root).classes  # noqa: B018
     assert "\n" not in str(e.value)
+
+
+def test_official_archive_with_another_md5_says_download_it_again(tmp_path):
+    """Without no_md5: the fake archives fail torchvision's md5 check, as a truncated download does."""
+    root = make_official(tmp_path / "imagenet")
+    with pytest.raises(DataError) as e:
+        _dm(root).classes  # noqa: B018
+    msg = str(e.value)
+    assert "\n" not in msg and "MD5 checksum differs from image-net.org's" in msg and "download it again" in msg
+    assert "ILSVRC2012_devkit_t12.tar.gz" in msg  # the devkit is read first
+    assert "not present" not in msg and "tmp" not in msg.split(":")[-1]

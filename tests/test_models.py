@@ -157,6 +157,44 @@ def test_mlp_fan_in_init(activation, gain2):
     assert net.fc.weight.std().item() == pytest.approx(math.sqrt(1 / 256), rel=0.1)  # logits: gain 1
 
 
+# (arch, arch_args, the first weighted layer, its activation's fan-in gain^2, its fan_in, fan_out)
+INIT_CASES = [
+    ("mlp", {"input_size": 16, "width": 256, "activation": "relu"}, lambda n: n.blocks[0].fc, 2.0, 768, 256),
+    ("mlp", {"input_size": 16, "width": 256, "activation": "sigmoid"}, lambda n: n.blocks[0].fc, 1.0, 768, 256),
+    ("convnet", {"widths": [32, 64]}, lambda n: n.stages[1][0].conv, 2.0, 32 * 9, 64 * 9),
+    ("logreg", {"input_size": 16}, lambda n: n.fc, 1.0, 768, 10),
+    ("resnet18", {}, lambda n: n.layer2[0].conv2, 2.0, 128 * 9, 128 * 9),  # any family: one helper
+]
+
+
+@pytest.mark.parametrize("arch,args,layer,gain2,fan_in,fan_out", INIT_CASES, ids=[f"{c[0]}-{c[1].get('activation', '')}" for c in INIT_CASES])
+@pytest.mark.parametrize("scheme", ["fan_in", "xavier", "normal", "small"])
+def test_arch_args_init_schemes(scheme, arch, args, layer, gain2, fan_in, fan_out):
+    from zoo.base import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier(arch=arch, num_classes=10, arch_args={**args, "init": scheme})
+    w = layer(model.net).weight
+    expected = {"fan_in": math.sqrt(gain2 / fan_in), "xavier": math.sqrt(2 / (fan_in + fan_out)),
+                "normal": 1.0, "small": 0.01}[scheme]
+    assert w.std().item() == pytest.approx(expected, rel=0.1)
+    assert abs(w.mean().item()) < 0.1 * expected
+    b = layer(model.net).bias
+    assert b is None or b.abs().max() == 0
+    assert model.hparams.arch_args["init"] == scheme  # a checkpoint rebuilds with it
+
+
+def test_unknown_init_is_one_line_listing_the_choices():
+    from zoo.base import ImageClassifier
+
+    for build in (lambda: ImageClassifier(arch="mlp", num_classes=3, arch_args={"input_size": 8, "init": "he"}),
+                  lambda: registry.create_network("convnet", num_classes=3, init="kaiming"),
+                  lambda: ImageClassifier(arch="resnet18", num_classes=3, arch_args={"init": "he"})):
+        with pytest.raises(ValueError, match=r"unknown init '\w+'; choose one of fan_in, xavier, normal, small") as e:
+            build()
+        assert "\n" not in str(e.value)
+
+
 def test_mlp_relu_init_keeps_activation_scale_with_depth():
     """He init: the second moment of ReLU activations stays O(1) through 8 layers."""
     torch.manual_seed(0)
@@ -231,7 +269,7 @@ def test_mlp_norms(norm, cls):
 
 def test_mlp_rejects_bad_options():
     with pytest.raises(ValueError, match="activation"):
-        registry.create_network("mlp", activation="tanh", input_size=4)
+        registry.create_network("mlp", activation="softsign", input_size=4)
     with pytest.raises(ValueError, match="norm"):
         registry.create_network("mlp", norm="groupnorm", input_size=4)
 

@@ -5,8 +5,8 @@ Checkpoints are written at every epoch end (last.ckpt); a run killed inside epoc
 from the end of epoch e-1 and trains epoch e again from its first batch, which is exact when
 the epoch's sample order and augmentation depend only on (seed, epoch). A checkpoint saved
 inside an epoch (``mid_epoch_checkpoint``: a preempted job's hpc checkpoint) resumes at the
-next batch of that epoch: the loaders skip what was trained. See README "Killed anywhere,
-resumed exactly" for what Lightning and FFCV allow mid-epoch.
+next batch of that epoch: the loaders skip what was trained. See docs/reliability.md, "Killed
+anywhere, resumed exactly", for what Lightning and FFCV allow mid-epoch.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_killed_2_process_ddp_resumed_exactly(backend, tmp_path):
     reference: dict[int, dict] = {}
     table = []
     # ZOO_FULL_DDP_MATRIX=1: every kill point (about 4 more minutes on 2 cores, over make test's
-    # 15-minute budget, so not by default; README "Killed anywhere" has its last results)
+    # 15-minute budget, so not by default; docs/reliability.md "Killed anywhere" has its last results)
     for point, step, acc in KILL_POINTS if os.environ.get("ZOO_FULL_DDP_MATRIX") == "1" else KILL_POINTS[:1]:
         args = _args(root, runs, backend, acc, devices=2)  # global batch 4: 2 per rank, 4 steps per epoch
         if acc not in reference:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -44,16 +45,16 @@ def _fit_with_diagnosis(model, epochs):
     return diag
 
 
-def test_fit_diagnosis_calls_an_over_regularised_model_underfitting():
+def test_fit_diagnosis_calls_a_loss_that_never_moves_not_learning():
     torch.manual_seed(0)
-    # logreg with a tiny LR and a huge weight decay: the train loss stays at ln(4)
+    # logreg with a tiny LR (and a huge weight decay): the train loss never leaves ln(4)
     m = ImageClassifier(arch="logreg", num_classes=4, arch_args={"input_size": 12}, lr=1e-5,
                         lr_reference_batch=None, weight_decay=10.0, schedule="constant")
     diag = _fit_with_diagnosis(m, epochs=2)
     assert len(diag.history) == 2
     d = diag.last
-    assert d.verdict == "underfitting", d.line()
-    assert d.train_loss_ratio > 0.5
+    assert d.verdict == "not learning" and d.cause == "stuck", d.line()
+    assert "lr 1e-05 is too low" in d.reason and "train longer" not in d.reason
 
 
 def test_fit_diagnosis_calls_a_large_model_on_few_images_overfitting():
@@ -78,11 +79,97 @@ def test_fit_diagnosis_rule_and_state():
     m = {"train/loss_epoch": 0.05, "val/loss": 0.9}  # no train acc (mixup): the loss gap decides
     assert diag.diagnose(m, 1, 10).verdict == "overfitting"
     assert FitDiagnosis().diagnose({"val/loss": 1.0}, 0, 10) is None  # nothing to compare
-    with pytest.raises(ValueError, match="underfit_loss_ratio"):
-        FitDiagnosis(underfit_loss_ratio=2)
+    with pytest.raises(ValueError, match="underfit_progress"):
+        FitDiagnosis(underfit_progress=2)
     other = FitDiagnosis()
     other.load_state_dict(diag.state_dict())
     assert other.history == diag.history
+
+
+def _diagnose_history(epochs, num_classes=10, label_smoothing=0.0, lr=None):
+    """Feed a synthetic metric history (one dict per validation) through the rule, as the
+    callback does; return the last Diagnosis."""
+    diag = FitDiagnosis()
+    for epoch, (tl, ta, vl, va) in enumerate(epochs):
+        m = {"train/loss_epoch": tl, "val/loss": vl, **({"train/acc1": ta} if ta is not None else {}),
+             **({"val/acc1": va} if va is not None else {})}
+        d = diag.diagnose(m, epoch, num_classes, label_smoothing, lr)
+        diag.history.append(dataclasses.asdict(d))
+    return d
+
+
+def test_loss_floor_of_label_smoothing():
+    from callbacks.fit_diagnosis import loss_floor
+
+    assert loss_floor(10, 0.0) == 0.0
+    # the entropy of (0.91, 0.01 x 9): the smoothed target is the best prediction
+    assert loss_floor(10, 0.1) == pytest.approx(-(0.91 * math.log(0.91) + 9 * 0.01 * math.log(0.01)))
+    q = torch.full((10,), 0.01)
+    q[0] = 0.91
+    assert torch.nn.functional.cross_entropy(q.log()[None], torch.tensor([0]), label_smoothing=0.1).item() == pytest.approx(loss_floor(10, 0.1), rel=1e-5)
+
+
+def test_fit_diagnosis_label_smoothing_and_augmentation_are_not_underfitting():
+    # 10 classes, label smoothing 0.1 (floor 0.50): val top-1 0.976 while augmentation keeps the
+    # train loss at 1.40 > 0.5 x ln(10) = 1.15 (the old rule's line) and train top-1 below val's
+    hist = [(2.00, 0.50, 0.90, 0.80), (1.70, 0.72, 0.50, 0.90), (1.55, 0.82, 0.30, 0.94),
+            (1.47, 0.87, 0.20, 0.96), (1.42, 0.89, 0.15, 0.972), (1.40, 0.90, 0.12, 0.976)]
+    d = _diagnose_history(hist, label_smoothing=0.1, lr=0.05)
+    assert 1.40 > 0.5 * math.log(10)
+    assert d.verdict == "fine", d.line()
+    assert d.loss_floor == pytest.approx(0.5003, abs=1e-4)
+
+
+def test_fit_diagnosis_memorised_train_set_with_a_val_gap_is_overfitting():
+    # epoch 12: train top-1 1.000 vs val 0.707; val loss still creeps down (never 5 % above its best)
+    hist = [(2.0 - 0.15 * e, min(0.3 + 0.06 * e, 1.0), 1.20 - 0.02 * min(e, 10), 0.50 + 0.02 * min(e, 10) + 0.0035 * (e == 12))
+            for e in range(13)]
+    hist[-1] = (0.05, 1.000, 0.975, 0.707)
+    d = _diagnose_history(hist, lr=0.01)
+    assert d.epoch == 12 and d.val_loss_rise < 0.05
+    assert d.verdict == "overfitting", d.line()
+    assert "top-1 gap 0.293" in d.reason and "memorised" in d.reason
+
+
+def test_fit_diagnosis_val_stalled_with_a_gap_is_overfitting():
+    # train top-1 0.95 (not memorised), val stuck at 0.80 for 4 validations: the gap will not close
+    hist = [(1.0, 0.70, 0.80, 0.74), (0.6, 0.85, 0.66, 0.80), (0.4, 0.90, 0.65, 0.80),
+            (0.3, 0.93, 0.655, 0.80), (0.25, 0.95, 0.655, 0.801)]
+    d = _diagnose_history(hist)
+    assert d.verdict == "overfitting" and d.cause == "stalled", d.line()
+
+
+def test_fit_diagnosis_lr_too_low_is_not_learning_not_train_longer():
+    # LR 1e-6: the loss never moved from ln(10) = 2.3026, top-1 at chance
+    hist = [(2.3031, 0.098, 2.3029, 0.10), (2.3029, 0.101, 2.3028, 0.10), (2.3027, 0.102, 2.3027, 0.10),
+            (2.3026, 0.099, 2.3026, 0.11)]
+    d = _diagnose_history(hist, lr=1e-6)
+    assert d.verdict == "not learning" and d.cause == "stuck", d.line()
+    assert "lr 1e-06 is too low" in d.reason and "train longer" not in d.reason
+
+
+def test_fit_diagnosis_slow_and_plateaued_underfitting():
+    # still falling fast, far from fitted: too few epochs
+    slow = [(2.25, 0.15, 2.20, 0.18), (2.05, 0.25, 2.00, 0.27), (1.85, 0.33, 1.82, 0.35)]
+    d = _diagnose_history(slow, lr=0.01)
+    assert d.verdict == "underfitting" and d.cause == "slow", d.line()
+    assert "train longer" in d.reason
+    # flat at 35 % of the reachable drop: not a matter of epochs
+    flat = [(1.80, 0.38, 1.78, 0.38), (1.68, 0.40, 1.67, 0.40), (1.675, 0.40, 1.67, 0.41)]
+    d = _diagnose_history(flat, lr=0.01)
+    assert d.verdict == "underfitting" and d.cause == "plateau", d.line()
+    assert "more capacity" in d.reason and "train longer" not in d.reason
+
+
+def test_fit_diagnosis_fine_and_diverged():
+    good = [(0.9, 0.70, 0.80, 0.72), (0.5, 0.84, 0.50, 0.83), (0.35, 0.89, 0.40, 0.87)]
+    d = _diagnose_history(good)
+    assert d.verdict == "fine" and d.val_trend == "improving", d.line()
+    d = _diagnose_history([(2.0, 0.2, 2.0, 0.2), (float("nan"), None, float("nan"), 0.1)], lr=3.0)
+    assert d.verdict == "not learning" and d.cause == "diverged" and "too high" in d.reason, d.line()
+    # exploding but still finite: not "LR too low"
+    d = _diagnose_history([(2.4, 0.1, 3.0, 0.1), (9.0, 0.1, 40.0, 0.1), (6e23, 0.02, 8e26, 0.13)], lr=0.05)
+    assert d.verdict == "not learning" and d.cause == "diverged" and "lr 0.05 is too high" in d.reason, d.line()
 
 
 # ----------------------------------------------------------------------------- gradcheck
@@ -92,7 +179,7 @@ from zoo import diagnostics  # noqa: E402
 
 @pytest.mark.parametrize("arch", ["logreg", "mlp", "convnet"])
 def test_gradcheck_passes_on_the_zoo_small_models(arch, tmp_path, capsys):
-    assert main(["gradcheck", arch, "--out", str(tmp_path)]) == 0
+    assert main(["gradcheck", arch, "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "max relative error" in out and (tmp_path / "gradcheck.csv").is_file()
 
@@ -137,7 +224,7 @@ def test_gradcheck_catches_a_wrong_backward(tmp_path, capsys):
     name = "planted_wrong_backward"
     if name not in registry.list_models():
         registry.register_model(name, data_config=registry.DataConfig(input_size=6))(_PlantedNet)
-    assert main(["gradcheck", name, "--arch-args", '{"input_size": 6}', "--out", str(tmp_path)]) == 1
+    assert main(["gradcheck", name, "--model.arch_args", '{"input_size": 6}', "--out_dir", str(tmp_path)]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
@@ -145,13 +232,14 @@ def test_gradcheck_catches_a_wrong_backward(tmp_path, capsys):
 @pytest.mark.parametrize("arch,args,size", [("mlp", {"depth": 6, "width": 256, "input_size": 16}, 16),
                                             ("convnet", {}, 64)])  # the demo's ConvNet, as built
 def test_init_stats_default_keeps_scale_naive_blows_up_or_vanishes(arch, args, size):
+    from zoo.init import init_weights_
     from zoo.registry import create_network
 
-    def stats(std=None):
+    def stats(scheme=None):
         torch.manual_seed(0)
         net = create_network(arch, num_classes=10, **args)
-        if std is not None:
-            diagnostics.naive_init_(net, std)
+        if scheme is not None:
+            init_weights_(net, scheme)
         return diagnostics.init_stats(net, (3, size, size), batch_size=16)
 
     default = stats()
@@ -159,13 +247,46 @@ def test_init_stats_default_keeps_scale_naive_blows_up_or_vanishes(arch, args, s
     # logits follow a global average pool, which shrinks E[a^2] by itself (not an init effect)
     rows = default if arch == "mlp" else default[:-1]
     assert len(rows) >= 5 and diagnostics.max_scale_drift(rows) <= 2.0, [(s.layer, s.mean_square) for s in rows]
-    big, small = stats(1.0)[-2], stats(0.01)[-2]  # the last activation
+    big, small = stats("normal")[-2], stats("small")[-2]  # the last activation
     assert big.mean_square > 1e3 and small.mean_square < 1e-3
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_init_stats_shows_saturation_of_sigmoid_and_tanh(activation):
+    from zoo.init import init_weights_
+    from zoo.registry import create_network
+
+    def stats(scheme):
+        torch.manual_seed(0)
+        net = create_network("mlp", num_classes=10, activation=activation, input_size=16, depth=3, width=128)
+        init_weights_(net, scheme)
+        return [s for s in diagnostics.init_stats(net, (3, 16, 16), batch_size=32) if s.layer.startswith("blocks.")]
+
+    bad, good = stats("normal"), stats("fan_in")
+    assert len(bad) == 3 and all(s.saturated > 0.5 and s.flagged for s in bad), [(s.layer, s.saturated) for s in bad]
+    assert all(s.saturated < 0.1 and not s.flagged for s in good), [(s.layer, s.saturated) for s in good]
+    # E[a^2] alone does not tell: the saturated sigmoid's (~0.5, outputs near 0 and 1) is no
+    # farther from the input's 1 than fan-in's (~0.27, outputs near 0.5)
+    if activation == "sigmoid":
+        assert abs(math.log(bad[0].mean_square)) < abs(math.log(good[0].mean_square))
+    # the backward signal: reported per layer, and with sigmoid's derivative <= 1/4 it shrinks toward the input
+    assert all(s.grad_var is not None and s.grad_var > 0 for s in good)
+    assert good[0].grad_var < good[-1].grad_var
+
+
+def test_init_stats_command_flags_saturated_layers(tmp_path, capsys):
+    assert main(["init-stats", "mlp", "--model.arch_args", '{"depth": 2, "width": 32, "input_size": 8, "activation": "sigmoid"}',
+                 "--batch_size", "16", "--out_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "saturated outputs" in out and "Var(dL/da)" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("N(0,1) ") and "largest departure" in ln)
+    assert "saturated: blocks.0.act" in line
+    assert "saturated:" not in next(ln for ln in out.splitlines() if ln.startswith("default ") and "largest departure" in ln)
+
+
 def test_init_stats_command_writes_table_and_plot(tmp_path, capsys):
-    assert main(["init-stats", "mlp", "--arch-args", '{"depth": 3, "width": 32, "input_size": 8}',
-                 "--batch-size", "16", "--out", str(tmp_path)]) == 0
+    assert main(["init-stats", "mlp", "--model.arch_args", '{"depth": 3, "width": 32, "input_size": 8}',
+                 "--batch_size", "16", "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"plot: {tmp_path / 'init_stats.png'}" in out and (tmp_path / "init_stats.csv").is_file()
     assert (tmp_path / "init_stats.png").stat().st_size > 1000
@@ -198,7 +319,7 @@ def _tiny_spec(tmp_path, data_root, name="tiny", **over) -> str:
 def test_sweep_local_grid_finishes_and_ranks(tiny_imagenet, tmp_path, capsys):
     spec = _tiny_spec(tmp_path, tiny_imagenet)
     root = tmp_path / "sweeps"
-    assert main(["sweep", spec, "--root", str(root), "--in-process", "--no-wandb"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--in_process", "--wandb", "false"]) == 0
     out = capsys.readouterr().out
     assert f"table: {root / 'tiny' / 'results.csv'}" in out and f"plot: {root / 'tiny' / 'sweep.png'}" in out
     import csv
@@ -213,7 +334,7 @@ def test_sweep_local_grid_finishes_and_ranks(tiny_imagenet, tmp_path, capsys):
         assert (Path(r["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
         assert list(Path(r["run_dir"]).rglob("config.yaml"))  # (csv logger: under csv/)
     # --status reads the same study later
-    assert main(["sweep", spec, "--root", str(root), "--status"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--status"]) == 0
     assert "COMPLETE" in capsys.readouterr().out
 
 
@@ -226,7 +347,7 @@ def test_sweep_refuses_bad_specs_in_one_line(tiny_imagenet, tmp_path, capsys):
     ]
     for i, (over, msg) in enumerate(bad):
         spec = _tiny_spec(tmp_path, tiny_imagenet, name=f"bad{i}", **over)
-        assert main(["sweep", spec, "--root", str(tmp_path / "sweeps")]) == 2
+        assert main(["sweep", spec, "--run.root", str(tmp_path / "sweeps")]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "sweeps" / f"bad{i}").exists()  # refused before anything ran
@@ -266,7 +387,7 @@ def test_sweep_as_slurm_array_completes_every_trial(tiny_imagenet, tmp_path, cap
         pytest.fail("local Slurm is not up: run launch/slurm/local_cluster.sh start (make test does)")
     spec = _tiny_spec(tmp_path, tiny_imagenet, name="tiny_slurm")
     root = tmp_path / "sweeps"
-    assert main(["sweep", spec, "--root", str(root), "--slurm", "--cpus-per-task=1", "--time=10"]) == 0
+    assert main(["sweep", spec, "--run.root", str(root), "--slurm", "--cpus-per-task=1", "--time=10"]) == 0
     out = capsys.readouterr().out
     jobs = out.split("submitted: round arrays ")[1].split("\n")[0].replace(", report job", ",").split(", ")
     assert len(jobs) == 2  # one array for the 4 trials, one report job after it
@@ -332,7 +453,7 @@ def test_landscape_of_a_trained_model_is_lowest_near_the_origin(tiny_imagenet, t
     ckpt = next((tmp_path / "ls").glob("*/checkpoints/last.ckpt"))
     capsys.readouterr()
     assert main(["landscape", str(ckpt), "--data.root", str(tiny_imagenet), "--res", "32", "--images", "18",
-                 "--steps", "7", "--grid", "3", "--span", "2.0", "--no-wandb"]) == 0
+                 "--steps", "7", "--grid", "3", "--span", "2.0", "--wandb", "false"]) == 0
     out = capsys.readouterr().out
     land = ckpt.parent.parent / "landscape"
     assert f"plots: {land / 'landscape_1d.png'} {land / 'landscape_2d.png'}" in out

@@ -139,12 +139,11 @@ class BatchedAutoAugment(_Compiles):
         impl: ``grouped`` (samples sorted by op, each op on its slice: the least arithmetic, many
             small kernels), ``masked`` (:meth:`apply_masked`: fixed shapes, few kernels once
             compiled, more arithmetic) or ``auto``: masked when compiled on CUDA, grouped
-            otherwise. On an H200 (benchmarks/results/gpu-h200-second.md, run D), compiled masked
-            took 2.6 ms of host time per ConvNeXt-T batch of 128 against grouped's 5.1, 42 kernels
-            against 317, and 1.48 ms of GPU time against 1.75; in training it cost +3.9% of the
-            step (median of 5 fits). Eager masked costs far more GPU time than grouped (11.8 vs
-            1.9 ms on an H100, gpu-h100-first.md). Both paths give the same images for the same
-            draw (tests/test_augment.py).
+            otherwise: compiled, the masked path launches a few fused kernels per layer where
+            the grouped one launches hundreds of small ones, so a GPU step stops paying the
+            host's launch time; eager, masked does more arithmetic than grouped and is slower
+            (figures, machines and commands: docs/benchmarks.md, "GPU"). Both paths give the
+            same images for the same draw (tests/test_augment.py).
         compile: run the masked path through ``torch.compile`` (fused kernels; one compile per
             batch shape).
     """
@@ -240,16 +239,15 @@ class BatchedAutoAugment(_Compiles):
         stencil) run on the whole batch and each sample keeps the result of its own op
         (``torch.where``); the costly ones (the warp: 16 taps per pixel for bicubic; Equalize: a
         histogram; Contrast and AutoContrast: a reduction over each image) run on a gathered
-        slot of the samples that drew them, and are gathered back (:data:`_SLOT_GROUPS`; on an
-        H100 the whole-batch reductions of Contrast and AutoContrast were the two costliest
-        kernels, 0.6 of 2.3 ms per call, benchmarks/results/gpu.md). A slot has a fixed capacity
-        per batch size (:meth:`capacity`), so a compiled graph sees one shape (slot sizes that
-        varied with the draw recompiled at nearly every step on an H100: 2.7 s per step); a draw
+        slot of the samples that drew them, and are gathered back (:data:`_SLOT_GROUPS`: run on
+        the whole batch, these reductions were the costliest kernels of a call). A slot has a
+        fixed capacity per batch size (:meth:`capacity`), so a compiled graph sees one shape
+        (slot sizes that varied with the draw would recompile at nearly every step); a draw
         that overflows it (odds below 1e-9 per slot) runs uncompiled with larger slots. No sorting, no slices of
         data-dependent size, one host->device copy per call (ops, arguments, slots, affine
-        matrices, packed): on a GPU the grouped path was launch-bound (336 small kernels per call
-        for 1.7 ms of GPU time, H200, benchmarks/results/gpu-h200.md), and these shapes let
-        ``torch.compile`` fuse each layer into a few kernels. The one opaque operator is the
+        matrices, packed): on a GPU the grouped path is launch-bound (hundreds of small kernels
+        per call), and these shapes let ``torch.compile`` fuse each layer into a few kernels
+        (figures: docs/benchmarks.md, "GPU"). The one opaque operator is the
         warp slot's resample (:func:`grid_sample_head`: ATen's kernel on the slot's real
         members, not its padding).
         """
@@ -377,8 +375,8 @@ class BatchedAutoAugment(_Compiles):
             return x
         dev = x.device
         # Small pageable host -> device copies: CUDA stages them at once without waiting for the
-        # stream (measured on an H200: a call returned in 7-10 ms behind 0.5 s of queued work,
-        # pinned or not; tests/test_gpu.py::test_augmentation_does_not_wait_for_the_device).
+        # stream, pinned or not, so a call returns long before queued work ends
+        # (tests/test_gpu.py::test_augmentation_does_not_wait_for_the_device).
         a = arg[order[:active]].to(dev, non_blocking=True)
         xs = x.index_select(0, order.to(dev, non_blocking=True))  # uint8, sorted by op
         na = bounds[N_AFFINE]  # geometric ops: one grid_sample for all of them, except ...
@@ -425,8 +423,8 @@ class BatchedAutoAugment(_Compiles):
         shears about the top-left corner, rotation counter-clockwise about the centre; the
         argument of a translation is the input offset, ``x_in = x_out + t``).
         """
-        # element-wise in numpy: the boolean-mask assignments this replaces cost ~0.12 ms of host time
-        # per layer in small torch CPU ops (2-core CPU, batch 128)
+        # element-wise in numpy: boolean-mask assignments in small torch CPU ops cost several
+        # times more host time per layer (docs/benchmarks.md, "GPU")
         o, a = ops.numpy(), arg.numpy().astype(np.float64)
         sx, sy, tx, ty, r = (o == SHEAR_X), (o == SHEAR_Y), (o == TRANSLATE_X), (o == TRANSLATE_Y), (o == ROTATE)
         rad = np.deg2rad(np.where(r, a, 0.0))
@@ -525,8 +523,7 @@ def _binomial_quantile(n: int, p: float, eps: float) -> int:
     """The smallest c with P(Binomial(n, p) > c) < eps (terms summed in log space).
 
     Cached: the masked path asks for it at every call with the same few arguments, and the sum
-    over n + 1 terms took ~0.16 ms per slot group at n = 128 on a 2-core CPU (0.63 ms of host time
-    per batch for the four groups)."""
+    over n + 1 terms is host time that every training step would pay (docs/benchmarks.md, "GPU")."""
     if p <= 0.0:
         return 0
     if p >= 1.0:
@@ -596,13 +593,11 @@ def grid_sample_head(x: torch.Tensor, grid: torch.Tensor, count: torch.Tensor, i
     ``count`` is a CPU tensor: reading it does not wait for the device, and a compiled graph sees
     one shape whatever the draw. An opaque operator for ``torch.compile``, the only one in the
     masked path: inductor fuses the slot's gather, the grid and the rounding around it, and calls
-    ATen's grid_sampler kernel on the slot's real members, not its padding. That kernel did a
-    bicubic 224 px image in 3.5 us on an H100 against 5.8 us for inductor's decomposition
-    (benchmarks/results/gpu.md: 148 us for ~42 images eager, 653 us for 2 x 56 compiled).
-    (A first version made the whole slot op opaque, gather and Equalize/Contrast/AutoContrast
-    included: 1.56 ms of GPU time per ConvNeXt-T batch on an H200, but 194 kernels launched from
-    the host and 5.9 ms of host time, which the training step paid: run C of
-    benchmarks/results/gpu-h200-second.md.)
+    ATen's grid_sampler kernel on the slot's real members, not its padding: ATen's bicubic
+    kernel is faster than inductor's decomposition of ``grid_sample``, and the padding is not
+    computed at all. Only the resample is opaque: making the whole slot op opaque (gather and
+    Equalize/Contrast/AutoContrast included) launched each op's small kernels from Python, and
+    the training step paid that host time (docs/benchmarks.md, "GPU", for both designs).
     """
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     k = int(count)

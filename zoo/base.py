@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from . import heads, registry
+from . import heads, init, registry
 from .augment import DeviceAugment
 
 Schedule = Literal["cosine", "step", "cyclic", "constant"]
@@ -103,6 +103,16 @@ def _loader_batch_size(loader) -> Optional[int]:
     if bs is None:  # DataLoader(batch_sampler=...) reports batch_size=None
         bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
     return int(bs) if isinstance(bs, int) and bs > 0 else None
+
+
+def describe_param_groups(groups: list[dict], frozen: int = 0) -> str:
+    """One line per optimizer parameter group (name, peak LR, weight decay, parameter count), and
+    the frozen parameters: what a backbone LR scale or a frozen backbone changed."""
+    lines = [f"\n  {g.get('name', i):18s} peak lr {g['lr']:<10.4g} weight decay {g.get('weight_decay', 0):<8.3g} "
+             f"{sum(p.numel() for p in g['params']):>12,} parameters" for i, g in enumerate(groups)]
+    if frozen:
+        lines.append(f"\n  {'frozen':18s} {'(not trained)':41s}{frozen:>12,} parameters")
+    return "".join(lines)
 
 
 class ImageClassifier(L.LightningModule):
@@ -189,7 +199,7 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         self.save_hyperparameters()
         entry = registry.get_entry(arch)
-        self.net = entry.builder(num_classes=num_classes, **(arch_args or {}))
+        self.net = init.build(entry.builder, num_classes=num_classes, arch_args=arch_args)  # arch_args["init"]: zoo/init.py
         data_config = entry.data_config
         if "input_size" in (arch_args or {}):  # fixed-input nets (logreg, mlp) set their own size
             data_config = dataclasses.replace(data_config, input_size=int(arch_args["input_size"]))
@@ -248,6 +258,25 @@ class ImageClassifier(L.LightningModule):
         rank_zero_info(f"loaded weights from {report.source}: {report}")
         return report
 
+    def _schedule_change_note(self, lr: float, fn) -> Optional[str]:
+        """One line when a resumed fit's trainer.max_epochs differs from the checkpoint's: the LR
+        schedule is recomputed over the new length (no new warmup), so the LR at the resumed step
+        jumps from the old schedule's value to the new one's."""
+        old, step = getattr(self, "_resumed_schedule", (None, None))
+        self._resumed_schedule = (None, None)
+        new_epochs = self._schedule["max_epochs"]
+        if not old or step is None or old.get("max_epochs") == new_epochs:
+            return None
+        hp = self.hparams
+        before = lr * lr_factor(step, steps_per_epoch=old["steps_per_epoch"], max_epochs=old["max_epochs"],
+                                schedule=hp.schedule, warmup_epochs=hp.warmup_epochs, warmup_start=hp.warmup_start,
+                                peak_epoch=hp.peak_epoch, milestones=hp.milestones, gamma=hp.gamma,
+                                min_factor=hp.min_lr_ratio)
+        return (f"resume at step {step}: trainer.max_epochs {old['max_epochs']} -> {new_epochs} recomputes the "
+                f"{hp.schedule} LR schedule over {new_epochs} epochs (no new warmup): the LR goes from "
+                f"{before:.4g} to {lr * fn(step):.4g} here; keep --trainer.max_epochs {old['max_epochs']} "
+                "to finish the original schedule")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from .weights import ema_state_dict
 
@@ -263,6 +292,8 @@ class ImageClassifier(L.LightningModule):
             # `zoo validate --ckpt_path X --model.use_ema false`
             hp.pop("use_ema", None)
         checkpoint["zoo_data_config"] = dict(self.data_config)
+        if getattr(self, "_schedule", None):  # a resume with another max_epochs says what it does
+            checkpoint["zoo_schedule"] = dict(self._schedule)
         # Say plainly which weights this file holds (callbacks' state is already in it).
         found = ema_state_dict(checkpoint)
         checkpoint["zoo_weights"] = {
@@ -294,6 +325,8 @@ class ImageClassifier(L.LightningModule):
                     "(which resets the head) instead of --ckpt_path"
                 )
         resuming = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        if resuming:  # read by configure_optimizers, which runs after this
+            self._resumed_schedule = (checkpoint.get("zoo_schedule"), checkpoint.get("global_step"))
         found = ema_state_dict(checkpoint)
         if found is not None and not resuming and self.hparams.get("use_ema", True):
             cb_key, ema = found
@@ -586,11 +619,13 @@ class ImageClassifier(L.LightningModule):
         self._global_batch = self.global_batch_size()  # kept: the loader may be gone after fit
         lr = self.effective_lr()
         gb = self._global_batch
+        groups = self.param_groups(lr)
+        frozen = sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
         rank_zero_info(
             f"optimizer {hp.optimizer}: peak lr {lr:.4g}"
             + (f" (= {hp.lr} x {gb}/{hp.lr_reference_batch} global batch)" if hp.lr_reference_batch and gb else "")
+            + describe_param_groups(groups, frozen)
         )
-        groups = self.param_groups(lr)
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
@@ -616,5 +651,9 @@ class ImageClassifier(L.LightningModule):
                 min_factor=hp.min_lr_ratio,
             )
 
+        self._schedule = {"max_epochs": max_epochs, "steps_per_epoch": steps_per_epoch}
+        note = self._schedule_change_note(lr, fn)
+        if note:
+            rank_zero_info(note)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}

@@ -3,7 +3,8 @@
 Stages of ``conv3x3 -> BN -> ReLU`` (``depths[i]`` convs of ``widths[i]`` channels), halving
 the resolution between stages (stride-2 conv or 2x2 max-pool), optional residual skips
 ``a = relu(bn(conv(a))) + a`` where input and output shapes match, then global average
-pooling and a linear classifier ``fc``. He (fan-in) init, see ``zoo/init.py``.
+pooling and a linear classifier ``fc``. He (fan-in) init, see ``zoo/init.py``; ``init`` picks
+another scheme (xavier, normal, small).
 Order as in timm: blocks, model, builder, registered entry points.
 """
 
@@ -14,7 +15,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from .init import FcHead, init_fan_in_, init_norm_
+from .init import FcHead, check_init, init_layer_, init_norm_
 from .registry import DataConfig, register_model
 
 
@@ -45,8 +46,10 @@ class ConvNet(FcHead, nn.Module):
         skip: bool = False,
         drop_rate: float = 0.0,
         in_chans: int = 3,
+        init: str = "fan_in",
     ) -> None:
         super().__init__()
+        check_init(init)
         widths = tuple(widths)
         depths = (depths,) * len(widths) if isinstance(depths, int) else tuple(depths)
         if len(depths) != len(widths) or not widths:
@@ -74,17 +77,18 @@ class ConvNet(FcHead, nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
+        self.init_weights(init)
 
     @torch.no_grad()
-    def _init_weights(self) -> None:
+    def init_weights(self, scheme: str = "fan_in") -> None:
+        """``scheme`` of zoo/init.py; fan_in: He before the ReLUs, LeCun before the logits."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                init_fan_in_(m, "relu")  # He et al. 2015
+                init_layer_(m, scheme, "relu")  # fan_in: He et al. 2015
             elif isinstance(m, nn.BatchNorm2d):
                 init_norm_(m)
         if isinstance(self.fc, nn.Linear):
-            init_fan_in_(self.fc, "linear")
+            init_layer_(self.fc, scheme, "linear")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.stages(x)), 1)

@@ -20,10 +20,14 @@ affine map it is at inference.
 a freshly built model and record, after every activation and at the logits, the mean, the
 variance and the mean square ``E[a^2]``. The fan-in argument (zoo/init.py) keeps ``E[a^2]``
 (what the next layer's ``Var(z) = n Var(W) E[a^2]`` sees) at the input's 1; after a ReLU the
-variance proper is ``E[a^2] - E[a]^2``, about 0.66 ``E[a^2]``. Compared against naive schemes:
-every Linear/Conv weight from N(0, 1) or ``0.01 * N(0, 1)`` (the course's "small random
-numbers"), biases zero. BatchNorm in eval mode: freshly built it is the identity, so the
-statistics show what the weights do, not what batch normalisation repairs in train mode.
+variance proper is ``E[a^2] - E[a]^2``, about 0.66 ``E[a^2]``. Compared against the other
+schemes of zoo/init.py (xavier, N(0, 1), ``0.01 * N(0, 1)``, the course's "small random
+numbers"). ``E[a^2]`` alone misjudges saturating units: a sigmoid pinned at 0 or 1 has
+``E[a^2]`` near 0.5, inside any "within x2" band, yet passes almost no gradient; so sigmoid
+and tanh rows also give the fraction of saturated outputs, and every row the variance of the
+back-propagated gradient, which shows the signal dying toward the input. BatchNorm in eval
+mode: freshly built it is the identity, so the statistics show what the weights do, not what
+batch normalisation repairs in train mode.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
+from . import init, registry
 
 # Small instances for the zoo's own families: a few thousand parameters, a check in seconds.
 SMALL_ARCH_ARGS: dict[str, dict] = {
@@ -120,13 +124,20 @@ def gradcheck(
 def small_instance(arch: str, num_classes: int = 5, **arch_args) -> tuple[nn.Module, tuple[int, int, int]]:
     """A small network of ``arch`` (``SMALL_ARCH_ARGS`` for the zoo's own) and its input shape."""
     kwargs = {**SMALL_ARCH_ARGS.get(arch, {}), **arch_args}
-    net = registry.create_network(arch, num_classes=num_classes, **kwargs)
+    net = init.build(registry.get_entry(arch).builder, num_classes=num_classes, arch_args=kwargs)
     size = int(kwargs.get("input_size", SMALL_INPUT_SIZE.get(arch, 16)))
     return net, (int(kwargs.get("in_chans", 3)), size, size)
 
 
 # ----------------------------------------------------------------------------- init statistics
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Sigmoid, nn.SiLU, nn.Tanh, nn.ReLU6, nn.LeakyReLU, nn.Hardswish)
+
+# Saturation: the unit's local gradient is below ~1/5 of its maximum. sigmoid' = s (1 - s) is
+# 0.0475 at s = 0.05 or 0.95 (max 0.25); tanh' = 1 - a^2 is 0.0975 at |a| = 0.95 (max 1).
+# This project's thresholds for the course's "saturated units kill the gradient" (CS231n;
+# Glorot & Bengio 2010 watch the same sigmoid outputs pinned near 0 or 1).
+SATURATION = {nn.Sigmoid: (0.05, 0.95), nn.Tanh: (-0.95, 0.95)}
+SATURATION_FLAG = 0.2  # a row is flagged when a fifth or more of its outputs are saturated
 
 
 @dataclass
@@ -135,36 +146,36 @@ class LayerStat:
     mean: float
     var: float
     mean_square: float  # E[a^2]: what the fan-in derivation keeps at 1
+    saturated: Optional[float] = None  # fraction of saturated outputs (sigmoid/tanh only)
+    grad_var: Optional[float] = None  # Var(dL/da) of the summed cross-entropy: the backward signal
+
+    @property
+    def flagged(self) -> bool:
+        return self.saturated is not None and self.saturated >= SATURATION_FLAG
 
 
-@torch.no_grad()
-def naive_init_(net: nn.Module, std: float) -> nn.Module:
-    """Every Linear/Conv weight from N(0, std^2), biases zero (the course's naive schemes)."""
-    for m in net.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return net
-
-
-@torch.no_grad()
 def init_stats(net: nn.Module, input_shape: tuple[int, int, int], *, batch_size: int = 64, seed: int = 0) -> list[LayerStat]:
     """Per-activation and logit statistics of ``net`` (eval mode) on a N(0, 1) batch.
 
     The first row is the input itself. An activation module called several times (torchvision's
-    shared ``relu``) gives one row per call (``name#2``, ...).
+    shared ``relu``) gives one row per call (``name#2``, ...). Sigmoid and tanh rows carry the
+    fraction of saturated outputs (:data:`SATURATION`); every row the variance of the gradient
+    of the cross-entropy (summed over the batch, against random labels) with respect to it, one
+    backward pass: the signal that reaches the layer (the input row: what reaches the image).
+    The network's parameter gradients are cleared afterwards.
     """
     net = net.eval()
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, *input_shape, generator=g)
-    stats = [_stat("input", x)]
+    x = torch.randn(batch_size, *input_shape, generator=g).requires_grad_(True)
+    seen: list[tuple[str, nn.Module, torch.Tensor]] = [("input", None, x)]
     calls: dict[str, int] = {}
 
     def hook(name):
         def fn(module, inputs, output):
             calls[name] = calls.get(name, 0) + 1
-            stats.append(_stat(name if calls[name] == 1 else f"{name}#{calls[name]}", output))
+            if output.requires_grad:
+                output.retain_grad()
+            seen.append((name if calls[name] == 1 else f"{name}#{calls[name]}", module, output))
 
         return fn
 
@@ -174,13 +185,30 @@ def init_stats(net: nn.Module, input_shape: tuple[int, int, int], *, batch_size:
     finally:
         for h in handles:
             h.remove()
-    stats.append(_stat("logits", out))
+    out.retain_grad()
+    seen.append(("logits", None, out))
+    try:
+        y = torch.randint(0, out.shape[-1], (batch_size,), generator=g)
+        F.cross_entropy(out.float(), y, reduction="sum").backward()
+    except RuntimeError:  # an in-place op on a hooked output: statistics without gradients
+        pass
+    finally:
+        net.zero_grad(set_to_none=True)
+    stats = []
+    for name, module, t in seen:
+        grad = t.grad
+        stats.append(_stat(name, t.detach(), module, None if grad is None else grad.detach()))
     return stats
 
 
-def _stat(name: str, t: torch.Tensor) -> LayerStat:
-    t = t.detach().double()
-    return LayerStat(name, t.mean().item(), t.var().item(), t.square().mean().item())
+def _stat(name: str, t: torch.Tensor, module: Optional[nn.Module] = None, grad: Optional[torch.Tensor] = None) -> LayerStat:
+    t = t.double()
+    saturated = None
+    bounds = next((b for cls, b in SATURATION.items() if isinstance(module, cls)), None)
+    if bounds is not None:
+        saturated = ((t < bounds[0]) | (t > bounds[1])).double().mean().item()
+    return LayerStat(name, t.mean().item(), t.var().item(), t.square().mean().item(), saturated,
+                     None if grad is None else grad.double().var().item())
 
 
 def max_scale_drift(stats: list[LayerStat]) -> float:

@@ -9,23 +9,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .init import FcHead, init_fan_in_
+from .init import FcHead, check_init, init_layer_
 from .registry import DataConfig, register_model
 
 
 class LogisticRegression(FcHead, nn.Module):
     """Logits = W vec(x) + b for images of a fixed size ``in_chans x input_size x input_size``."""
 
-    def __init__(self, *, num_classes: int = 1000, input_size: int = 224, in_chans: int = 3) -> None:
+    def __init__(self, *, num_classes: int = 1000, input_size: int = 224, in_chans: int = 3, init: str = "fan_in") -> None:
         super().__init__()
+        check_init(init)
         if input_size < 1 or in_chans < 1:
             raise ValueError(f"logreg needs input_size >= 1 and in_chans >= 1, got {input_size}, {in_chans}")
         self.input_shape = (in_chans, input_size, input_size)
         self.num_classes = num_classes
         self.num_features = in_chans * input_size * input_size
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            init_fan_in_(self.fc, "linear")  # no activation after the logits: gain 1 (LeCun)
+        self.init_weights(init)
+
+    @torch.no_grad()
+    def init_weights(self, scheme: str = "fan_in") -> None:
+        """``scheme`` of zoo/init.py; fan_in: no activation after the logits, gain 1 (LeCun)."""
+        if isinstance(self.fc, nn.Linear):
+            init_layer_(self.fc, scheme, "linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.input_shape, "logreg")
@@ -47,6 +53,6 @@ def _create(**kwargs) -> LogisticRegression:
 
 # 224x224x3 like every ImageNet entry; pass input_size for small images (and a matching
 # DataConfig in the data module).
-@register_model(data_config=DataConfig(input_size=224))
+@register_model(data_config=DataConfig(input_size=224), fixed_input=True)
 def logreg(**kwargs) -> nn.Module:
     return _create(**kwargs)

@@ -2,7 +2,8 @@
 
 Each hidden layer: ``z = norm(W a + b)``, ``a' = dropout(act(z))`` (``+ a`` with skip
 connections when the widths match), then a linear classifier ``fc``. Weights are
-fan-in scaled for the activation (``zoo/init.py`` states the derivation).
+fan-in scaled for the activation (``zoo/init.py`` states the derivation); ``init`` picks
+another scheme (xavier, normal, small).
 Order as in timm: blocks, model, builder, registered entry points.
 """
 
@@ -14,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import FcHead, init_fan_in_, init_norm_
+from .init import FcHead, check_init, init_layer_, init_norm_
 from .linear import _check_input
 from .registry import DataConfig, register_model
 
-Activation = Literal["sigmoid", "relu", "gelu"]
+Activation = Literal["sigmoid", "tanh", "relu", "gelu"]
 Norm = Literal["none", "batchnorm", "layernorm"]
 
-_ACTS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "gelu": nn.GELU}
+_ACTS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 class DropConnectLinear(nn.Linear):
@@ -97,8 +98,10 @@ class MLP(FcHead, nn.Module):
         skip: bool = False,
         input_size: int = 224,
         in_chans: int = 3,
+        init: str = "fan_in",
     ) -> None:
         super().__init__()
+        check_init(init)
         if activation not in _ACTS:
             raise ValueError(f"unknown mlp activation {activation!r}; choose one of {sorted(_ACTS)}")
         if norm not in ("none", "batchnorm", "layernorm"):
@@ -123,16 +126,17 @@ class MLP(FcHead, nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.num_features = n_in
         self.fc = nn.Linear(n_in, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
+        self.init_weights(init)
 
     @torch.no_grad()
-    def _init_weights(self) -> None:
+    def init_weights(self, scheme: str = "fan_in") -> None:
+        """``scheme`` of zoo/init.py; fan_in: He before ReLU/GELU, LeCun before sigmoid and the logits."""
         for block in self.blocks:
-            init_fan_in_(block.fc, self.activation)
+            init_layer_(block.fc, scheme, self.activation)
             if not isinstance(block.norm, nn.Identity):
                 init_norm_(block.norm)
         if isinstance(self.fc, nn.Linear):
-            init_fan_in_(self.fc, "linear")  # logits: no activation follows
+            init_layer_(self.fc, scheme, "linear")  # logits: no activation follows
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.input_shape, "mlp")
@@ -146,6 +150,6 @@ def _create(**kwargs) -> MLP:
     return MLP(**kwargs)
 
 
-@register_model(data_config=DataConfig(input_size=224))
+@register_model(data_config=DataConfig(input_size=224), fixed_input=True)
 def mlp(**kwargs) -> nn.Module:
     return _create(**kwargs)

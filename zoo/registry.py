@@ -64,6 +64,7 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     data_config: DataConfig
     family: str
+    fixed_input: bool = False  # flattens images of one size (arch_args input_size): logreg, mlp
 
 
 class UnknownModelError(ValueError):
@@ -76,12 +77,14 @@ _KEY_LAYOUTS: list[KeyLayout] = []
 
 
 def register_model(
-    name: str | None = None, *, data_config: DataConfig | None = None, family: str | None = None
+    name: str | None = None, *, data_config: DataConfig | None = None, family: str | None = None,
+    fixed_input: bool = False,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register ``fn`` under ``name`` (default: the function's name).
 
     Registering a name twice raises: a silent overwrite would make ``create`` depend on
-    import order.
+    import order. ``fixed_input``: the network takes one image size, its ``input_size``
+    architecture argument (the CLI sets it from the data's resolution).
     """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -92,7 +95,7 @@ def register_model(
             if key.startswith(prefix):
                 raise ValueError(f"names starting with {prefix!r} are reserved (resolved by a prefix)")
         fam = family or fn.__module__.rsplit(".", 1)[-1]
-        _REGISTRY[key] = ModelEntry(key, fn, data_config or DataConfig(), fam)
+        _REGISTRY[key] = ModelEntry(key, fn, data_config or DataConfig(), fam, fixed_input)
         return fn
 
     return deco

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import heads, registry
+from .. import heads, init, registry
 from .matching import _prepare
 from .sources import Source, WeightsError, _read, _Weights
 
@@ -15,7 +15,7 @@ def _infer_num_classes(name: str, arch_args: dict, w: _Weights) -> Optional[int]
     """Class count of the weights' head, found by building the model on the meta device."""
     try:
         with torch.device("meta"):
-            net = registry.create_network(name, num_classes=1000, **arch_args)
+            net = init.build(registry.get_entry(name).builder, num_classes=1000, arch_args=arch_args)
         prefix = heads.classifier_prefix(net)
         sd, _, _ = _prepare(w, net)
     except Exception:  # an architecture that cannot be built on meta: fall back to defaults

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 from torch import nn
@@ -21,11 +21,12 @@ def export_safetensors(
     num_classes: Optional[int] = None,
     arch_args: Optional[dict] = None,
     data_config: Union[DataConfig, Mapping, None] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> pathlib.Path:
     """Write the network's weights as safetensors, with what rebuilds the model in the header.
 
     ``path`` ending in ``.safetensors``: one file; metadata ``arch``, ``num_classes``,
-    ``arch_args`` (JSON) and ``data_config`` (JSON). Any other ``path``: a Hugging Face
+    ``arch_args`` (JSON), ``data_config`` (JSON) and ``class_names`` (JSON, when given). Any other ``path``: a Hugging Face
     snapshot folder (``model.safetensors`` + ``config.json`` in timm's format, plus a ``zoo``
     section), ready for ``hf upload``. An ImageClassifier supplies arch, classes, arch_args
     and data config itself; a bare network needs ``arch`` for ``zoo.load(weights=...)`` to
@@ -63,6 +64,8 @@ def export_safetensors(
         meta["num_classes"] = str(num_classes)
     if dc:
         meta["data_config"] = json.dumps(dc)
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
     # clone: safetensors refuses tensors sharing storage (tied weights, views)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
 
@@ -78,6 +81,8 @@ def export_safetensors(
         "num_classes": num_classes,
         "zoo": {"arch": arch, "arch_args": arch_args or {}},
     }
+    if class_names is not None:
+        cfg["label_names"] = list(class_names)  # timm's config.json key
     if dc:
         cfg["pretrained_cfg"] = {
             "input_size": [3, dc["input_size"], dc["input_size"]],

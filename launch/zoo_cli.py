@@ -1,0 +1,425 @@
+"""ZooCLI: LightningCLI over ImageClassifier + ImageNetDataModule, with the run directory,
+logger, default callbacks and the checks made before anything is written.
+
+``launch/cli.py`` (``main``) builds it for fit/validate/test/predict; ``launch/sweep.py``
+subclasses it for one trial.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks.fit_diagnosis import FitDiagnosis
+from datamodules.imagenet import DataError, count_classes
+from launch.config_fixes import fixed_input_size, limit_batches_int_first
+from launch.run_dir import check_slurm_launch, git_revision, resumed_run_dir, run_id, save_wandb_run_id, wandb_run_id
+
+
+def num_classes_or_placeholder(root: Optional[str]) -> int:
+    # jsonargparse wraps a link's exception in a usage dump: a bad root gets its one-line
+    # DataError from the DataModule instead, which validates the folder again.
+    try:
+        return count_classes(root)
+    except DataError:
+        return 2  # the smallest a classifier takes; never trained: the DataModule raises
+
+
+class ZooCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run.root", type=str, default="runs", help="parent of all run directories")
+        parser.add_argument("--run.name", type=Optional[str], default=None, help="default: the model's arch")
+        parser.add_argument(
+            "--run.logger",
+            type=str,
+            default="wandb",
+            choices=["wandb", "csv", "tensorboard", "none"],
+            help="wandb runs offline unless WANDB_MODE=online",
+        )
+        parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
+        parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
+        parser.add_argument("--run.dashboard", type=bool, default=True,
+                            help="throughput/MFU, augmented-image grid, confusion matrix, confident mistakes")
+        # Lightning's ThroughputMonitor default is 100 batches; 50 gives a first figure sooner
+        parser.add_argument("--run.throughput_window", type=int, default=50, help="batches per throughput figure")
+        parser.add_argument(
+            "--run.monitor", type=str, default="val/acc1",
+            help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
+        )
+        # Classes come from the data; preprocessing comes from the model (DESIGN.md).
+        limit_batches_int_first(parser)
+        parser.link_arguments("data.root", "model.num_classes", compute_fn=num_classes_or_placeholder)
+        parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """A constructor's own argument check (a ValueError or TypeError while the model, data,
+        trainer or a callback is built, e.g. ``WeightEMA(decay=2)``) is a user's mistake: one
+        line naming it, instead of jsonargparse's traceback and union-type dump."""
+        fixed_input_size(self.config[self.subcommand] if self.subcommand else self.config)
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:
+            if os.environ.get("ZOO_DEBUG"):
+                raise
+            from launch.safety import ConfigError
+
+            root = e
+            while root.__cause__ is not None:  # jsonargparse wraps the constructor's error
+                root = root.__cause__
+            raise ConfigError(str(root).strip().splitlines()[0] if str(root).strip() else repr(root)) from e
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand is None:
+            return
+        self._adopt_checkpoint_data_config()
+        self._check_class_count()
+
+    def _adopt_checkpoint_data_config(self) -> None:
+        """--ckpt_path: the DataModule gets the checkpoint's preprocessing, as the model does.
+
+        The model takes the checkpoint's data config in on_load_checkpoint, after the
+        DataModule was built from the architecture's default; rebuild the DataModule with it
+        (crop ratio, interpolation, eval size), so --ckpt_path agrees with --model.weights.
+        """
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
+            return
+        from zoo.weights import WeightsError
+
+        from launch.safety import safe_load
+
+        try:  # mmap: only the small entries are read, not the tensors
+            ckpt = safe_load(ckpt_path, mmap=True)
+        except WeightsError:
+            return  # _preflight() reports it in one line
+        dc = ckpt.get("zoo_data_config") if isinstance(ckpt, dict) else None
+        if not dc or dict(dc) == dict(self.model.data_config):
+            return
+        self.model._set_data_config(dict(dc))
+        dm = self.datamodule
+        accepted = inspect.signature(type(dm).__init__).parameters if dm is not None else {}
+        if "data_config" in accepted:
+            kwargs = {k: v for k, v in dict(dm.hparams).items() if k in accepted}  # not _instantiator
+            self.datamodule = type(dm)(**{**kwargs, "data_config": dict(dc)})
+
+    def _check_class_count(self) -> None:
+        """validate/test/predict with weights of another class count: an error, not a new head."""
+        report = getattr(self.model, "weights_report", None)
+        if self.subcommand == "fit" or report is None or report.head_reset is None:
+            return
+        have, want = report.head_reset
+        root = self.config[self.subcommand]["data"].get("root")
+        try:
+            count_classes(root)
+        except DataError:  # unlabelled data (predict on a folder of images): no count to compare
+            if self.subcommand == "predict" and have is not None:
+                # the weights' own head, not a placeholder one: rebuild with their class count
+                accepted = inspect.signature(type(self.model).__init__).parameters
+                hp = {k: v for k, v in dict(self.model.hparams).items() if k in accepted}
+                self.model = type(self.model)(**{**hp, "num_classes": have})
+                rank_zero_info(f"predict: unlabelled data, the model keeps the {have} classes of its weights")
+            return
+        from zoo.weights import WeightsError
+
+        had = f"{have} classes" if have is not None else "no classifier"
+        raise WeightsError(
+            f"{self.subcommand}: the weights {report.source} have {had} but the data has {want}: "
+            f"{self.subcommand} them on data with the same classes, or fine-tune first (zoo fit --model.weights ...)"
+        )
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        raw = self.config[self.subcommand] if self.subcommand else self.config
+        run = raw["run"]
+        arch = raw["model"]["arch"]
+        from launch.safety import check_run_name
+
+        name = check_run_name(run["name"]) if run["name"] else arch.replace("/", "_")
+        trainer_cfg = cfg["trainer"]
+        check_slurm_launch(trainer_cfg.get("devices"), trainer_cfg.get("num_nodes") or 1)
+        if trainer_cfg.get("default_root_dir"):  # the user's explicit choice wins
+            run_dir = Path(trainer_cfg["default_root_dir"]).expanduser().resolve()
+        else:
+            run_dir = resumed_run_dir(raw.get("ckpt_path")) or Path(run["root"]).expanduser().resolve() / name / run_id()
+        self.run_dir = run_dir
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if self.subcommand == "fit":
+            if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+                every = run["checkpoint_every_n_epochs"]
+                monitor = run.get("monitor") or "val/acc1"
+                callbacks += [
+                    ModelCheckpoint(  # the best epoch by the monitored metric (val/acc1)
+                        dirpath=run_dir / "checkpoints",
+                        # no "/" in file names: the metric is val/acc1
+                        filename=f"epoch={{epoch:03d}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}",
+                        auto_insert_metric_name=False,
+                        monitor=monitor,
+                        mode="max",
+                        every_n_epochs=every,
+                    ),
+                    # The newest epoch, to resume from. Not save_last=True: Lightning 2.6 writes
+                    # last.ckpt only when the monitored checkpoint is saved, i.e. on improvement.
+                    # No version counter: after a resume (requeue, --ckpt_path) last.ckpt is overwritten
+                    # instead of a last-v1.ckpt appearing beside a stale last.ckpt.
+                    ModelCheckpoint(
+                        dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=every,
+                        enable_version_counter=False,
+                    ),
+                ]
+            if not any(isinstance(c, FitDiagnosis) for c in callbacks):
+                callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
+            from callbacks.preemption import SlurmRequeue
+
+            if not any(isinstance(c, SlurmRequeue) for c in callbacks):
+                # Slurm's SIGUSR1: all ranks save at one agreed step, then main() requeues (no
+                # save inside Lightning's signal handler, which can deadlock DDP); no-op elsewhere
+                callbacks.append(SlurmRequeue())
+            from callbacks.metric_log import MetricLog
+            from callbacks.run_report import RunReport
+
+            if not any(isinstance(c, MetricLog) for c in callbacks):
+                callbacks.append(RunReport())  # RUN/metrics.jsonl whatever the logger; RUN/report/ at the end
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            from callbacks.prediction_writer import PredictionWriter
+
+            callbacks.append(PredictionWriter(str(run_dir)))  # run_dir/predictions.csv, probabilities.npy
+        logger = trainer_cfg.get("logger")
+        if logger in (None, True):
+            logger = self._make_logger(run["logger"], run_dir, name, run["project"])
+            if logger is not False and self.subcommand == "fit":
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if self.subcommand == "fit" and run["dashboard"]:
+            from lightning.pytorch.callbacks import ThroughputMonitor
+
+            from callbacks._batches import batch_size_of
+            from callbacks.dashboard import Dashboard
+
+            callbacks.append(Dashboard())  # its plots/ feed the run report, with or without a logger
+            if logger is not False:  # ThroughputMonitor logs through the logger only
+                callbacks.append(ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"]))
+        if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
+            from callbacks.bn_stats import BNBufferSync
+
+            if not any(isinstance(c, BNBufferSync) for c in callbacks):
+                # DDP without SyncBN: average BN buffers across ranks before validation and saving
+                # (timm's --dist-bn reduce default); a no-op on one process
+                callbacks.append(BNBufferSync())
+        if trainer_cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            from callbacks.model_summary import ModelSummary as ZooModelSummary
+
+            callbacks.append(ZooModelSummary())  # Lightning's, without a FLOPs total it did not count
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            from callbacks.progress import ThrottledProgressBar
+
+            callbacks.append(ThrottledProgressBar())  # Lightning's bar, redrawn at most every 0.1 s
+        trainer_cfg["callbacks"] = callbacks
+        trainer_cfg["default_root_dir"] = str(run_dir)  # Lightning's hpc checkpoints go here
+        kwargs.setdefault("logger", logger)
+        self._add_checkpoint_io(trainer_cfg)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Nothing is written yet: the run directory, the logger's files and config.yaml come in
+        # _start_run(), after _preflight() found the inputs usable (before_fit/validate/...).
+        if trainer.world_size > 1 and hasattr(os, "sched_getaffinity"):  # is each rank bound to its cores?
+            import socket
+
+            cpus = sorted(os.sched_getaffinity(0))
+            print(f"zoo: rank {trainer.global_rank} of {trainer.world_size} on {socket.gethostname()} cpus {cpus}", flush=True)
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads --ckpt_path's hyper-parameters (torch.load weights_only=True) before
+        anything else: a missing, truncated or code-running file is one line here."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            from launch.safety import safe_load
+
+            safe_load(ckpt_path, mmap=True)
+        # LightningCLI parses the checkpoint's hyper-parameters over the command line's, and a
+        # checkpoint saves weights=None (ImageClassifier.on_save_checkpoint): --model.weights given
+        # with --ckpt_path is dropped here; _start_run says so
+        model_cfg = self.config[sub].get("model") if ckpt_path else None
+        self._overridden_weights = model_cfg.get("weights") if model_cfg is not None else None
+        super()._parse_ckpt_path()
+
+    @staticmethod
+    def _add_checkpoint_io(trainer_cfg: dict) -> None:
+        """Checkpoints through launch.safety.SafeCheckpointIO (atomic saves, weights_only loads)
+        unless the config names a CheckpointIO plugin of its own."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from launch.safety import SafeCheckpointIO
+
+        plugins = trainer_cfg.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        trainer_cfg["plugins"] = plugins
+
+    def _preflight(self) -> None:
+        """Check what can be checked before anything is written (launch/safety.py has the why)."""
+        from launch.safety import ConfigError, safe_load
+
+        sub, trainer, dm, model = self.subcommand, self.trainer, self.datamodule, self.model
+        if dm is not None and getattr(dm, "hparams", {}).get("root") is not None:
+            if not (sub == "predict" and dm.is_flat):
+                dm.classes  # noqa: B018 - the folder layout, train/ vs val/ classes: one DataError line
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if env is not None:  # Lightning checks Slurm's task layout only when it launches: here, before any file
+            try:
+                env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+            except ValueError as e:
+                raise ConfigError(f"{str(e).splitlines()[0]} (sbatch --ntasks-per-node must equal trainer.devices)") from None
+        ws = trainer.world_size
+        bs = getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
+        if isinstance(bs, int) and bs % ws:
+            raise ConfigError(
+                f"data.batch_size={bs} does not divide by {ws} processes (devices x num_nodes): use a multiple "
+                f"of {ws}, e.g. {max(ws, bs // ws * ws)}; batch_size is the global batch"
+            )
+        if getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver") and trainer.world_size > 1:
+            raise ConfigError(
+                f"--trainer.strategy with start method {trainer.strategy._start_method!r} cannot start zoo's processes "
+                "(the parsed config holds objects that do not pickle): use --trainer.strategy ddp, which starts the "
+                "same processes by running this command again"
+            )
+        hp = getattr(model, "hparams", {})
+        warmup, epochs = hp.get("warmup_epochs") or 0, trainer.max_epochs
+        if sub == "fit" and not trainer.fast_dev_run and epochs and epochs > 0 and warmup > epochs:
+            raise ConfigError(
+                f"model.warmup_epochs={warmup} > trainer.max_epochs={epochs}: the learning rate never reaches "
+                "its peak; lower model.warmup_epochs or raise trainer.max_epochs"
+            )
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            safe_load(ckpt_path, mmap=True)  # missing, truncated, or a pickle that would run code: one line, nothing written
+
+    def _start_run(self) -> None:
+        from launch.safety import make_run_dir
+
+        self._preflight()
+        trainer = self.trainer
+        weights = getattr(self, "_overridden_weights", None)
+        if weights and trainer.is_global_zero:
+            print(f"zoo: the weights come from --ckpt_path {self.config[self.subcommand].get('ckpt_path')}; "
+                  f"model.weights {weights} (initial weights) is overridden by it", flush=True)
+        if trainer.is_global_zero:
+            make_run_dir(self.run_dir)
+            save_wandb_run_id(self.run_dir)
+            print(f"run directory: {self.run_dir}", flush=True)
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams({"git_rev": git_revision(), "run_dir": str(self.run_dir)})
+
+    def before_fit(self) -> None:
+        self._start_run()
+
+    def before_validate(self) -> None:
+        self._start_run()
+
+    def before_test(self) -> None:
+        self._start_run()
+
+    def before_predict(self) -> None:
+        self._start_run()
+
+    @staticmethod
+    def _make_logger(kind: str, run_dir: Path, name: str, project: str):
+        if kind == "none":
+            return False
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if kind == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            # Lightning's CSV writer deletes an existing metrics.csv: a resumed run keeps the
+            # earlier part as metrics.1.csv (then .2, ...) beside the new one
+            metrics = run_dir / "csv" / "metrics.csv"
+            if metrics.is_file() and rank_zero_only.rank == 0:
+                n = 1
+                while metrics.with_name(f"metrics.{n}.csv").exists():
+                    n += 1
+                metrics.rename(metrics.with_name(f"metrics.{n}.csv"))
+            return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        if kind == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            return TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        # rank 0 (from the launcher's environment) owns the id; other ranks never start a W&B run
+        wid = wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(
+            save_dir=str(run_dir), project=project, name=f"{name}-{run_dir.name}", offline=offline,
+            id=wid, resume="allow",
+        )
+        # Lightning 2.6 always passes anonymous=None, which wandb 0.31 answers with a deprecation
+        # warning on every run that the user can do nothing about
+        if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
+            logger._wandb_init.pop("anonymous")
+        return logger
+
+    def after_fit(self) -> None:
+        self._report()
+
+    def after_validate(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+    def _report(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        for key in ("val/acc1", "val/acc5", "val_ema/acc1", "test/acc1", "test/acc5", "test_ema/acc1"):
+            if key in metrics:
+                print(f"{key}: {float(metrics[key]):.4f}", flush=True)
+        if self.subcommand == "fit":
+            for cb in trainer.checkpoint_callbacks:
+                if cb.best_model_path:
+                    kind = "best" if cb.monitor else "last"
+                    print(f"{kind} checkpoint: {cb.best_model_path}", flush=True)
+        print(f"logs: {self.run_dir}", flush=True)
+        if "WandbLogger" in type(trainer.logger).__name__:  # no wandb import for other loggers
+            print(f"W&B (offline): wandb sync {self.run_dir / 'wandb'} --sync-all", flush=True)
+            # close the W&B run: a later main() in this process (a resume) starts its own part
+            trainer.logger.experiment.finish()
+
+
+class RedactedSaveConfig(SaveConfigCallback):
+    """config.yaml without credentials (tokens in hub ids or URLs, secret environment values)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        from launch.safety import redact
+
+        # Not trainer.log_dir: it broadcasts, and save_config runs on rank 0 only (a collective on
+        # one rank hangs DDP). On rank 0 this is the directory trainer.log_dir would broadcast.
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        if trainer.loggers:
+            first = trainer.loggers[0]
+            log_dir = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+        else:
+            log_dir = trainer.default_root_dir
+        path = Path(log_dir or ".") / self.config_filename
+        if not path.is_file():
+            return
+        text = path.read_text()
+        if redact(text) != text:
+            path.write_text(redact(text))
+        # RUN/config.yaml for every logger (CSV and TensorBoard keep theirs in RUN/csv, RUN/tb):
+        # `zoo fit --config RUN/config.yaml --ckpt_path ...` resumes, and a checkpoint finds its run
+        run_copy = Path(trainer.default_root_dir) / self.config_filename
+        if run_copy.resolve() != path.resolve():
+            tmp = run_copy.with_name(f".{run_copy.name}.tmp")
+            tmp.write_text(redact(text))
+            tmp.replace(run_copy)
