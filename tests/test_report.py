@@ -106,6 +106,15 @@ def test_many_classes_give_the_most_confused_pairs(tmp_path):
     assert "No epoch was recorded" in html  # and says why there are no curves
 
 
+def test_report_shows_the_last_bn_check(tmp_path):
+    (tmp_path / "bn_stats").mkdir()
+    (tmp_path / "bn_stats" / "epoch=000-step=5.csv").write_text("layer,channels,mean_err\nstages.0.bn,8,0.9\n")
+    (tmp_path / "bn_stats" / "epoch=001-step=10.csv").write_text("layer,channels,mean_err\nstages.0.bn,8,0.01\n")
+    html = write_report(tmp_path).read_text()
+    assert "BatchNorm health" in html and "epoch=001-step=10.csv" in html
+    assert "<td>stages.0.bn</td><td>8</td><td>0.01</td>" in html and "0.9<" not in html
+
+
 def test_report_reads_a_csv_logger_run(tmp_path):
     """A run made before metrics.jsonl existed, logged with CSVLogger: its curves still come out."""
     from lightning.pytorch.loggers import CSVLogger
