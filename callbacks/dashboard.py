@@ -15,13 +15,17 @@
   Drawing and logging them every epoch cost more than a default callback may on a short CPU
   fit (benchmarks/results/peers.md), hence every 5th epoch by default.
 
-PNG copies go to ``<run dir>/plots`` so CSV-logged runs have them too. Works with any module of
+PNG copies go to ``<run dir>/plots`` so CSV-logged runs have them too, drawn for a person
+(``callbacks.plots``): the confusion matrix with class names, counts and axes, each image with
+its caption; beside them ``val_confusion_matrix.pt`` (the counts) and JSON files with the class
+names and captions, which the run report (``callbacks.run_report``) reads. Works with any module of
 the zoo (``ImageClassifier``: ``pixel_mean``/``pixel_std`` buffers, optional ``augment``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,8 +82,11 @@ class Dashboard(Callback):
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 x, _ = augment.post_normalise(x.clone(), y)
         if trainer.is_global_zero:
-            grid = self._grid(pl_module, x)
-            self._log_image(trainer, "train/augmented_batch", grid, caption=f"labels {y.tolist()}")
+            classes = self._class_names(trainer, int(pl_module.hparams.get("num_classes", 0) or 0))
+            names = [classes[int(i)] if 0 <= int(i) < len(classes) else str(int(i)) for i in y.tolist()]
+            self._log_figure(trainer, "train/augmented_batch", self._figure_of_images(
+                pl_module, x, names, "the first training batch as the network sees it (augmented), with its labels"),
+                caption=f"labels {names}", meta={"epoch": trainer.current_epoch, "captions": names})
 
     # ------------------------------------------------------------------ validation
     def _due(self, trainer: Trainer) -> bool:
@@ -169,15 +176,24 @@ class Dashboard(Callback):
             x = x * std.to(x.device) + mean.to(x.device)
         return x.clamp(0, 255).round().to(torch.uint8).cpu()
 
-    def _grid(self, pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.utils import make_grid
+    def _figure_of_images(self, pl_module: LightningModule, x: torch.Tensor, captions: list[str], title: str):
+        from callbacks.plots import image_grid_figure
 
-        return make_grid(self._to_uint8(pl_module, x), nrow=min(8, x.shape[0]), padding=2)
+        return image_grid_figure(self._to_uint8(pl_module, x).numpy(), captions, title=title)
 
     def _save_png(self, trainer: Trainer, name: str, image: torch.Tensor) -> None:
         from torchvision.io import write_png
 
         write_png(image, str(self._plots(trainer) / f"{name}.png"))
+
+    def _log_figure(self, trainer: Trainer, key: str, fig, caption: str = "", meta: Optional[dict] = None) -> None:
+        """A matplotlib figure to the loggers and plots/ (as _log_image), its metadata as JSON beside it."""
+        from callbacks.plots import to_rgb
+
+        image = torch.from_numpy(to_rgb(fig)).permute(2, 0, 1).contiguous()
+        self._log_image(trainer, key, image, caption=caption)
+        if meta is not None:
+            (self._plots(trainer) / f"{key.replace('/', '_')}.json").write_text(json.dumps(meta))
 
     def _plots(self, trainer: Trainer) -> Path:
         out = self.plots_dir or Path(trainer.default_root_dir) / "plots"
@@ -196,17 +212,16 @@ class Dashboard(Callback):
                 logger.experiment.add_image(key, image, global_step=trainer.global_step)
 
     def _log_confusion(self, trainer: Trainer, cm: torch.Tensor, classes: list[str], epoch: int) -> None:
+        from callbacks.plots import confusion_figure, to_rgb
+
         n = cm.shape[0]
-        # rows: true class, normalised to recall; a uint8 heatmap, one pixel block per cell
-        recall = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
-        cell = max(1, 256 // n)
-        heat = (recall * 255).round().to(torch.uint8).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-        image = torch.stack([255 - heat, 255 - heat, torch.full_like(heat, 255)])  # white -> blue
         torch.save(cm, self._plots(trainer) / "val_confusion_matrix.pt")  # the counts, for any class count
-        if n > self.max_confusion_classes:
-            self._save_png(trainer, "val_confusion_matrix", image)
+        (self._plots(trainer) / "val_confusion_matrix.json").write_text(json.dumps({"epoch": epoch, "classes": classes}))
+        fig = confusion_figure(cm.numpy(), classes, title=f"validation, epoch {epoch}")
+        if n > self.max_confusion_classes:  # a file only: a heatmap this size says little on a dashboard
+            self._save_png(trainer, "val_confusion_matrix", torch.from_numpy(to_rgb(fig)).permute(2, 0, 1).contiguous())
             return
-        self._log_image(trainer, "val/confusion_matrix", image, caption=f"epoch {epoch}: rows true, columns predicted")
+        self._log_figure(trainer, "val/confusion_matrix", fig, caption=f"epoch {epoch}: rows true, columns predicted")
         for logger in trainer.loggers:
             if "Wandb" in type(logger).__name__:
                 rows = [[classes[i], classes[j], int(cm[i, j])] for i in range(n) for j in range(n) if cm[i, j]]
@@ -222,10 +237,17 @@ class Dashboard(Callback):
         images = self._to_uint8(pl_module, x)[keep]
         y, pred, score = y.cpu()[keep], pred.cpu()[keep], score.cpu()[keep]
         captions = [f"{classes[int(a)]} -> {classes[int(b)]} ({float(c):.2f})" for a, b, c in zip(y, pred, score)]
-        from torchvision.utils import make_grid
+        from callbacks.plots import image_grid_figure, to_rgb
 
-        grid = make_grid(images, nrow=min(8, images.shape[0]), padding=2)
+        labels = [f"true {classes[int(a)]}\npred {classes[int(b)]} p={float(c):.2f}" for a, b, c in zip(y, pred, score)]
+        fig = image_grid_figure(images.numpy(), labels, title=f"validation, epoch {trainer.current_epoch}: the most "
+                                "confidently wrong images (true class, predicted class, its probability)")
+        grid = torch.from_numpy(to_rgb(fig)).permute(2, 0, 1).contiguous()
         self._save_png(trainer, "val_most_confident_wrong", grid)
+        (self._plots(trainer) / "val_most_confident_wrong.json").write_text(json.dumps(
+            {"epoch": trainer.current_epoch, "captions": captions,
+             "items": [{"true": classes[int(a)], "predicted": classes[int(b)], "probability": round(float(c), 4)}
+                       for a, b, c in zip(y, pred, score)]}))
         for logger in trainer.loggers:
             kind = type(logger).__name__
             if "Wandb" in kind:

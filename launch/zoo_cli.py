@@ -217,6 +217,11 @@ class ZooCLI(LightningCLI):
                 # Slurm's SIGUSR1: all ranks save at one agreed step, then main() requeues (no
                 # save inside Lightning's signal handler, which can deadlock DDP); no-op elsewhere
                 callbacks.append(SlurmRequeue())
+            from callbacks.metric_log import MetricLog
+            from callbacks.run_report import RunReport
+
+            if not any(isinstance(c, MetricLog) for c in callbacks):
+                callbacks.append(RunReport())  # RUN/metrics.jsonl whatever the logger; RUN/report/ at the end
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             from callbacks.prediction_writer import PredictionWriter
 
@@ -226,13 +231,15 @@ class ZooCLI(LightningCLI):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
             if logger is not False and self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if logger is not False and self.subcommand == "fit" and run["dashboard"]:
+        if self.subcommand == "fit" and run["dashboard"]:
             from lightning.pytorch.callbacks import ThroughputMonitor
 
             from callbacks._batches import batch_size_of
             from callbacks.dashboard import Dashboard
 
-            callbacks += [Dashboard(), ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"])]
+            callbacks.append(Dashboard())  # its plots/ feed the run report, with or without a logger
+            if logger is not False:  # ThroughputMonitor logs through the logger only
+                callbacks.append(ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"]))
         if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
             from callbacks.bn_stats import BNBufferSync
 
