@@ -13,8 +13,8 @@ from PIL import Image
 
 from launch.cli import main
 from tests.conftest import make_image_folder
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "launch" / "recipes" / "demo.yaml")
 MARKER = "zoo-pickle-ran-code"
 
@@ -145,10 +145,8 @@ ROWS = {
     # checkpoints
     "weights-other-arch": (lambda t, d: ("fit", ["--data.root", str(d), "--model.weights", str(_weights(t, d, "other_arch"))], {}), r"w.pth"),
     "weights-truncated": (lambda t, d: ("fit", ["--data.root", str(d), "--model.weights", str(_weights(t, d, "truncated"))], {}), r"w.pth is not a readable PyTorch"),
-    "weights-pickle-runs-code": (lambda t, d: ("fit", ["--data.root", str(d), "--model.weights", str(_weights(t, d, "evil"))], {}), r"w.pth contains pickled Python objects .* refused"),
     "ckpt-path-missing": (_ckpt("missing"), r"checkpoint .*nope.ckpt does not exist"),
     "ckpt-path-truncated": (_ckpt("truncated"), r"w.pth is not a readable PyTorch"),
-    "ckpt-path-pickle-runs-code": (_ckpt("evil"), r"w.pth contains pickled Python objects .* refused"),
     # config
     "config-unknown-key": (lambda t, d: ("fit", ["--data.root", str(d), "--model.lrr", "0.1"], {}), r"unrecognized arguments: --model.lrr 0.1 \(see `zoo fit --help`\)"),
     "config-wrong-type": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.max_epochs", "ten"], {}), r"trainer.max_epochs.* given value: ten"),
@@ -197,9 +195,16 @@ def test_bad_input(row, tmp_path, capsys, monkeypatch):
         assert not [p for p in (tmp_path / "betons").rglob("*") if p.is_file() and p.suffix != ".lock"]
 
 
+# Rows of the docs' table that another test proves (the same one-line error, nothing half-written).
+COVERED_ELSEWHERE = {
+    "weights-pickle-runs-code": "tests/test_security.py::test_cli_paths_refuse_code",
+    "ckpt-path-pickle-runs-code": "tests/test_security.py::test_cli_paths_refuse_code",
+}
+
+
 def test_bad_input_table_in_the_docs_lists_every_row():
     page = (REPO / "docs" / "reliability.md").read_text()
-    missing = [r for r in ROWS if f"`{r}`" not in page]
+    missing = [r for r in [*ROWS, *COVERED_ELSEWHERE] if f"`{r}`" not in page]
     assert not missing, missing
 
 

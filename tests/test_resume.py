@@ -14,14 +14,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-ZOO = str(Path(sys.executable).with_name("zoo"))
+from tests.helpers import REPO, run_zoo
 
 
 def _args(root: Path, runs: Path, backend: str, accumulate: int = 1, devices: int = 1) -> list[str]:
@@ -37,8 +35,7 @@ def _args(root: Path, runs: Path, backend: str, accumulate: int = 1, devices: in
 
 
 def _zoo(args: list[str], run_id: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ZOO_RUN_ID": run_id, "WANDB_SILENT": "true"}
-    return subprocess.run([ZOO, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return run_zoo(args, timeout=timeout, env={"ZOO_RUN_ID": run_id})
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
