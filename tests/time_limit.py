@@ -32,13 +32,20 @@ def time_limit() -> float:
         raise pytest.UsageError(f"ZOO_TEST_TIME_LIMIT={raw!r} is not a number of seconds (0 turns the limit off)")
 
 
+_LIMIT = pytest.StashKey[float]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_LIMIT] = time_limit()  # read once: a test's own monkeypatch.setenv cannot change it
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
     if report.when != "call" or not report.passed or hasattr(report, "wasxfail"):
         return
-    limit = time_limit()
+    limit = item.config.stash.get(_LIMIT, DEFAULT_LIMIT_S)
     if limit <= 0 or report.duration <= limit or any(item.get_closest_marker(m) for m in MARKERS):
         return
     report.outcome = "failed"
