@@ -198,7 +198,7 @@ class ZooCLI(LightningCLI):
 
             callbacks += [Dashboard(), ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"])]
         if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
-            from callbacks.bn_stats import BNBufferSync
+            from callbacks.bn import BNBufferSync
 
             if not any(isinstance(c, BNBufferSync) for c in callbacks):
                 # DDP without SyncBN: average BN buffers across ranks before validation and saving
