@@ -416,7 +416,7 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path):
     t = study.ask({"model.lr": spec.params["model.lr"].distribution()})
     t.set_user_attr("worker", "local:" + __import__("socket").gethostname() + ":999999999")  # no such pid
     alive = study.ask({"model.lr": spec.params["model.lr"].distribution()})
-    alive.set_user_attr("worker", zsweep._worker_key())
+    alive.set_user_attr("worker", zsweep.worker_key())
     assert zsweep.fail_stale(study, sweep) == [t.number]
     trials = study.get_trials()
     assert trials[t.number].state.name == "FAIL" and trials[alive.number].state.name == "RUNNING"
