@@ -93,8 +93,8 @@ COMMANDS: dict[str, tuple[str, str] | str] = {
     "ensemble": ("launch.ensemble:main", "evaluate several checkpoints and their ensemble on the val split"),
     "sweep": ("launch.sweep:main", "hyperparameter sweep of a recipe (Optuna), here or as a Slurm array"),
     "bench": ("launch.bench:main", "run the benchmark scripts of benchmarks/ and print their tables"),
-    "gradcheck": ("launch.diagnose:gradcheck_main", "check an architecture's backprop against finite differences"),
-    "init-stats": ("launch.diagnose:init_stats_main", "per-layer activation statistics of an architecture at initialisation"),
+    "gradcheck": ("launch.model_checks_cmd:gradcheck_main", "check an architecture's backprop against finite differences"),
+    "init-stats": ("launch.model_checks_cmd:init_stats_main", "per-layer activation statistics of an architecture at initialisation"),
     "landscape": ("launch.landscape:main", "plot a checkpoint's loss surface along random filter-normalised directions"),
     "export": ("launch.export:main", "write a checkpoint's weights as .safetensors with its data config and class names"),
 }
