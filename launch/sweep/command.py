@@ -19,6 +19,11 @@ from .trial import TrialPreempted, run_trial, trial_id
 
 
 def run_local(sweep: Sweep, in_process: bool = False) -> None:
+    runner = None
+    if in_process:
+        from . import train  # Lightning: imported when a trial runs here, not for `zoo sweep --status`
+
+        runner = train.train_in_process
     storage = sweep.storage()
     for rnd in sweep.rounds():
         study, space = sweep.study(rnd, storage)
@@ -32,7 +37,7 @@ def run_local(sweep: Sweep, in_process: bool = False) -> None:
         while done() < target and tries < max_tries:
             tries += 1
             try:
-                number, value, run_dir = run_trial(sweep, rnd, study, space, in_process=in_process)
+                number, value, run_dir = run_trial(sweep, rnd, study, space, in_process=runner)
             except TrialPreempted as e:  # a local sweep inside a Slurm job that was preempted and requeued
                 bar.close()
                 tqdm.write(str(e), file=sys.stderr)

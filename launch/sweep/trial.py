@@ -8,7 +8,7 @@ import math
 import os
 import subprocess
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -23,9 +23,13 @@ def trial_id(rnd: int, number: int) -> str:
 
 
 def run_trial(
-    sweep: Sweep, rnd: int, study, space: dict[str, Param], *, slurm: bool = False, in_process: bool = False
+    sweep: Sweep, rnd: int, study, space: dict[str, Param], *, slurm: bool = False,
+    in_process: Optional[Callable[[list[str], dict[str, str]], int]] = None,
 ) -> tuple[int, Optional[float], str]:
     """Ask the study for a trial (or resume this SLURM task's running one), train, tell.
+
+    ``in_process``: run the trial's process in this one (:func:`launch.sweep.train.train_in_process`,
+    given by the caller: this module does not import Lightning).
 
     Returns (trial number, value or None if failed, run directory)."""
     key = worker_key()
@@ -61,10 +65,8 @@ def run_trial(
         cmd = ["srun", "--kill-on-bad-exit=1", *cpus, *cmd, "--trainer.num_nodes", nodes, "--trainer.devices", per_node]
     log = sweep.dir / "logs" / f"{rid}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    if in_process:  # no interpreter start per trial (tests, quick local sweeps); output to the console
-        from . import train  # Lightning: imported when a trial runs here, not for `zoo sweep --status`
-
-        rc = train.train_in_process(cmd[cmd.index("_train") + 1:], {k: env[k] for k in ("ZOO_RUN_ID", "WANDB_RUN_GROUP")})
+    if in_process is not None:  # no interpreter start per trial (tests, quick local sweeps); output to the console
+        rc = in_process(cmd[cmd.index("_train") + 1:], {k: env[k] for k in ("ZOO_RUN_ID", "WANDB_RUN_GROUP")})
     else:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
