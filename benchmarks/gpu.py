@@ -13,6 +13,12 @@
    Images/s of each (after warm-up steps that include the compile), their ratio, peak device
    memory, and MFU (model FLOPs counted with torch.utils.flop_counter on the eager network,
    forward + backward, against the device's dense bf16 peak from ``--peak-tflops`` or a table).
+   d. ``--gpu-decode``: JPEG decoding on the device (``data.gpu_decode``, datamodules/gpu_decode.py):
+      every JPEG on the device, and ``auto`` (the split it chooses from the measured rates), with
+      all cores; then the FFCV loader and the GPU decode again in a child process limited to
+      ``--taskset-cores`` (``taskset -c 0-3``: 4 cores); and ConvNeXt-T's step time (224 px,
+      ``--convnext-batch``) fed by the FFCV loader vs by the GPU decode, beside on-device batches:
+      at a data rate both loaders sustain, the difference is what decoding costs the SMs.
 2. ConvNeXt-T at 224 px, batch ``--convnext-batch`` (128 per GPU in the recipe): step time with
    nothing, with the recipe's device augmentation (timm RandAugment, random erasing, mixup/cutmix)
    in its previous form (RandAugment grouped by op, eager) and its current one (masked, compiled
@@ -310,6 +316,131 @@ def train_flops_per_image(arch: str, res: int, classes: int) -> float:
     return counter.get_total_flops() / 2
 
 
+def decode_dm(root, mode: str, args, workers: int, device: torch.device, res: int | None = None, batch: int | None = None):
+    """An ImageNetDataModule on the generated JPEGs with ``data.gpu_decode=mode`` (off: the FFCV loader).
+    On the CPU (``--smoke``) the device path runs with ``device="cpu"``."""
+    from datamodules.imagenet import ImageNetDataModule
+
+    res, batch = res or args.res, batch or args.batch
+    dm = ImageNetDataModule(root=str(root), backend="ffcv", batch_size=batch, num_workers=workers, train_res=res,
+                            val_res=res, progress=False, gpu_decode=mode if device.type == "cuda" else "off")
+    if device.type != "cuda" and mode != "off":  # smoke: the same loader with the device path on the CPU
+        dm.hparams.gpu_decode = mode if mode != "auto" else 1.0
+        dm.backend.decode_device = "cpu"
+    return dm
+
+
+def auto_kw(kw: dict) -> dict:
+    """``auto`` decides after gpu_decode.AUTO_WARMUP + AUTO_WINDOW train batches: time the steps after that."""
+    from datamodules import gpu_decode
+
+    return {**kw, "warmup": max(kw["warmup"], gpu_decode.AUTO_WARMUP + gpu_decode.AUTO_WINDOW + 2)}
+
+
+def split_of(dm) -> str:
+    split = getattr(dm.backend, "split", None)
+    return split.describe() if split is not None else "CPU path (FFCV Loader)"
+
+
+def gpu_decode_child(args, rn50, device: torch.device, precision: str, workers: int) -> int:
+    """1d's limited run (started under taskset): FFCV loader and GPU decode fits; figures to a JSON file."""
+    import json
+
+    from datamodules.folder import cache_root
+
+    root = make_jpegs(cache_root() / f"gpu-bench-jpegs-{args.images}", args.images)
+    out = {"cores": len(os.sched_getaffinity(0)), "workers": workers}
+    kw = dict(steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+    for key, mode in (("ffcv", "off"), ("on", "on"), ("auto", "auto")):
+        try:
+            dm = decode_dm(root, mode, args, workers, device)
+            out[key] = fit(rn50(), dm, **(auto_kw(kw) if mode == "auto" else kw)).rate
+            out[f"{key}_split"] = split_of(dm)
+        except Exception as e:
+            out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"limited run, {key}: {out.get(key, out.get(f'{key}_error'))}", flush=True)
+        Path(args.taskset_child).write_text(json.dumps(out))
+    return 0
+
+
+def gpu_decode_part(args, argv, root, rn50, ceiling, real, device, precision, workers, cores, failed, show) -> list[str]:
+    """1d: JPEG decoding on the device vs the FFCV loader, all cores and ``--taskset-cores``; ConvNeXt-T's step cost."""
+    import json
+    import subprocess
+    import tempfile
+
+    kw = dict(steps=args.steps, warmup=args.warmup, device=device, precision=precision)
+    rows = [("FFCV loader (CPU decode)", cores, workers, real.rate, "CPU path (FFCV Loader)")]
+
+    def table(extra: list[str]) -> list[str]:
+        return [
+            f"## JPEG decoding on the device (`data.gpu_decode`), ResNet-50, batch {args.batch}, {args.res} px",
+            "",
+            "| loader | cores | threads | img/s | of ceiling | split |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+            f"| uint8 tensors already on the device (ceiling) | {cores} | - | {ceiling.rate:.0f} | 1.00 | - |",
+            *[f"| {n} | {c} | {w} | {r:.0f} | {r / ceiling.rate:.2f} | {sp} |" for n, c, w, r, sp in rows],
+            "",
+            *extra,
+        ]
+
+    for name, mode in (("GPU decode, every JPEG (`on`)", "on"), ("GPU decode, `auto`", "auto")):
+        try:
+            dm = decode_dm(root, mode, args, workers, device)
+            rows.append((name, cores, workers, fit(rn50(), dm, **(auto_kw(kw) if mode == "auto" else kw)).rate, split_of(dm)))
+            print(f"resnet50 {name}: {rows[-1][3]:.0f} img/s, {rows[-1][4]}", flush=True)
+        except Exception as e:
+            failed.append(f"ResNet-50 {name} failed: {type(e).__name__}: {str(e)[:300]}")
+            print(failed[-1], flush=True)
+        show(table([]))
+    # the same under taskset, in a child process (affinity must hold for every thread from the start)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "limited.json"
+        child = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
+                 "--taskset-child", str(result)]
+        t = time.perf_counter()
+        proc = subprocess.run(["taskset", "-c", args.taskset_cores, *child], capture_output=True, text=True)
+        print(f"limited run ({args.taskset_cores}) rc={proc.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
+        got = json.loads(result.read_text()) if result.exists() else {}
+        if proc.returncode or not got:
+            failed.append(f"limited run failed (rc {proc.returncode}): {(proc.stderr or proc.stdout)[-300:]}")
+        for key, name in (("ffcv", "FFCV loader (CPU decode)"), ("on", "GPU decode, every JPEG (`on`)"), ("auto", "GPU decode, `auto`")):
+            if key in got:
+                rows.append((f"{name}, `taskset -c {args.taskset_cores}`", got["cores"], got["workers"], got[key], got[f"{key}_split"]))
+            elif f"{key}_error" in got:
+                failed.append(f"limited run, {name}: {got[f'{key}_error']}")
+    show(table([]))
+    # ConvNeXt-T: the step with on-device batches, fed by the FFCV loader, fed by the GPU decode
+    cres = 32 if args.smoke else 224
+    cnx = lambda: __import__("zoo.base", fromlist=["ImageClassifier"]).ImageClassifier(  # noqa: E731
+        arch="convnext_tiny", num_classes=10, channels_last=True, compile=device.type == "cuda", optimizer="adamw",
+        lr=4e-3, lr_reference_batch=None, schedule="constant", label_smoothing=0.1)
+    steps: dict[str, float] = {}
+    for name, data in (("on-device batches (no loader)", None), ("FFCV loader", "off"), ("GPU decode (`on`)", "on")):
+        try:
+            d = (device_batches(args.steps + args.warmup, args.convnext_batch, cres, 10, device) if data is None
+                 else decode_dm(root, data, args, workers, device, res=cres, batch=args.convnext_batch))
+            steps[name] = fit(cnx(), d, **kw).step_ms
+            print(f"convnext-t {name}: {steps[name]:.1f} ms/step", flush=True)
+        except Exception as e:
+            failed.append(f"ConvNeXt-T {name} failed: {type(e).__name__}: {str(e)[:300]}")
+            print(failed[-1], flush=True)
+    base = steps.get("FFCV loader", float("nan"))
+    cnx_rows = [
+        f"ConvNeXt-T, batch {args.convnext_batch}, {cres} px, no augmentation ({cores} cores, {workers} threads): "
+        "step time by data source; both loaders sustain the model's rate, so the GPU decode's extra is what "
+        "decoding and resampling on the device cost the step.",
+        "",
+        "| data | step (ms) | vs FFCV loader |",
+        "| --- | ---: | ---: |",
+        *[f"| {k} | {v:.1f} | {100 * (v / base - 1):+.1f}% |" for k, v in steps.items()],
+        "",
+    ]
+    lines = table(cnx_rows)
+    show(lines)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every path")
@@ -328,9 +459,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="ConvNeXt-T configurations to fit (of plain, grouped, masked, ema, masked+ema)")
     ap.add_argument("--skip-resnet50", action="store_true", help="only the ConvNeXt-T part and the sync audit")
     ap.add_argument("--skip-dct", action="store_true", help="ResNet-50 part without the DCT-scaled fit and loader")
+    ap.add_argument("--gpu-decode", action="store_true", help="ResNet-50 part: also JPEG decoding on the device (1d)")
+    ap.add_argument("--taskset-cores", default="0-3", help="--gpu-decode: the cores of the limited run (taskset -c)")
+    ap.add_argument("--taskset-child", default=None, help=argparse.SUPPRESS)  # JSON path: the limited run's figures
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch, args.res, args.steps, args.warmup, args.images, args.convnext_batch = 8, 32, 3, 1, 64, 4
+        args.taskset_cores = "0"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     compile_ = device.type == "cuda"
@@ -347,8 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         return ImageClassifier(arch="resnet50", num_classes=classes, channels_last=True, compile=compile_,
                                lr=0.1, lr_reference_batch=None, schedule="constant", label_smoothing=0.1)
 
+    if args.taskset_child:  # 1d's limited run, in its own process under taskset
+        return gpu_decode_child(args, rn50, device, precision, workers)
+
     rn50_lines: list[str] = []
     cnx_lines: list[str] = []
+    decode_lines: list[str] = []
     failed: list[str] = []  # informative parts that failed, reported instead of lost
     out = args.out or str(Path(__file__).resolve().parent / "results" / ("gpu-smoke.md" if args.smoke else "gpu.md"))
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run: not a GPU figure)"
@@ -364,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{cmd.strip()}`",
             "",
             *rn50_lines,
+            *decode_lines,
             *cnx_lines,
             *([f"- {f}" for f in failed] + [""] if failed else []),
             *([] if final else ["(partial: the run had not finished when this was written)", ""]),
@@ -437,6 +577,14 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         report()
+        if args.gpu_decode:
+            try:
+                decode_lines = gpu_decode_part(args, argv, root, rn50, ceiling, real, device, precision, workers, cores,
+                                               failed, lambda lines: (decode_lines.clear(), decode_lines.extend(lines), report()))
+            except Exception as e:
+                failed.append(f"GPU decode part failed: {type(e).__name__}: {str(e)[:300]}")
+                print(failed[-1], flush=True)
+            report()
 
     if not args.skip_convnext:
         # 2. ConvNeXt-T: plain, + device augmentation (the previous grouped path, the masked compiled one), + EMA

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 rm -rf .gpu && mkdir -p .gpu/site .gpu/libs /tmp/ffcv-sdist
-grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # also in a git worktree, where .git is a file
+mkdir -p "$(dirname "$EXCLUDE")"; grep -qx "/.gpu/" "$EXCLUDE" 2>/dev/null || echo "/.gpu/" >> "$EXCLUDE"
 $PY -m pip download -q ffcv==1.0.2 --no-deps --no-binary :all: -d /tmp/ffcv-sdist
 tar xzf /tmp/ffcv-sdist/ffcv-1.0.2.tar.gz -C /tmp/ffcv-sdist
 cp -r "$SITE/ffcv" "$SITE"/ffcv-1.0.2.dist-info .gpu/site/

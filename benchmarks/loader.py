@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from datamodules.folder import atomic_write_json, cache_root, find_classes, read_json, scan_split
 
@@ -80,6 +81,14 @@ def build_folder(root: Path, n_images: int, seed: int = 0) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     os.rename(tmp, root)
     return root
+
+
+def gpu_decode_loader(path: Path, args):
+    """data.gpu_decode's loader with every JPEG through the device path, on the CPU."""
+    from datamodules.gpu_decode import GPUDecodeLoader, Split
+
+    return GPUDecodeLoader(path, batch_size=args.batch_size, res=args.res, train=True, device="cpu",
+                           split=Split("on", 1.0), seed=0, num_workers=args.workers, drop_last=False)
 
 
 def first_batch(make_loader) -> float:
@@ -199,6 +208,11 @@ def main(argv: list[str] | None = None) -> str:
                 first[label] = first_batch(functools.partial(ffcv_loader, **kw))  # also compiles for the timing below
                 makers[label] = functools.partial(ffcv_loader, **kw)
                 storage[label] = storage[path]
+            if p_jpeg > 0 and max_res == 500:  # data.gpu_decode's path, run here on the CPU (torchvision's decoder)
+                label = f"ffcv, {kind}: GPU-decode path on the CPU (`device=\"cpu\"`, every JPEG)"
+                makers[label] = functools.partial(gpu_decode_loader, path, args)
+                first[label] = first_batch(makers[label])
+                storage[label] = storage[path]
             if p_jpeg == 1.0:
                 cold_warm = cold_and_warm_first_batch(path, args.res, args.batch_size, args.workers)
                 print(f"zoo pipeline first batch in a fresh process: cold numba cache {cold_warm[0]:.1f} s, "
@@ -241,6 +255,11 @@ def main(argv: list[str] | None = None) -> str:
         f"The zoo's pipeline in a fresh process: {cold_warm[0]:.1f} s with an empty numba cache, "
         f"{cold_warm[1]:.1f} s with the cache of the previous run (nothing changed). "
         "ffcv threads also run in the training process and ffcv sets torch.set_num_threads(workers).",
+        "The GPU-decode path (`data.gpu_decode`, datamodules/gpu_decode.py) is built for a CUDA device (nvJPEG); "
+        "its row runs the same code on the CPU, for information. `data.gpu_decode=auto` split chosen here: "
+        + ("none, no CUDA device: the CPU path (FFCV Loader)." if not torch.cuda.is_available() else
+           "decided while training, from the CPU decode rate against the rate training takes images "
+           "(benchmarks/gpu.py --gpu-decode reports it)."),
     ]
     table = "\n".join(lines) + "\n"
     print("\n" + table)

@@ -27,6 +27,8 @@ class FFCVBackend(Backend):
     def __init__(self, dm) -> None:
         super().__init__(dm)
         self._train_decoder: Any = None  # RandomResizedCrop decoder of the built train loader
+        self.decode_device: Any = None  # gpu_decode's device (None: the trainer's); tests set "cpu"
+        self.split: Any = None  # gpu_decode.Split shared by this DataModule's loaders
 
     # ------------------------------------------------------------------ files
     def prepare(self) -> None:
@@ -93,6 +95,9 @@ class FFCVBackend(Backend):
 
         dm, hp = self.dm, self.dm.hparams
         path = dm.beton_path(split)
+        gpu = self._gpu_loader(split, train=train, rank=rank, world_size=world_size)
+        if gpu is not None:
+            return gpu
         if train:
             image = train_image_pipeline(dm.train_resolution, hp.scale, hp.ratio, hp.flip, seed=dm.seed,
                                          distinct_repeats=hp.ra_reps > 1, dct_scaling=hp.dct_scaling)
@@ -113,7 +118,7 @@ class FFCVBackend(Backend):
             indices = dm.train_subset(beton_labels(path))  # ffcv's orders (and distributed split) draw from these
         loader = make_loader(
             path, {"image": image, "label": label_pipeline()},
-            batch_size=dm.per_device_batch_size, num_workers=max(1, hp.num_workers),
+            batch_size=dm.per_device_batch_size, num_workers=max(1, dm.num_workers),
             order=(ffcv_ra_order(hp.ra_reps) if hp.ra_reps > 1 else hp.order) if train else "sequential",
             distributed=distributed, seed=dm.seed,
             drop_last=hp.drop_last if train else False, os_cache=hp.os_cache, batches_ahead=hp.batches_ahead,
@@ -122,6 +127,49 @@ class FFCVBackend(Backend):
         if train:
             self._train_decoder = loader.ops["image"][0]  # the object the Loader decodes with (reused: not `image`)
             self._train_decoder.output_size = (dm.train_resolution, dm.train_resolution)
+        return loader
+
+    def _gpu_loader(self, split: str, *, train: bool, rank: int, world_size: int):
+        """The GPU-decode loader (datamodules/gpu_decode.py) when ``gpu_decode`` asks for it and a
+        device can decode; None: the FFCV Loader (``off``, or ``auto`` without CUDA)."""
+        from .gpu_decode import GPUDecodeLoader, Split, decode_device, parse_gpu_decode
+        from .samplers import ffcv_ra_order
+
+        dm, hp = self.dm, self.dm.hparams
+        mode, share = parse_gpu_decode(getattr(hp, "gpu_decode", "off"))
+        if mode == "off":
+            return None
+        device = decode_device(dm) if self.decode_device is not None or torch.cuda.is_available() else None
+        if self.decode_device is None and (device is None or device.type != "cuda"):
+            if mode == "auto":
+                return None  # nothing to decode on: the CPU path
+            raise DataError(f"data.gpu_decode={hp.gpu_decode!r} needs a CUDA device and the trainer runs on "
+                            f"{device.type if device else 'a machine without CUDA'}: use data.gpu_decode=auto or off, or train on a GPU")
+        if train and hp.order != "random":
+            raise DataError(f"data.gpu_decode={hp.gpu_decode!r} reads in order='random' (or ra_reps) only, "
+                            f"not {hp.order!r}: set data.order=random or data.gpu_decode=off")
+        if self.split is None:
+            self.split = Split(mode, 0.0 if share is None else share)
+        distributed = train and world_size > 1
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise DataError("distributed loading needs the process group first: request dataloaders after Trainer setup")
+        path = dm.beton_path(split)
+        indices = None
+        if not train and world_size > 1:
+            from .ffcv_io import beton_info
+
+            indices = list(eval_indices(beton_info(path)["num_samples"], rank, world_size))
+        loader = GPUDecodeLoader(
+            path, batch_size=dm.per_device_batch_size, res=dm.train_resolution if train else dm.val_resolution,
+            train=train, device=device, split=self.split, scale=hp.scale, ratio=hp.ratio, flip=hp.flip, seed=dm.seed,
+            distinct_repeats=hp.ra_reps > 1, center=dm.val_crop,
+            order=(ffcv_ra_order(hp.ra_reps) if hp.ra_reps > 1 else "random") if train else "sequential",
+            distributed=distributed, drop_last=hp.drop_last if train else False, indices=indices,
+            num_workers=max(1, hp.num_workers), batches_ahead=hp.batches_ahead,
+            dct_scaling=hp.dct_scaling and train,
+        )
+        if train:
+            self._train_decoder = loader  # set_train_resolution sets its output_size, as the ffcv decoder's
         return loader
 
     def set_train_resolution(self, res: int) -> None:

@@ -87,6 +87,9 @@ class ImageNetDataModule(L.LightningDataModule):
             DataLoader worker processes); any name in ``datamodules.backends.BACKENDS``.
         batch_size: global batch; must divide by the number of processes.
         num_workers: ffcv: decoding threads per process; torchvision: worker processes per process.
+            None: the CPUs this process may use (its affinity, which Slurm's --cpus-per-task sets;
+            shared between this node's processes when nothing binds them); a larger value is
+            lowered to that count with one line (``datamodules/cpus.py``).
         train_res: train crop size; None: the model's ``input_size`` (else 224).
         val_res: eval crop size; None: the model's ``input_size`` (else 224).
         val_crop_ratio: center-crop side / short image side; None: the model's ``crop_pct``
@@ -118,12 +121,21 @@ class ImageNetDataModule(L.LightningDataModule):
             of the train split drawn with ``seed`` from the labels alone, so both backends and
             every rank train on the same images; val is untouched. None: the whole split. The
             course's overfitting example: a few images per class, memorised.
+        normalize: the mean/std inputs are standardised with: ``imagenet`` (the model's own: ImageNet's
+            constants, or those of the weights it starts from) or ``dataset`` (the train split's per-channel
+            statistics, measured in one pass and cached: :meth:`normalization`); recorded in checkpoints.
         dct_scaling: ffcv backend's train pipeline only (the torchvision backend ignores it, as
             it does the other ffcv options): decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg-turbo's
             scaled IDCT) when the random crop stays at least twice (4x, 8x) the output size, then
             resize with INTER_AREA as usual. +3-9% train loader img/s on 2 CPU cores at 160 px
             from 500 px images, all or half JPEG (``benchmarks/loader.py``; docs/benchmarks.md, "Loader
             throughput", and its accuracy check, "Decode-time DCT scaling: accuracy").
+        gpu_decode: ffcv backend: the share of JPEG samples decoded on the device (nvJPEG through
+            ``torchvision.io.decode_jpeg``) and cropped/resized there, same crops and flips
+            (datamodules/gpu_decode.py): ``off``; ``on`` (all; needs CUDA); a fraction such as 0.5;
+            or ``auto``: measure the CPU decode rate against the rate training takes images over the
+            first train batches and move just enough JPEGs to the device (none when the CPU keeps
+            up; the CPU path on a machine without CUDA).
     """
 
     def __init__(
@@ -131,7 +143,7 @@ class ImageNetDataModule(L.LightningDataModule):
         root: str | None = None,
         backend: str = "ffcv",
         batch_size: int = 256,  # He et al. 2016 / Goyal et al. 2017 reference batch
-        num_workers: int = 2,  # a laptop's share; on a GPU node use (cores / GPUs) - 1
+        num_workers: int | None = None,  # the CPUs this process may use (datamodules/cpus.py)
         train_res: int | None = None,
         val_res: int | None = None,
         val_crop_ratio: float | None = None,
@@ -153,6 +165,8 @@ class ImageNetDataModule(L.LightningDataModule):
         ra_reps: int = 1,
         dct_scaling: bool = False,
         train_per_class: int | None = None,
+        gpu_decode: str | float = "off",
+        normalize: str = "imagenet",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -160,7 +174,7 @@ class ImageNetDataModule(L.LightningDataModule):
         self.backend.check_installed()
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be >= 1")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise DataError(f"num_workers={num_workers} must be >= 0")
         if not (0 < scale[0] <= scale[1] <= 1):
             raise DataError(f"scale={tuple(scale)} must satisfy 0 < min <= max <= 1 (fractions of the image area)")
@@ -172,11 +186,20 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"order={order!r} is unknown: use 'random' or 'quasi_random'")
         if ra_reps < 1:
             raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
+        if normalize not in ("imagenet", "dataset"):
+            raise DataError(f"normalize={normalize!r} is unknown: use 'imagenet' (the model's mean/std) or 'dataset' "
+                            "(the train split's own, measured once and cached)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
         if train_per_class is not None and (isinstance(train_per_class, bool) or int(train_per_class) != train_per_class
                                             or train_per_class < 1):
             raise DataError(f"train_per_class={train_per_class} must be a whole number >= 1 (images per class), or null for all")
+        if str(gpu_decode).strip().lower() not in ("off", "0", "0.0"):  # gpu_decode.py imports numba: only when asked
+            if backend != "ffcv":
+                raise DataError(f"data.gpu_decode={gpu_decode!r} decodes the .beton's JPEGs: it needs data.backend=ffcv (is {backend!r})")
+            from .gpu_decode import check_device
+
+            check_device(gpu_decode)  # also one line for a value that is no mode or share
         self.write_params = WriteParams(max_resolution, jpeg_quality, compress_probability)
         dc = data_config or {}
         self.val_resolution: int = val_res or _input_size(dc) or DEFAULT_VAL_RES
@@ -190,7 +213,9 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"val_crop_ratio={self.val_crop} must be in (0, 1] (224/256 = 0.875 is standard)")
         self.per_device_batch_size = batch_size
         self._loaders: dict[str, Any] = {}
+        self._num_workers: int | None = None
         self._layout: Layout | None = None
+        self._stats: tuple[list[float], list[float]] | None = None
 
     # ------------------------------------------------------------------ what the data is
     @property
@@ -202,6 +227,18 @@ class ImageNetDataModule(L.LightningDataModule):
     def batch_size(self) -> int:
         """The global batch (all processes); ImageClassifier scales its LR with it."""
         return int(self.hparams.batch_size)
+
+    @property
+    def num_workers(self) -> int:
+        """Loader threads (ffcv) or worker processes (torchvision) of this process: ``num_workers``
+        fitted to the CPUs it may use (:func:`datamodules.cpus.loader_workers`), decided once."""
+        if self._num_workers is None:
+            from .cpus import loader_workers
+
+            trainer = getattr(self, "trainer", None)
+            local = int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1
+            self._num_workers = loader_workers(self.hparams.num_workers, local_processes=local)
+        return self._num_workers
 
     @property
     def layout(self) -> Layout | None:
@@ -293,6 +330,24 @@ class ImageNetDataModule(L.LightningDataModule):
     def sample_list(self, split: str) -> SampleList:
         return SampleList(self.samples(split), self.classes, f"{self.layout.images or self.root}/{split}")
 
+    def normalization(self) -> tuple[list[float], list[float]] | None:
+        """``(mean, std)`` per channel in [0, 1] units the model normalises with, or None: the model's
+        own (ImageNet's). With ``normalize="dataset"``: the train split's statistics as eval crops
+        (datamodules/stats.py), measured once and cached beside the prepared data. ImageClassifier
+        adopts them at the start of ``fit`` and records them in its checkpoints."""
+        if self.hparams.normalize != "dataset":
+            return None
+        if self._stats is None:
+            if self.is_beton_root:
+                raise DataError(f"{self.root} holds only .beton files: data.normalize=dataset measures the train "
+                                "images, so point data.root to the image folders (or use data.normalize=imagenet)")
+            from .stats import train_mean_std
+
+            self._ensure_root()
+            self._stats = train_mean_std(cache_dir_for(self.root), self.samples("train"), self.val_resolution,
+                                         self.val_crop, self.interpolation, self.hparams.num_workers)
+        return self._stats
+
     # ------------------------------------------------------------------ preparation
     def _ensure_root(self) -> Path:
         if self.hparams.root is None:
@@ -308,6 +363,7 @@ class ImageNetDataModule(L.LightningDataModule):
         if self.layout is not None:
             self.layout.prepare()  # the official archives: extracted once
         self.backend.prepare()
+        self.normalization()  # data.normalize=dataset: measured here (rank 0), read from the cache by every rank
 
     # ------------------------------------------------------------------ setup
     def _world_size(self) -> int:
@@ -349,7 +405,37 @@ class ImageNetDataModule(L.LightningDataModule):
                 )
             self.prepare_data()
         self.backend.setup()
+        if stage in ("fit", None):
+            self.check_train_batches(ws)
         self._check_eval_split_covers_ranks(stage, ws)
+
+    def check_train_batches(self, world_size: int = 1) -> None:
+        """With ``drop_last``, a train split smaller than one batch per process trains nothing
+        (Lightning stops with "No training batches" and exit 0): one DataError line instead.
+
+        Each process loads ``batch_size // world_size`` images per step from its share of the
+        train split, ``ceil(n / world_size)`` images (padded as torch's DistributedSampler and
+        ffcv's distributed order do; with ``ra_reps`` the RASampler's count).
+        """
+        if not self.hparams.drop_last or (self.hparams.root is None and not self.root.exists()):
+            return
+        ws = max(1, int(world_size))
+        per_rank_batch = self.hparams.batch_size // ws
+        n = self._num_eval("train")
+        if self.hparams.ra_reps > 1:
+            from .samplers import ra_indices
+
+            share = len(ra_indices(n, 0, reps=self.hparams.ra_reps, seed=0, world_size=ws, shuffle=False))
+        else:
+            share = -(-n // ws)
+        if share >= per_rank_batch:
+            return
+        where = f" over {ws} processes ({share} per process, batch {per_rank_batch} per process)" if ws > 1 else ""
+        raise DataError(
+            f"the train split has {n} image(s){where}, fewer than one batch of data.batch_size={self.hparams.batch_size} "
+            f"with data.drop_last true: nothing would be trained; use --data.batch_size {max(ws, share * ws)} "
+            "or smaller, or --data.drop_last false"
+        )
 
     def _check_eval_split_covers_ranks(self, stage: str | None, ws: int) -> None:
         """Each process evaluates its share of the val images, none padded (eval_indices); a

@@ -479,7 +479,7 @@ class TorchvisionBackend(Backend):
             # padded to a multiple of world_size like Lightning's own DistributedSampler (drop_last=False)
             sampler = DistributedEpochSampler(len(dataset), dm.seed, num_replicas=world_size, rank=rank)
         return make_dataloader(
-            dataset, batch_size=dm.per_device_batch_size, num_workers=hp.num_workers,
+            dataset, batch_size=dm.per_device_batch_size, num_workers=dm.num_workers,
             shuffle=train, drop_last=hp.drop_last if train else False, seed=dm.seed, sampler=sampler,
         )
 
@@ -499,5 +499,5 @@ def photo_loader(dm, *, rank: int, world_size: int) -> DataLoader:
     tf = val_transform(dm.val_resolution, dm.val_crop, dm.interpolation)
     dataset = ImageFolderDataset(dm.samples("predict"), tf, dm.hparams.skip_corrupt)
     sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False) if world_size > 1 else None
-    return make_dataloader(dataset, batch_size=dm.per_device_batch_size, num_workers=dm.hparams.num_workers,
+    return make_dataloader(dataset, batch_size=dm.per_device_batch_size, num_workers=dm.num_workers,
                            shuffle=False, drop_last=False, sampler=sampler)

@@ -4,6 +4,7 @@
     zoo fit --config launch/recipes/resnet50.yaml --data.root /data/imagenet
     zoo validate --config ... --model.weights runs/.../checkpoints/last.ckpt
     zoo models [PATTERN]                      # list registered architectures
+    zoo report RUN_DIR                        # the run report: RUN_DIR/report/report.html
 
 Every run writes under one run directory (``--run.root/<name>/<id>``): the resolved
 config, checkpoints and logs (W&B offline by default; ``wandb sync <dir>`` uploads later).
@@ -29,7 +30,6 @@ def rank_zero_info(message: str) -> None:
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-DEFAULT_RECIPE = RECIPES / "demo.yaml"
 
 
 def list_models_main(argv: list[str]) -> int:
@@ -49,11 +49,13 @@ def list_models_main(argv: list[str]) -> int:
 
 
 def _with_default_recipe(argv: list[str]) -> list[str]:
-    """`zoo fit` with no --config trains the demo recipe on the embedded dataset."""
-    if argv and argv[0] in ("fit", "validate", "test", "predict"):
-        if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
-            rank_zero_info(f"no --config given: using {DEFAULT_RECIPE.relative_to(RECIPES.parent.parent)}")
-            return [argv[0], "--config", str(DEFAULT_RECIPE), *argv[1:]]
+    """No --config: the demo recipe on the embedded dataset, the class defaults on a user's
+    --data.root (launch/defaults.py); the first line says which."""
+    from launch.defaults import with_default_recipe
+
+    argv, line = with_default_recipe(argv)
+    if line:
+        rank_zero_info(line)
     return argv
 
 
@@ -97,6 +99,7 @@ COMMANDS: dict[str, tuple[str, str] | str] = {
     "init-stats": ("launch.model_checks_cmd:init_stats_main", "per-layer activation statistics of an architecture at initialisation"),
     "landscape": ("launch.landscape:main", "plot a checkpoint's loss surface along random filter-normalised directions"),
     "export": ("launch.export:main", "write a checkpoint's weights as .safetensors with its data config and class names"),
+    "report": ("launch.report:main", "write a run directory's report: curves, confusion matrix, images (one HTML file)"),
 }
 
 

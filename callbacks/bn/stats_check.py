@@ -44,7 +44,7 @@ class BNStatsCheck(L.Callback):
     5. Under DDP: the largest difference of each BN buffer across ranks.
 
     Summary scalars ``bn/*`` go to the logger each time; the per-layer table to a W&B table
-    (``bn/layers``) with a WandbLogger, else to ``<run dir>/bn_stats/epoch=NNN.csv``. Each
+    (``bn/layers``) with a WandbLogger, and to ``<run dir>/bn_stats/epoch=NNN.csv`` (for the run report). Each
     finding prints as one line naming the layer.
 
     Args:

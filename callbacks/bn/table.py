@@ -11,15 +11,15 @@ COLUMNS = ["layer", "channels", "nonfinite", "collapsed", "mean_err", "mean_err_
 
 
 def write_table(trainer, rows: list[dict]) -> Optional[Path]:
-    """``rows`` (one dict per layer, keys of :data:`COLUMNS`) as the W&B table ``bn/layers`` or
-    ``<run dir>/bn_stats/epoch=NNN-step=N.csv``; returns the CSV's path. Call on rank zero."""
+    """``rows`` (one dict per layer, keys of :data:`COLUMNS`) as the W&B table ``bn/layers`` (with
+    a WandbLogger) and as ``<run dir>/bn_stats/epoch=NNN-step=N.csv`` (for the run report);
+    returns the CSV's path. Call on rank zero."""
     if not rows:
         return None
     data = [[r.get(c) for c in COLUMNS] for r in rows]
     logger = trainer.logger
     if type(logger).__name__ == "WandbLogger":
         logger.log_table(key="bn/layers", columns=COLUMNS, data=data)
-        return None
     out = Path(trainer.default_root_dir) / "bn_stats"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"epoch={trainer.current_epoch:03d}-step={trainer.global_step}.csv"
