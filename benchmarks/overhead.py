@@ -111,7 +111,7 @@ def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tupl
     from lightning.pytorch.loggers import CSVLogger
 
     from callbacks._batches import batch_size_of
-    from callbacks.bn_stats import BNBufferSync
+    from callbacks.bn import BNBufferSync
     from callbacks.dashboard import Dashboard
     from callbacks.fit_diagnosis import FitDiagnosis
     from callbacks.progress import ThrottledProgressBar

@@ -1,7 +1,7 @@
 """ZooCLI: LightningCLI over ImageClassifier + ImageNetDataModule, with the run directory,
 logger, default callbacks and the checks made before anything is written.
 
-``launch/cli.py`` (``main``) builds it for fit/validate/test/predict; ``launch/sweep.py``
+``launch/cli.py`` (``main``) builds it for fit/validate/test/predict; ``launch/sweep/train.py``
 subclasses it for one trial.
 """
 
@@ -241,7 +241,7 @@ class ZooCLI(LightningCLI):
             if logger is not False:  # ThroughputMonitor logs through the logger only
                 callbacks.append(ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"]))
         if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
-            from callbacks.bn_stats import BNBufferSync
+            from callbacks.bn import BNBufferSync
 
             if not any(isinstance(c, BNBufferSync) for c in callbacks):
                 # DDP without SyncBN: average BN buffers across ranks before validation and saving
