@@ -15,8 +15,9 @@ FFCV_PC_MODULES := opencv4 libturbojpeg
 APT_FOR_pkg-config := pkg-config
 APT_FOR_opencv4 := libopencv-dev
 APT_FOR_libturbojpeg := libturbojpeg0-dev
-# A one-node Slurm on localhost for the launch-script tests (pytest -m slurm): root only.
-APT_TEST_PKGS := slurmctld slurmd slurm-client munge
+# A one-node Slurm on localhost for the launch-script tests (pytest -m slurm), and headless
+# Chromium for the run-report test (tests/test_report.py opens the HTML): root only.
+APT_TEST_PKGS := slurmctld slurmd slurm-client munge chromium
 # Tested here: torch 2.14.1 + torchvision 0.29.1 (pip takes both from this machine's disk).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
@@ -47,11 +48,11 @@ $(STAMPS)/deps: Makefile
 # The Slurm test cluster needs root (slurmctld/slurmd run as root); others skip it.
 $(STAMPS)/test-deps: Makefile
 	@mkdir -p $(STAMPS)
-	@missing=$$(for c in slurmctld slurmd sbatch munged; do command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || echo $$c; done); \
+	@missing=$$(for c in slurmctld slurmd sbatch munged chromium; do command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || echo $$c; done); \
 	if [ -n "$$missing" ] && [ "$(IS_ROOT)" = yes ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "apt-get install $(APT_TEST_PKGS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TEST_PKGS) >/dev/null; \
-	elif [ -n "$$missing" ]; then echo "no local Slurm (needs root: apt-get install $(APT_TEST_PKGS)): the slurm tests are skipped"; fi
+	elif [ -n "$$missing" ]; then echo "no local Slurm or Chromium (needs root: apt-get install $(APT_TEST_PKGS)): the slurm tests and the report's browser test are skipped"; fi
 	@touch $@
 
 $(STAMPS)/venv: pyproject.toml $(STAMPS)/deps

@@ -104,12 +104,13 @@ class _Clock:
 
 def zoo_fit_callbacks(log_dir: str) -> list:
     """The callbacks `zoo fit` adds by default (callbacks/defaults.py, the source the CLI builds
-    from), less the checkpoints (this loop saves none) and the model summary (printed once, before
-    the timed steps); the dashboard's plots go to ``log_dir``."""
+    from), less the checkpoints (this loop saves none), the model summary (printed once, before the
+    timed steps) and the run report's HTML (written after them; its metric log stays); the
+    dashboard's plots go to ``log_dir``."""
     from callbacks.defaults import default_callbacks
 
     return default_callbacks("fit", exclude=("best_checkpoint", "last_checkpoint", "model_summary"),
-                             init_args={"dashboard": {"plots_dir": log_dir}})
+                             init_args={"dashboard": {"plots_dir": log_dir}, "run_report": {"report": False}})
 
 
 def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tuple[float, float]:

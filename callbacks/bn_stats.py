@@ -390,7 +390,7 @@ class BNStatsCheck(L.Callback):
     5. Under DDP: the largest difference of each BN buffer across ranks.
 
     Summary scalars ``bn/*`` go to the logger each time; the per-layer table to a W&B table
-    (``bn/layers``) with a WandbLogger, else to ``<run dir>/bn_stats/epoch=NNN.csv``. Each
+    (``bn/layers``) with a WandbLogger, and to ``<run dir>/bn_stats/epoch=NNN.csv`` (for the run report). Each
     finding prints as one line naming the layer.
 
     Args:
@@ -754,7 +754,6 @@ class BNStatsCheck(L.Callback):
         logger = trainer.logger
         if type(logger).__name__ == "WandbLogger":
             logger.log_table(key="bn/layers", columns=cols, data=data)
-            return
         out = Path(trainer.default_root_dir) / "bn_stats"
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"epoch={trainer.current_epoch:03d}-step={trainer.global_step}.csv"

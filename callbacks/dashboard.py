@@ -6,18 +6,26 @@
 - a grid of the first training batch as the network sees it: after the loader's crops and
   flips and the module's device augmentation (``augment.post_normalise`` is replayed on a copy
   under a forked RNG, so training draws the same numbers with or without this callback);
-- at each validation end a confusion matrix and the most confidently wrong images (W&B Table
-  with image, label, prediction, confidence; TensorBoard images), gathered over all ranks.
-  The hot path stays on the device: per batch a top-k merge and a confusion-matrix update,
-  no host sync; images come to the host once per validation.
+- every ``every_n_epochs`` validations and at the last epoch, a confusion matrix and the most
+  confidently wrong images (W&B Table with image, label, prediction, confidence; TensorBoard
+  images), gathered over all ranks. They are built from the logits the module's
+  ``validation_step`` returns (``{"loss", "logits"}``; a second forward pass only for a module
+  that returns no logits). The hot path stays on the device: per batch a top-k merge and a
+  confusion-matrix update, no host sync; images come to the host once per such validation.
+  Drawing and logging them every epoch cost more than a default callback may on a short CPU
+  fit (benchmarks/results/peers.md), hence every 5th epoch by default.
 
-PNG copies go to ``<run dir>/plots`` so CSV-logged runs have them too. Works with any module of
+PNG copies go to ``<run dir>/plots`` so CSV-logged runs have them too, drawn for a person
+(``callbacks.plots``): the confusion matrix with class names, counts and axes, each image with
+its caption; beside them ``val_confusion_matrix.pt`` (the counts) and JSON files with the class
+names and captions, which the run report (``callbacks.run_report``) reads. Works with any module of
 the zoo (``ImageClassifier``: ``pixel_mean``/``pixel_std`` buffers, optional ``augment``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,9 +36,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 class Dashboard(Callback):
     def __init__(self, num_images: int = 16, num_wrong: int = 8, max_confusion_classes: int = 100,
-                 plots_dir: Optional[str] = None) -> None:
+                 plots_dir: Optional[str] = None, every_n_epochs: int = 5) -> None:
         if num_images < 1 or num_wrong < 0:
             raise ValueError(f"num_images must be >= 1 and num_wrong >= 0, got {num_images}, {num_wrong}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1 (1: every validation), got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.num_wrong = num_wrong
         self.max_confusion_classes = max_confusion_classes  # a 1000x1000 heatmap says little; kept as a file
@@ -71,15 +82,29 @@ class Dashboard(Callback):
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 x, _ = augment.post_normalise(x.clone(), y)
         if trainer.is_global_zero:
-            grid = self._grid(pl_module, x)
-            self._log_image(trainer, "train/augmented_batch", grid, caption=f"labels {y.tolist()}")
+            classes = self._class_names(trainer, int(pl_module.hparams.get("num_classes", 0) or 0))
+            names = [classes[int(i)] if 0 <= int(i) < len(classes) else str(int(i)) for i in y.tolist()]
+            self._log_figure(trainer, "train/augmented_batch", self._figure_of_images(
+                pl_module, x, names, "the first training batch as the network sees it (augmented), with its labels"),
+                caption=f"labels {names}", meta={"epoch": trainer.current_epoch, "captions": names})
 
     # ------------------------------------------------------------------ validation
+    def _due(self, trainer: Trainer) -> bool:
+        """This validation draws the confusion matrix and mistakes: every ``every_n_epochs``-th
+        epoch, the last epoch of the fit, or a validation outside fit (``zoo validate``)."""
+        if trainer.sanity_checking:
+            return False
+        if not trainer.training and trainer.state.fn != "fit":
+            return True
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
+        return last or trainer.should_stop or epoch % self.every_n_epochs == 0
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from torchmetrics.classification import MulticlassConfusionMatrix
 
         n = int(pl_module.hparams.get("num_classes", 0)) if hasattr(pl_module, "hparams") else 0
-        if n < 2:
+        if n < 2 or not self._due(trainer):
             self._confmat = None
             return
         if self._confmat is None or self._confmat.num_classes != n:
@@ -92,8 +117,11 @@ class Dashboard(Callback):
         if self._confmat is None or trainer.sanity_checking:
             return
         x, y = batch[0], batch[1]
-        with torch.no_grad():
-            probs = pl_module(x).float().softmax(-1)
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if logits is None:
+            with torch.no_grad():
+                logits = pl_module(x)
+        probs = logits.detach().float().softmax(-1)
         conf, pred = probs.max(-1)
         self._confmat.update(pred, y)
         if not self.num_wrong:
@@ -148,15 +176,24 @@ class Dashboard(Callback):
             x = x * std.to(x.device) + mean.to(x.device)
         return x.clamp(0, 255).round().to(torch.uint8).cpu()
 
-    def _grid(self, pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.utils import make_grid
+    def _figure_of_images(self, pl_module: LightningModule, x: torch.Tensor, captions: list[str], title: str):
+        from callbacks.plots import image_grid_figure
 
-        return make_grid(self._to_uint8(pl_module, x), nrow=min(8, x.shape[0]), padding=2)
+        return image_grid_figure(self._to_uint8(pl_module, x).numpy(), captions, title=title)
 
     def _save_png(self, trainer: Trainer, name: str, image: torch.Tensor) -> None:
         from torchvision.io import write_png
 
         write_png(image, str(self._plots(trainer) / f"{name}.png"))
+
+    def _log_figure(self, trainer: Trainer, key: str, fig, caption: str = "", meta: Optional[dict] = None) -> None:
+        """A matplotlib figure to the loggers and plots/ (as _log_image), its metadata as JSON beside it."""
+        from callbacks.plots import to_rgb
+
+        image = torch.from_numpy(to_rgb(fig)).permute(2, 0, 1).contiguous()
+        self._log_image(trainer, key, image, caption=caption)
+        if meta is not None:
+            (self._plots(trainer) / f"{key.replace('/', '_')}.json").write_text(json.dumps(meta))
 
     def _plots(self, trainer: Trainer) -> Path:
         out = self.plots_dir or Path(trainer.default_root_dir) / "plots"
@@ -175,17 +212,16 @@ class Dashboard(Callback):
                 logger.experiment.add_image(key, image, global_step=trainer.global_step)
 
     def _log_confusion(self, trainer: Trainer, cm: torch.Tensor, classes: list[str], epoch: int) -> None:
+        from callbacks.plots import confusion_figure, to_rgb
+
         n = cm.shape[0]
-        # rows: true class, normalised to recall; a uint8 heatmap, one pixel block per cell
-        recall = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
-        cell = max(1, 256 // n)
-        heat = (recall * 255).round().to(torch.uint8).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-        image = torch.stack([255 - heat, 255 - heat, torch.full_like(heat, 255)])  # white -> blue
         torch.save(cm, self._plots(trainer) / "val_confusion_matrix.pt")  # the counts, for any class count
-        if n > self.max_confusion_classes:
-            self._save_png(trainer, "val_confusion_matrix", image)
+        (self._plots(trainer) / "val_confusion_matrix.json").write_text(json.dumps({"epoch": epoch, "classes": classes}))
+        fig = confusion_figure(cm.numpy(), classes, title=f"validation, epoch {epoch}")
+        if n > self.max_confusion_classes:  # a file only: a heatmap this size says little on a dashboard
+            self._save_png(trainer, "val_confusion_matrix", torch.from_numpy(to_rgb(fig)).permute(2, 0, 1).contiguous())
             return
-        self._log_image(trainer, "val/confusion_matrix", image, caption=f"epoch {epoch}: rows true, columns predicted")
+        self._log_figure(trainer, "val/confusion_matrix", fig, caption=f"epoch {epoch}: rows true, columns predicted")
         for logger in trainer.loggers:
             if "Wandb" in type(logger).__name__:
                 rows = [[classes[i], classes[j], int(cm[i, j])] for i in range(n) for j in range(n) if cm[i, j]]
@@ -201,10 +237,17 @@ class Dashboard(Callback):
         images = self._to_uint8(pl_module, x)[keep]
         y, pred, score = y.cpu()[keep], pred.cpu()[keep], score.cpu()[keep]
         captions = [f"{classes[int(a)]} -> {classes[int(b)]} ({float(c):.2f})" for a, b, c in zip(y, pred, score)]
-        from torchvision.utils import make_grid
+        from callbacks.plots import image_grid_figure, to_rgb
 
-        grid = make_grid(images, nrow=min(8, images.shape[0]), padding=2)
+        labels = [f"true {classes[int(a)]}\npred {classes[int(b)]} p={float(c):.2f}" for a, b, c in zip(y, pred, score)]
+        fig = image_grid_figure(images.numpy(), labels, title=f"validation, epoch {trainer.current_epoch}: the most "
+                                "confidently wrong images (true class, predicted class, its probability)")
+        grid = torch.from_numpy(to_rgb(fig)).permute(2, 0, 1).contiguous()
         self._save_png(trainer, "val_most_confident_wrong", grid)
+        (self._plots(trainer) / "val_most_confident_wrong.json").write_text(json.dumps(
+            {"epoch": trainer.current_epoch, "captions": captions,
+             "items": [{"true": classes[int(a)], "predicted": classes[int(b)], "probability": round(float(c), 4)}
+                       for a, b, c in zip(y, pred, score)]}))
         for logger in trainer.loggers:
             kind = type(logger).__name__
             if "Wandb" in kind:

@@ -21,12 +21,12 @@ What stays computed in code (:func:`select`), because a config file cannot know 
 - a checkpoint section with ``dirpath: null`` writes to ``RUN/checkpoints`` (the run directory
   is named after the run id, made at start);
 - a section is used only by the subcommands in its ``stages`` (checkpoints are fit's);
-- the LR monitor, dashboard and throughput monitor log metrics: not added without a logger;
+- the LR monitor and the throughput monitor log through the logger: not added without one;
 - BNBufferSync is not added with ``trainer.sync_batchnorm`` (the buffers are already equal);
 - the progress bar and model summary follow ``trainer.enable_progress_bar`` and
   ``trainer.enable_model_summary``;
 - a callback of the section's kind in ``trainer.callbacks`` (a recipe's own ModelCheckpoint,
-  progress bar or SlurmRequeue) takes the default's place, and a line says so.
+  progress bar, SlurmRequeue or MetricLog) takes the default's place, and a line says so.
 
 Why the sections are plain jsonargparse subclass arguments rather than LightningCLI's
 ``add_lightning_class_args`` (its "forced callbacks"): LightningCLI appends every such
@@ -116,10 +116,12 @@ DEFAULTS: tuple[Default, ...] = (
     # Lightning's signal handler, which can deadlock DDP); a no-op outside Slurm
     Default("slurm_requeue", "callbacks.preemption.SlurmRequeue", "callbacks.preemption.SlurmRequeue",
             help="Slurm's warning signal: all ranks save at one step, then the job is requeued"),
+    Default("run_report", "callbacks.metric_log.MetricLog", "callbacks.run_report.RunReport",
+            help="RUN/metrics.jsonl whatever the logger; RUN/report/ at the end of fit"),
     Default("lr_monitor", "lightning.pytorch.callbacks.LearningRateMonitor", "lightning.pytorch.callbacks.LearningRateMonitor",
             {"logging_interval": "step"}, needs_logger=True, help="the learning rate of every step (needs a logger)"),
-    Default("dashboard", "callbacks.dashboard.Dashboard", "callbacks.dashboard.Dashboard", needs_logger=True,
-            help="augmented-image grid, confusion matrix, confident mistakes; RUN/plots (needs a logger)"),
+    Default("dashboard", "callbacks.dashboard.Dashboard", "callbacks.dashboard.Dashboard",
+            help="augmented-image grid, confusion matrix, confident mistakes: RUN/plots (the run report's), and the logger"),
     Default("throughput", "lightning.pytorch.callbacks.ThroughputMonitor", "callbacks.defaults.ImageThroughputMonitor",
             {"window_size": 50}, needs_logger=True, help="images/s and MFU (needs a logger)"),
     # DDP without SyncBN: average BN buffers across ranks before validation and saving (timm's

@@ -194,7 +194,9 @@ def write_beton(
         ),
         "label": IntField(),
     }
-    bar = functools.partial(tqdm, desc=f"writing {path.name}", unit="img", disable=not progress)
+    # disable=None: tqdm's own "no bar where stderr is not a terminal" (a Slurm log, CI), where
+    # each redraw would be another carriage-return line; the caller's "writing ..." line stays
+    bar = functools.partial(tqdm, desc=f"writing {path.name}", unit="img", disable=None if progress else True)
     try:
         indices = list(range(len(source)))
         if not indices:

@@ -121,6 +121,9 @@ class ImageNetDataModule(L.LightningDataModule):
             of the train split drawn with ``seed`` from the labels alone, so both backends and
             every rank train on the same images; val is untouched. None: the whole split. The
             course's overfitting example: a few images per class, memorised.
+        normalize: the mean/std inputs are standardised with: ``imagenet`` (the model's own: ImageNet's
+            constants, or those of the weights it starts from) or ``dataset`` (the train split's per-channel
+            statistics, measured in one pass and cached: :meth:`normalization`); recorded in checkpoints.
         dct_scaling: ffcv backend's train pipeline only (the torchvision backend ignores it, as
             it does the other ffcv options): decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg-turbo's
             scaled IDCT) when the random crop stays at least twice (4x, 8x) the output size, then
@@ -163,6 +166,7 @@ class ImageNetDataModule(L.LightningDataModule):
         dct_scaling: bool = False,
         train_per_class: int | None = None,
         gpu_decode: str | float = "off",
+        normalize: str = "imagenet",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -182,6 +186,9 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"order={order!r} is unknown: use 'random' or 'quasi_random'")
         if ra_reps < 1:
             raise DataError(f"ra_reps={ra_reps} must be >= 1 (1: no repeated augmentation; torchvision's recipe: 4)")
+        if normalize not in ("imagenet", "dataset"):
+            raise DataError(f"normalize={normalize!r} is unknown: use 'imagenet' (the model's mean/std) or 'dataset' "
+                            "(the train split's own, measured once and cached)")
         if batches_ahead < 1:
             raise DataError(f"batches_ahead={batches_ahead} must be >= 1")
         if train_per_class is not None and (isinstance(train_per_class, bool) or int(train_per_class) != train_per_class
@@ -208,6 +215,7 @@ class ImageNetDataModule(L.LightningDataModule):
         self._loaders: dict[str, Any] = {}
         self._num_workers: int | None = None
         self._layout: Layout | None = None
+        self._stats: tuple[list[float], list[float]] | None = None
 
     # ------------------------------------------------------------------ what the data is
     @property
@@ -322,6 +330,24 @@ class ImageNetDataModule(L.LightningDataModule):
     def sample_list(self, split: str) -> SampleList:
         return SampleList(self.samples(split), self.classes, f"{self.layout.images or self.root}/{split}")
 
+    def normalization(self) -> tuple[list[float], list[float]] | None:
+        """``(mean, std)`` per channel in [0, 1] units the model normalises with, or None: the model's
+        own (ImageNet's). With ``normalize="dataset"``: the train split's statistics as eval crops
+        (datamodules/stats.py), measured once and cached beside the prepared data. ImageClassifier
+        adopts them at the start of ``fit`` and records them in its checkpoints."""
+        if self.hparams.normalize != "dataset":
+            return None
+        if self._stats is None:
+            if self.is_beton_root:
+                raise DataError(f"{self.root} holds only .beton files: data.normalize=dataset measures the train "
+                                "images, so point data.root to the image folders (or use data.normalize=imagenet)")
+            from .stats import train_mean_std
+
+            self._ensure_root()
+            self._stats = train_mean_std(cache_dir_for(self.root), self.samples("train"), self.val_resolution,
+                                         self.val_crop, self.interpolation, self.hparams.num_workers)
+        return self._stats
+
     # ------------------------------------------------------------------ preparation
     def _ensure_root(self) -> Path:
         if self.hparams.root is None:
@@ -337,6 +363,7 @@ class ImageNetDataModule(L.LightningDataModule):
         if self.layout is not None:
             self.layout.prepare()  # the official archives: extracted once
         self.backend.prepare()
+        self.normalization()  # data.normalize=dataset: measured here (rank 0), read from the cache by every rank
 
     # ------------------------------------------------------------------ setup
     def _world_size(self) -> int:

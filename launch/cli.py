@@ -4,6 +4,7 @@
     zoo fit --config launch/recipes/resnet50.yaml --data.root /data/imagenet
     zoo validate --config ... --model.weights runs/.../checkpoints/last.ckpt
     zoo models [PATTERN]                      # list registered architectures
+    zoo report RUN_DIR                        # the run report: RUN_DIR/report/report.html
 
 Every run writes under one run directory (``--run.root/<name>/<id>``): the resolved
 config, checkpoints and logs (W&B offline by default; ``wandb sync <dir>`` uploads later).
@@ -98,6 +99,7 @@ COMMANDS: dict[str, tuple[str, str] | str] = {
     "init-stats": ("launch.diagnose:init_stats_main", "per-layer activation statistics of an architecture at initialisation"),
     "landscape": ("launch.landscape:main", "plot a checkpoint's loss surface along random filter-normalised directions"),
     "export": ("launch.export:main", "write a checkpoint's weights as .safetensors with its data config and class names"),
+    "report": ("launch.report:main", "write a run directory's report: curves, confusion matrix, images (one HTML file)"),
 }
 
 

@@ -59,3 +59,22 @@ def fixed_input_size(cfg) -> None:
         raise ConfigError(f"{entry.name} is built for {size} px images (arch_args input_size) but "
                           + " and ".join(f"data.{k} is {v}" for k, v in wrong.items())
                           + ": make them equal, or drop input_size to take the data's")
+
+
+def arch_from_weights(cfg, args, implicit_configs) -> None:
+    """``--model.weights`` without ``--model.arch``: the architecture the weights record (a zoo
+    checkpoint or export says which), not the class default, as ``zoo.load(weights=...)`` does.
+    An architecture the user gave (flag or own config file) is kept; the weights' load then names
+    any mismatch in one line."""
+    from launch.ckpt_config import explicit_keys, weights_arch
+
+    model = cfg["model"]
+    if not model.get("weights") or "arch" in explicit_keys(args, "model", implicit_configs):
+        return
+    arch, arch_args = weights_arch(model["weights"])
+    if not arch or arch == model.get("arch"):
+        return
+    model["arch"] = arch
+    if arch_args is not None and "arch_args" not in explicit_keys(args, "model", implicit_configs):
+        model["arch_args"] = arch_args
+    rank_zero_info(f"model.arch {arch}: the architecture {model['weights']} records (--model.arch to choose another)")

@@ -31,7 +31,7 @@ RENAMED = {"--arch-args": ("--model.arch_args",), "--num-classes": ("--model.num
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="registry name (zoo models lists them); or --model.arch")
+    p.add_argument("model", nargs="?", default=None, help="registry name (zoo models lists them) or a checkpoint of a zoo run: its architecture at the eval size it records (gradcheck: its trained weights); or --model.arch")
     p.add_argument("--model.arch", dest="arch", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model.arch_args", dest="arch_args", default="{}",
                    help="JSON architecture arguments, e.g. '{\"depth\": 4}'")
@@ -60,12 +60,37 @@ def _arch_args(text: str) -> dict:
 
 
 def _out_dir(args, command: str) -> Path:
-    out = Path(args.out_dir) if args.out_dir else Path("runs") / command / args.model.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
+    name = getattr(args, "arch", None) or args.model
+    out = Path(args.out_dir) if args.out_dir else Path("runs") / command / name.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     return out.resolve()
 
 
+def _from_checkpoint(args, small: bool):
+    """``args.model`` is a checkpoint: its architecture (arch_args, classes) at the eval size it
+    records (``zoo_data_config``: what it was trained and evaluated at); gradcheck checks its
+    trained weights, init-stats a fresh initialisation of the same network."""
+    from zoo.registry import create_network
+    from zoo.weights import WeightsError, load
+
+    try:
+        model = load(weights=args.model)
+    except (WeightsError, UnknownModelError) as e:
+        raise SystemExit(f"error: {e}")
+    hp, size = model.hparams, int(model.data_config["input_size"])
+    if args.input_size is not None and args.input_size != size:
+        print(f"zoo: checking {args.model} at --input_size {args.input_size} px instead of the recorded eval size "
+              f"{size} px (leave --input_size out to use what it was trained and evaluated at)")
+        size = args.input_size
+    args.arch, args.num_classes = hp.arch, int(hp.num_classes)
+    arch_args = {**dict(hp.arch_args or {}), **_arch_args(args.arch_args)}
+    net = model.net if small else create_network(hp.arch, num_classes=args.num_classes, **arch_args)
+    return net, (int(arch_args.get("in_chans", 3)), size, size)
+
+
 def _build(args, small: bool):
+    if Path(args.model).is_file():
+        return _from_checkpoint(args, small)
     arch_args = _arch_args(args.arch_args)
     from zoo.init import build
     if args.input_size is not None and args.model in diagnostics.SMALL_INPUT_SIZE:
@@ -99,7 +124,7 @@ def gradcheck_main(argv: list[str]) -> int:
 
     torch.manual_seed(args.seed)  # the instance's weights: the same table for the same seed
     net, shape = _build(args, small=True)
-    print(f"gradcheck {args.model}: {sum(q.numel() for q in net.parameters()):,} parameters, input {shape}, float64, eval mode")
+    print(f"gradcheck {getattr(args, 'arch', None) or args.model}: {sum(q.numel() for q in net.parameters()):,} parameters, input {shape}, float64, eval mode")
     rows = diagnostics.gradcheck(
         net, shape, args.num_classes, per_tensor=args.per_tensor, eps=args.eps, seed=args.seed,
         progress=lambda xs: tqdm(xs, desc="finite differences", unit="entry", file=sys.stderr),
@@ -152,7 +177,7 @@ def init_stats_main(argv: list[str]) -> int:
     out = _out_dir(args, "init-stats")
     layers = [s.layer for s in results["default"]]
     head = f"{'layer':28s}" + "".join(f"{k:>30s}" for k in results)
-    print(f"init-stats {args.model}: input {shape}, batch {args.batch_size} of N(0,1); default: as built "
+    print(f"init-stats {getattr(args, 'arch', None) or args.model}: input {shape}, batch {args.batch_size} of N(0,1); default: as built "
           f"(logreg/mlp/convnet: fan_in, zoo/init.py)\nE[a^2] (mean, var) per layer")
     print(head)
     for i, name in enumerate(layers):
@@ -183,7 +208,7 @@ def init_stats_main(argv: list[str]) -> int:
         for i, name in enumerate(layers):
             w.writerow([name, *[getattr(results[k][i], c) for k in results for c in cols]])
     png = out / "init_stats.png"
-    _plot(results, layers, png, args.model)
+    _plot(results, layers, png, getattr(args, "arch", None) or args.model)
     print(f"table: {out / 'init_stats.csv'}")
     print(f"plot: {png}")
     return 0

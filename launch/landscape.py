@@ -45,11 +45,15 @@ def filter_normalized_direction(net: nn.Module, generator: torch.Generator) -> d
     return d
 
 
-def load_subset(root: Optional[str], n: int, size: int, crop_pct: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` train images (seeded choice) as uint8 NCHW, centre-cropped to ``size``, and labels."""
-    from torchvision import datasets, transforms
+def load_subset(root: Optional[str], n: int, size: int, crop_pct: float, seed: int,
+                interpolation: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` train images (seeded choice) as uint8 NCHW, as the val images are read
+    (``val_transform``: short side to ``int(size / crop_pct)``, centre crop ``size``), and labels."""
+    from torchvision import datasets
 
     from datamodules import synthetic
+    from datamodules.folder import to_rgb
+    from datamodules.torchvision_backend import val_transform
 
     if root is None:
         base = synthetic.make_synthetic_imagenet(synthetic.default_root())
@@ -58,10 +62,8 @@ def load_subset(root: Optional[str], n: int, size: int, crop_pct: float, seed: i
     train = base / "train"
     if not train.is_dir():
         raise FileNotFoundError(f"{train} is not a folder; --data.root must hold train/<class>/*.JPEG")
-    tf = transforms.Compose([
-        transforms.Resize(int(round(size / crop_pct))), transforms.CenterCrop(size), transforms.PILToTensor(),
-    ])
-    ds = datasets.ImageFolder(str(train), transform=tf)
+    tf = val_transform(size, crop_pct, interpolation)
+    ds = datasets.ImageFolder(str(train), transform=lambda im: tf(to_rgb(im)))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[: min(n, len(ds))]
     xs, ys = zip(*(ds[i] for i in idx.tolist()))
     return torch.stack(xs), torch.tensor(ys)
@@ -204,7 +206,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=21, help="points along each 1-D direction")
     p.add_argument("--grid", type=int, default=15, help="points per side of the 2-D grid")
     p.add_argument("--span", type=float, default=1.0, help="directions are scanned over [-span, span]")
-    p.add_argument("--res", type=int, default=None, help="image side (default: the model's input size)")
+    p.add_argument("--res", type=int, default=None,
+                   help="image side (default: the eval size the checkpoint records, i.e. it was trained and evaluated at)")
     p.add_argument("--data.batch_size", dest="batch_size", type=int, default=128, help="images per loss evaluation")
     p.add_argument("--seed", type=int, default=0, help="seeds the directions and the subset")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
@@ -223,9 +226,13 @@ def main(argv: list[str]) -> int:
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} not found; pass a run's checkpoints/last.ckpt")
         model = load(weights=str(ckpt)).to(args.device)
-        dc = model.data_config
+        dc = model.data_config  # what the checkpoint records (ImageClassifier.record_data_preprocessing)
         size = args.res or int(dc["input_size"])
-        x, y = load_subset(args.root, args.images, size, float(dc.get("crop_pct", 0.875)), args.seed)
+        if args.res and args.res != int(dc["input_size"]):
+            print(f"zoo: evaluating {ckpt} at --res {args.res} px instead of the recorded eval size {dc['input_size']} px "
+                  "(leave --res out to use what the checkpoint was trained and evaluated with)")
+        x, y = load_subset(args.root, args.images, size, float(dc.get("crop_pct", 0.875)), args.seed,
+                           str(dc.get("interpolation", "bilinear")))
     except (FileNotFoundError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

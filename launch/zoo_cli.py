@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -17,17 +19,22 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.imagenet import DataError, count_classes
-from launch.config_fixes import fixed_input_size, limit_batches_int_first
+from launch.config_fixes import arch_from_weights, fixed_input_size, limit_batches_int_first
 from launch.run_dir import check_slurm_launch, git_revision, resumed_run_dir, run_id, save_wandb_run_id, wandb_run_id
 
 
-def num_classes_or_placeholder(root: Optional[str]) -> int:
+def num_classes_or_placeholder(root: Optional[str], weights: Optional[str] = None, arch: Optional[str] = None) -> int:
     # jsonargparse wraps a link's exception in a usage dump: a bad root gets its one-line
     # DataError from the DataModule instead, which validates the folder again.
     try:
         return count_classes(root)
     except DataError:
-        return 2  # the smallest a classifier takes; never trained: the DataModule raises
+        pass
+    # a folder without classes (predict on photos): the classes of the weights, so that their
+    # head loads as it is instead of a placeholder head being built, reset and rebuilt
+    from launch.ckpt_config import weights_num_classes
+
+    return weights_num_classes(weights, arch) or 2  # 2: the smallest a classifier takes; never trained
 
 
 # run.* options of earlier versions: now arguments of the default callbacks' sections
@@ -92,7 +99,8 @@ class ZooCLI(LightningCLI):
             parser.add_argument(f"--run.{key}", type=Optional[typ], default=None, help=f"deprecated: use {target}")
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         limit_batches_int_first(parser)
-        parser.link_arguments("data.root", "model.num_classes", compute_fn=num_classes_or_placeholder)
+        parser.link_arguments(("data.root", "model.weights", "model.arch"), "model.num_classes",
+                              compute_fn=num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
@@ -105,7 +113,11 @@ class ZooCLI(LightningCLI):
         """A constructor's own argument check (a ValueError or TypeError while the model, data,
         trainer or a callback is built, e.g. ``WeightEMA(decay=2)``) is a user's mistake: one
         line naming it, instead of jsonargparse's traceback and union-type dump."""
-        fixed_input_size(self.config[self.subcommand] if self.subcommand else self.config)
+        from launch.defaults import DEMO_RECIPE
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        arch_from_weights(cfg, getattr(self, "_zoo_args", []), [DEMO_RECIPE])
+        fixed_input_size(cfg)
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as e:
@@ -125,33 +137,57 @@ class ZooCLI(LightningCLI):
         self._adopt_checkpoint_data_config()
         self._check_class_count()
 
+    def parse_arguments(self, parser, args) -> None:
+        # the words as given: which data.* values the user chose (launch/ckpt_config.py)
+        self._zoo_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, Mapping) else []
+        super().parse_arguments(parser, args)
+
     def _adopt_checkpoint_data_config(self) -> None:
-        """--ckpt_path: the DataModule gets the checkpoint's preprocessing, as the model does.
+        """The DataModule gets the preprocessing the checkpoint records, as the model does.
 
-        The model takes the checkpoint's data config in on_load_checkpoint, after the
-        DataModule was built from the architecture's default; rebuild the DataModule with it
+        --ckpt_path: the model takes the checkpoint's data config in on_load_checkpoint, after
+        the DataModule was built from the architecture's default; rebuild the DataModule with it
         (crop ratio, interpolation, eval size), so --ckpt_path agrees with --model.weights.
+        validate/test/predict (--ckpt_path or --model.weights): evaluate at the recorded size and
+        crop ratio unless data.val_res / data.val_crop_ratio are given explicitly (not by the
+        default recipe); one line says when an explicit value differs (launch/ckpt_config.py).
         """
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
-            return
-        from zoo.weights import WeightsError
+        from launch.ckpt_config import eval_settings, explicit_data_keys
+        from launch.defaults import DEMO_RECIPE
 
-        from launch.safety import safe_load
+        sub = self.subcommand
+        ckpt_path = self.config[sub].get("ckpt_path")
+        dc, source = None, None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and Path(ckpt_path).is_file():
+            from zoo.weights import WeightsError
 
-        try:  # mmap: only the small entries are read, not the tensors
-            ckpt = safe_load(ckpt_path, mmap=True)
-        except WeightsError:
-            return  # _preflight() reports it in one line
-        dc = ckpt.get("zoo_data_config") if isinstance(ckpt, dict) else None
-        if not dc or dict(dc) == dict(self.model.data_config):
-            return
-        self.model._set_data_config(dict(dc))
+            from launch.safety import safe_load
+
+            try:  # mmap: only the small entries are read, not the tensors
+                ckpt = safe_load(ckpt_path, mmap=True)
+            except WeightsError:
+                return  # _preflight() reports it in one line
+            dc = ckpt.get("zoo_data_config") if isinstance(ckpt, dict) else None
+            dc, source = (dict(dc) if dc else None), ckpt_path
+            if dc and dc != dict(self.model.data_config):
+                self.model._set_data_config(dc)
+        elif sub != "fit":
+            report = getattr(self.model, "weights_report", None)
+            if report is not None and report.data_config is not None:
+                dc, source = dict(self.model.data_config), str(report.source)
         dm = self.datamodule
         accepted = inspect.signature(type(dm).__init__).parameters if dm is not None else {}
-        if "data_config" in accepted:
-            kwargs = {k: v for k, v in dict(dm.hparams).items() if k in accepted}  # not _instantiator
-            self.datamodule = type(dm)(**{**kwargs, "data_config": dict(dc)})
+        if not dc or "data_config" not in accepted:
+            return
+        kwargs = {k: v for k, v in dict(dm.hparams).items() if k in accepted}  # not _instantiator
+        update, line = {}, None
+        if sub != "fit":  # a resumed fit keeps its recipe's resolutions
+            explicit = explicit_data_keys(getattr(self, "_zoo_args", []), implicit_configs=[DEMO_RECIPE])
+            update, line = eval_settings(dc, kwargs, explicit, source)
+        if line and self.trainer.is_global_zero:
+            print(line, flush=True)
+        if dc != dict(dm.hparams.get("data_config") or {}) or any(kwargs.get(k) != v for k, v in update.items()):
+            self.datamodule = type(dm)(**{**kwargs, **update, "data_config": dc})
 
     def _check_class_count(self) -> None:
         """validate/test/predict with weights of another class count: an error, not a new head."""

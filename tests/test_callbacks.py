@@ -268,3 +268,35 @@ def test_ema_too_slow_for_the_fit_says_so(kw, warns, recwarn):
     if warns:
         share = kw["decay"] ** (8 // kw.get("every_n_steps", 1))
         assert f"still hold {100 * share:.0f}% of the EMA" in said[0]
+
+
+# ----------------------------------------------------------------------------- Dashboard cost
+def test_dashboard_reuses_validation_logits_and_draws_every_n_epochs(tmp_path, monkeypatch):
+    """Validation runs the network once per batch with the Dashboard on (the confusion matrix
+    and mistakes come from the logits validation_step returns), and the confusion matrix is
+    drawn every ``every_n_epochs``-th epoch and at the last one, not at every validation."""
+    from callbacks.dashboard import Dashboard
+
+    torch.manual_seed(0)
+    m = model(lr=0.01, lr_reference_batch=None, schedule="constant")
+    eval_forwards = []
+    m.net.register_forward_hook(lambda mod, i, o: eval_forwards.append(1) if not mod.training else None)
+    drawn = []
+    dash = Dashboard(plots_dir=str(tmp_path / "plots"), every_n_epochs=2)
+    orig = dash._log_confusion
+    monkeypatch.setattr(dash, "_log_confusion", lambda t, cm, c, e: (drawn.append((e, int(cm.sum()))), orig(t, cm, c, e)))
+    t = trainer(max_epochs=3, callbacks=[dash], limit_train_batches=1, num_sanity_val_steps=0,
+                default_root_dir=tmp_path)
+    data = TinyData()
+    t.fit(m, datamodule=data)
+    val_batches = 3 * len(data.val_dataloader())
+    assert len(eval_forwards) == val_batches  # no second forward pass per validation batch
+    assert drawn == [(1, len(data.x)), (2, len(data.x))]  # epochs 2 and 3 (the last) of 3, all images counted
+    assert (tmp_path / "plots" / "val_confusion_matrix.png").is_file()
+
+
+def test_dashboard_every_n_epochs_must_be_positive():
+    from callbacks.dashboard import Dashboard
+
+    with pytest.raises(ValueError, match="every_n_epochs must be >= 1"):
+        Dashboard(every_n_epochs=0)

@@ -97,9 +97,9 @@ def test_null_removes_a_default_and_arguments_configure_one(tiny_imagenet, tmp_p
 def test_without_a_logger_the_config_keeps_the_sections(tiny_imagenet, tmp_path):
     cli = build(["--run.logger", "none"], tiny_imagenet, tmp_path)
     names = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert not names & {"LearningRateMonitor", "Dashboard", "ImageThroughputMonitor"}  # they log metrics
-    assert {"BestCheckpoint", "FitDiagnosis", "SlurmRequeue"} <= names
-    assert cli.config["fit"]["run.callbacks.dashboard"].class_path == "callbacks.dashboard.Dashboard"
+    assert not names & {"LearningRateMonitor", "ImageThroughputMonitor"}  # they log through the logger
+    assert {"BestCheckpoint", "FitDiagnosis", "SlurmRequeue", "RunReport", "Dashboard"} <= names
+    assert cli.config["fit"]["run.callbacks.lr_monitor"].class_path == "lightning.pytorch.callbacks.LearningRateMonitor"
 
 
 def test_validate_test_predict_use_only_the_summary_and_the_bar():
@@ -122,7 +122,7 @@ def test_a_recipe_with_trainer_callbacks_keeps_them_and_the_defaults(tiny_imagen
     cli = build(["--config", str(path)], tiny_imagenet, tmp_path)
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     assert "WeightEMA" in names
-    fit_defaults = {"BestCheckpoint", "ModelCheckpoint", "FitDiagnosis", "SlurmRequeue", "LearningRateMonitor", "Dashboard",
+    fit_defaults = {"BestCheckpoint", "ModelCheckpoint", "FitDiagnosis", "SlurmRequeue", "RunReport", "LearningRateMonitor", "Dashboard",
                     "ImageThroughputMonitor", "BNBufferSync", "ModelSummary", "ThrottledProgressBar"}
     assert fit_defaults <= set(names)
     assert next(c for c in cli.trainer.callbacks if type(c).__name__ == "BestCheckpoint").monitor == "val_ema/acc1"

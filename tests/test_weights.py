@@ -7,6 +7,7 @@ torchvision / timm / official-layout networks, and hub ids are tried offline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -410,7 +411,9 @@ def test_torchvision_hub_reads_the_cache(monkeypatch, tmp_path):
     net = registry.create_network("resnet18")
     rep = load_weights(net, "torchvision:ResNet18_Weights.IMAGENET1K_V1", arch="resnet18")
     assert rep.arch == "resnet18" and rep.num_classes == 1000 and rep.format == "torchvision-hub"
-    assert rep.data_config == registry.get_data_config("resnet18")  # 224 / 256, bilinear
+    # 224 / 256, bilinear; and the weights' class names (w.meta["categories"])
+    assert dataclasses.replace(rep.data_config, label_names=None) == registry.get_data_config("resnet18")
+    assert rep.data_config.label_names[:2] == ("tench", "goldfish") and len(rep.data_config.label_names) == 1000
     torch.testing.assert_close(logits(net), logits(src), atol=0, rtol=0)
 
 

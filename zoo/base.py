@@ -294,6 +294,8 @@ class ImageClassifier(L.LightningModule):
         checkpoint["zoo_data_config"] = dict(self.data_config)
         if getattr(self, "_schedule", None):  # a resume with another max_epochs says what it does
             checkpoint["zoo_schedule"] = dict(self._schedule)
+        if self.class_names:  # launch/ensemble.py compares members' class orders through it
+            checkpoint["zoo_classes"] = list(self.class_names)
         # Say plainly which weights this file holds (callbacks' state is already in it).
         found = ema_state_dict(checkpoint)
         checkpoint["zoo_weights"] = {
@@ -336,10 +338,122 @@ class ImageClassifier(L.LightningModule):
 
     def _set_data_config(self, data_config: dict) -> None:
         self.data_config = dict(data_config)
+        self.data_config.setdefault("label_names", None)
         # uint8 -> normalised float on the device: x/255 then (x - mean)/std, folded into one
         # affine map with mean and std in 0..255 units.
         self.pixel_mean.copy_(torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255.0)
         self.pixel_std.copy_(torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255.0)
+
+    # ----------------------------------------------------------------- preprocessing record
+    def record_data_preprocessing(self, datamodule=None) -> None:
+        """Make :attr:`data_config` what these weights are trained and evaluated with.
+
+        Read from the DataModule of the fit (duck-typed: ``val_resolution``, ``val_crop``,
+        ``interpolation``, ``classes`` and ``normalization()``, as ImageNetDataModule offers):
+        the evaluation input size and crop ratio, the interpolation, the mean/std (the
+        training split's own with ``data.normalize=dataset``) and the class folder names.
+        Every checkpoint saves it (``zoo_data_config``), and every loading path reads it back.
+        Runs at the start of ``fit`` (``setup`` and ``on_fit_start``, after a resumed
+        checkpoint restored the old record); a no-op without a DataModule.
+        """
+        dm = datamodule
+        if dm is None and self._trainer is not None:
+            dm = getattr(self._trainer, "datamodule", None)
+        if dm is None:
+            return
+        dc = dict(self.data_config)
+        for key, attr, cast in (("input_size", "val_resolution", int), ("crop_pct", "val_crop", float),
+                                ("interpolation", "interpolation", str)):
+            value = getattr(dm, attr, None)
+            if value is not None:
+                dc[key] = cast(value)
+        stats = dm.normalization() if callable(getattr(dm, "normalization", None)) else None
+        if stats is not None:
+            dc["mean"], dc["std"] = [float(v) for v in stats[0]], [float(v) for v in stats[1]]
+        try:
+            classes = list(getattr(dm, "classes", None) or [])
+        except Exception:  # a folder without classes (predict on photos): nothing to record
+            classes = []
+        if len(classes) == self.hparams.num_classes:
+            dc["label_names"] = [str(c) for c in classes]
+        if dc != self.data_config:
+            self._set_data_config(dc)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.record_data_preprocessing()
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """Class names in label order (the class folders of the data it was trained on), or None."""
+        names = self.data_config.get("label_names")
+        return [str(n) for n in names] if names else None
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The data config in timm's ``pretrained_cfg`` form (``input_size`` as ``(3, H, W)``), for
+        ``timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)``."""
+        dc = self.data_config
+        size = int(dc["input_size"])
+        return {
+            "input_size": (3, size, size), "crop_pct": float(dc["crop_pct"]), "crop_mode": "center",
+            "interpolation": str(dc["interpolation"]), "mean": tuple(dc["mean"]), "std": tuple(dc["std"]),
+            "num_classes": int(self.hparams.num_classes), "label_names": self.class_names,
+        }
+
+    def eval_transform(self, **overrides):
+        """The evaluation transform these weights expect: a PIL image or a uint8 ``(3, H, W)`` tensor
+        -> resize the short side to ``floor(input_size / crop_pct)``, center-crop ``input_size``,
+        scale to [0, 1], normalise with mean/std -> float ``(3, input_size, input_size)``.
+
+        ``overrides``: data config keys (``input_size=64``, ``crop_pct=1.0``, ...) to evaluate
+        otherwise than recorded; one line says which differ from the record.
+
+        timm's own eval transform (``resolve_data_config`` + ``create_transform``) built from
+        :attr:`pretrained_cfg`; its PIL-to-tensor step is replaced by torchvision's ``ToImage`` +
+        ``ToDtype(scale=True)`` so that uint8 tensors are scaled as PIL images are.
+        ``model(torch.stack([tf(img) for img in images]))`` gives the logits.
+        """
+        from timm.data import create_transform, resolve_data_config
+        from torchvision.transforms import v2
+
+        pretrained_cfg = self.pretrained_cfg
+        unknown = set(overrides) - {"input_size", "crop_pct", "interpolation", "mean", "std"}
+        if unknown:
+            raise ValueError(f"eval_transform overrides {sorted(unknown)}: use input_size, crop_pct, interpolation, mean, std")
+        differ = [f"{k}={v}" for k, v in overrides.items() if v is not None and v != self.data_config.get(k)
+                  and not (k in ("mean", "std") and list(v) == list(self.data_config[k]))]
+        for k, v in overrides.items():
+            if v is not None:
+                pretrained_cfg[k] = (3, int(v), int(v)) if k == "input_size" else tuple(v) if k in ("mean", "std") else v
+        if differ:
+            rank_zero_info(f"eval_transform: {', '.join(differ)} instead of the recorded {', '.join(f'{k}={self.data_config.get(k)}' for k in (d.split('=')[0] for d in differ))}")
+        cfg = resolve_data_config(pretrained_cfg=pretrained_cfg)
+        tf = create_transform(**cfg, is_training=False)
+        to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+        steps = [to_float if type(t).__name__ in ("MaybeToTensor", "ToTensor") else t for t in tf.transforms]
+        if not any(t is to_float for t in steps):
+            raise RuntimeError(f"timm's eval transform has no ToTensor step to replace: {tf}")
+        return type(tf)(steps)
+
+    @torch.no_grad()
+    def predict_classes(self, images, k: int = 1) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(class name, probability)`` per image, for PIL images or uint8 ``(3, H, W)``
+        tensors of any size (a list, or one image), preprocessed by :meth:`eval_transform`.
+        Class names are the recorded ones (:attr:`class_names`), else the class index as a string."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        tf = self.eval_transform()
+        x = torch.stack([tf(img) for img in images]).to(self.pixel_mean.device)
+        was_training = self.training
+        self.eval()
+        try:
+            probs = self._eval_logits(x).float().softmax(-1)
+        finally:
+            self.train(was_training)
+        names = self.class_names or [str(i) for i in range(probs.shape[1])]
+        top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [[(names[i], float(p)) for p, i in zip(ps.tolist(), ix.tolist())] for ps, ix in zip(top_p, top_i)]
 
     # ----------------------------------------------------------------- forward path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,6 +498,7 @@ class ImageClassifier(L.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
+        self.record_data_preprocessing()  # again: a resumed checkpoint restored its own record
         self._show_loss_in_bar()
 
     def training_step(self, batch, batch_idx: int):
@@ -532,7 +647,9 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/acc1", acc1, prog_bar=True)
         self.log(f"{split}/acc5", acc5)
-        return loss
+        # the logits go to the callbacks' on_*_batch_end (the Dashboard's confusion matrix and
+        # mistakes reuse them instead of a second forward pass)
+        return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch, batch_idx: int):
         return self._eval_step(batch, "val")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -37,10 +37,14 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN  # in [0, 1] units
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    # class names in label order (timm's pretrained_cfg ``label_names``): a checkpoint written by
+    # ``zoo fit`` records its data's class folders; None where the weights do not say
+    label_names: Optional[tuple[str, ...]] = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["label_names"] = list(self.label_names) if self.label_names is not None else None
         return d
 
 

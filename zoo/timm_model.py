@@ -35,6 +35,7 @@ def data_config_from_timm(cfg) -> DataConfig:
         mean=mean,
         std=std,
         interpolation=str(get("interpolation") or default.interpolation),
+        label_names=tuple(str(n) for n in get("label_names")) if get("label_names") else None,
     )
 
 

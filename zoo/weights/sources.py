@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import dataclasses
 import json
 import os
 import pathlib
@@ -142,6 +143,8 @@ def _from_container(obj: Any, name: str, use_ema: bool) -> _Weights:
             arch_args=hp.get("arch_args"), hparams=hp,
             data_config=_data_config_from_dict(obj.get("zoo_data_config")),
         )
+        if w.data_config is not None and w.data_config.label_names is None and obj.get("zoo_classes"):
+            w.data_config = dataclasses.replace(w.data_config, label_names=tuple(map(str, obj["zoo_classes"])))
         found = ema_state_dict(obj)
         if found is not None and use_ema:
             # EMA covers parameters and float buffers; integer buffers (num_batches_tracked)
@@ -280,6 +283,7 @@ def _read_torchvision_hub(spec: str) -> _Weights:
     data_config = DataConfig(
         input_size=crop, crop_pct=crop / resize, mean=tuple(t.mean), std=tuple(t.std),
         interpolation=t.interpolation.value,
+        label_names=tuple(w.meta["categories"]) if w.meta.get("categories") else None,
     )
     try:
         sd = torch.hub.load_state_dict_from_url(
