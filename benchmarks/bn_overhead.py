@@ -56,7 +56,7 @@ class EpochClock(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or self.t0 is None:
             return
-        from callbacks.bn_stats import BNStatsCheck
+        from callbacks.bn import BNStatsCheck
 
         check = next(c for c in trainer.callbacks if isinstance(c, BNStatsCheck))
         ran = check.last_summary.get("bn/check_seconds") if check._ran_epoch == trainer.current_epoch else None
@@ -73,7 +73,7 @@ def demo_run(epochs: int, every: int | None, out: Path, data_dir: str) -> dict:
     cfg = out.with_suffix(".yaml")
     cfg.write_text(
         f"trainer:\n  max_epochs: {epochs}\n  enable_progress_bar: false\n  callbacks:\n"
-        f"    - class_path: callbacks.bn_stats.BNStatsCheck\n      init_args: {{every_n_epochs: {json.dumps(every)}}}\n"
+        f"    - class_path: callbacks.bn.BNStatsCheck\n      init_args: {{every_n_epochs: {json.dumps(every)}}}\n"
         f"    - class_path: benchmarks.bn_overhead.EpochClock\n      init_args: {{out: {str(out)!r}}}\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT), ZOO_DATA_DIR=data_dir)
@@ -92,7 +92,7 @@ def demo_run(epochs: int, every: int | None, out: Path, data_dir: str) -> dict:
 def per_image_costs(arch: str, res: int, batch: int, classes: int, repeats: int, device: str,
                     amp: bool) -> dict[str, float]:
     """Median seconds per image: train step, estimator pass, eval forward (interleaved)."""
-    from callbacks.bn_stats import estimate_population_stats
+    from callbacks.bn import estimate_population_stats
     from zoo.registry import create_network
 
     torch.manual_seed(0)

@@ -123,6 +123,7 @@ def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tupl
     zoo_fit = zoo_fit_callbacks(log_dir)
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=CSVLogger(log_dir),
+        default_root_dir=log_dir,  # the run report's metric log (metrics.jsonl) goes here
         log_every_n_steps=10,  # demo recipe
         callbacks=[clock, *zoo_fit], enable_checkpointing=False,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=True,

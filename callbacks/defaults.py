@@ -126,7 +126,7 @@ DEFAULTS: tuple[Default, ...] = (
             {"window_size": 50}, needs_logger=True, help="images/s and MFU (needs a logger)"),
     # DDP without SyncBN: average BN buffers across ranks before validation and saving (timm's
     # --dist-bn reduce default); a no-op on one process
-    Default("bn_buffer_sync", "callbacks.bn_stats.BNBufferSync", "callbacks.bn_stats.BNBufferSync",
+    Default("bn_buffer_sync", "callbacks.bn.BNBufferSync", "callbacks.bn.BNBufferSync",
             help="DDP: BN buffers averaged across ranks before validation and saving (not with sync_batchnorm)"),
     Default("model_summary", "lightning.pytorch.callbacks.ModelSummary", "callbacks.model_summary.ModelSummary",
             stages=ALL_STAGES, help="the layer table at start (Lightning's, without an uncounted FLOPs total)"),

@@ -12,7 +12,7 @@ the PNGs beside it:
   or above ``plots.MAX_LABELLED_CLASSES`` classes a table of the most confused pairs;
 - the most confidently wrong images and the augmented first batch, captioned (the Dashboard's
   ``plots/``);
-- the BatchNorm check's per-layer table when :class:`~callbacks.bn_stats.BNStatsCheck` ran;
+- the BatchNorm check's per-layer table when :class:`~callbacks.bn.stats_check.BNStatsCheck` ran;
 - a summary of ``config.yaml`` (the full file folded) and the checkpoints.
 
 :class:`RunReport` is the callback: a :class:`~callbacks.metric_log.MetricLog` that writes the

@@ -28,7 +28,7 @@ class EnsembleError(ValueError):
 
 def _classes(path: str) -> Optional[list[str]]:
     """The class order a checkpoint was trained with, when it can be told."""
-    from datamodules.imagenet import _classes_of
+    from datamodules.imagenet import class_ids
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and ckpt.get("zoo_classes"):
@@ -37,7 +37,7 @@ def _classes(path: str) -> Optional[list[str]]:
         return None
     root = ckpt["datamodule_hyper_parameters"].get("root")  # None: the embedded dataset
     try:
-        return list(_classes_of(root))
+        return list(class_ids(root))
     except Exception:
         return None
 

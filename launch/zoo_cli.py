@@ -1,7 +1,7 @@
 """ZooCLI: LightningCLI over ImageClassifier + ImageNetDataModule, with the run directory,
 logger, default callbacks and the checks made before anything is written.
 
-``launch/cli.py`` (``main``) builds it for fit/validate/test/predict; ``launch/sweep.py``
+``launch/cli.py`` (``main``) builds it for fit/validate/test/predict; ``launch/sweep/train.py``
 subclasses it for one trial.
 """
 

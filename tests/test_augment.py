@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zoo import augment as A
-from zoo.augment import BatchedAutoAugment, Policy
+from zoo.augment import BatchedAutoAugment, Policy, kernels, masked
 
 timm_aa = pytest.importorskip("timm.data.auto_augment")
 from torchvision.transforms import InterpolationMode, v2  # noqa: E402
@@ -179,7 +179,7 @@ def test_whole_pixel_translations_shift_exactly_as_the_warp(policy):
     x = smooth_images(24, size=36)
     for op in (A.TRANSLATE_X, A.TRANSLATE_Y):
         ops, arg = torch.full((24,), op), torch.arange(-12.0, 12.0) * 3  # shifts past the border included
-        warped = A._to_uint8(aug._warp(x.float(), aug._theta(ops, arg, 36, 36)))
+        warped = kernels.to_uint8(aug._warp(x.float(), kernels.theta(ops, arg, 36, 36)))
         assert torch.equal(aug.apply(x, [(ops, arg)]), warped)  # the shift path
         frac = arg + 0.5  # not whole pixels: the warp path, a different image
         assert not torch.equal(aug.apply(x, [(ops, frac)]), warped)
@@ -313,7 +313,7 @@ def test_slot_capacity_covers_the_binomial_tail():
 
 def test_slots_gather_the_members_padded():
     members = torch.tensor([3, 7, 11, 30, 31, 32, 33, 34, 35])
-    idx, pos = A._slots(members, 40, 16)
+    idx, pos = masked.slot_indices(members, 40, 16)
     assert idx.numel() == 16 and idx[:9].tolist() == members.tolist() and (idx[9:] == 0).all()
     assert (idx[pos[members]] == members).all()
 
@@ -323,11 +323,14 @@ def test_slots_gather_the_members_padded():
     ids=["mixup", "cutmix", "both"],
 )
 def test_mixup_cutmix_give_torchvisions_batches(kw):
-    """DeviceAugment draws its mixup/cutmix numbers on the CPU as v2.RandomChoice([MixUp, CutMix])
-    does: with the same seed, the same images and soft targets, to the bit."""
-    from zoo.augment import DeviceAugment
+    """The fixed-shape mixing of a compiled step (mixing.mix_params on the CPU, mixing.mix on the
+    device) draws its numbers as v2.RandomChoice([MixUp, CutMix]) does: with the same seed, the
+    same images and soft targets, to the bit. An eager step runs torchvision's transforms, and
+    erasing before the mix keeps the draws in the same order."""
+    from zoo.augment import DeviceAugment, mixing
 
     ours = DeviceAugment(10, **kw)
+    erasing = DeviceAugment(10, random_erasing=0.5, erase_mode="zero", **kw)
     mixers = [cls(alpha=kw[k], num_classes=10) for cls, k in ((v2.MixUp, "mixup_alpha"), (v2.CutMix, "cutmix_alpha"))
               if k in kw]
     ref = v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0]
@@ -335,10 +338,21 @@ def test_mixup_cutmix_give_torchvisions_batches(kw):
     for seed in range(20):
         x, y = torch.randn(8, 3, 16, 20, generator=g), torch.randint(0, 10, (8,), generator=g)
         torch.manual_seed(seed)
-        xa, ya = ours.post_normalise(x, y)
+        xa, ya = mixing.mix(x, y, mixing.mix_params(ours.mixers, 16, 20), 10)
         torch.manual_seed(seed)
         xb, yb = ref(x, y)
         assert torch.equal(xa, xb) and torch.equal(ya, yb), seed
+        torch.manual_seed(seed)
+        xc, yc = ours.post_normalise(x, y)
+        assert torch.equal(xc, xb) and torch.equal(yc, yb), seed
+        # eager vs the fixed-shape path (the compiled step's) with erasing on
+        torch.manual_seed(seed)
+        xd, yd = erasing.post_normalise(x, y)
+        torch.manual_seed(seed)
+        n = x.shape[0]
+        packed = torch.cat([A.erase_params(n, 16, 20, 0.5).flatten(), mixing.mix_params(erasing.mixers, 16, 20)])
+        xe, ye = erasing._post(x, y, packed)
+        assert torch.equal(xd, xe) and torch.equal(yd, ye), seed
 
 
 def test_erasing_boxes_follow_the_probability_and_area():

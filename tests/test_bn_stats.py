@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.bn_stats import BNStatsCheck, BNStatsError, PreciseBN, estimate_population_stats
+from callbacks.bn import BNStatsCheck, BNStatsError, PreciseBN, estimate_population_stats
 from tests.test_base import NUM_CLASSES, TinyData, trainer
 from zoo.base import ImageClassifier
 
@@ -164,7 +164,7 @@ def test_bad_arguments():
 
 def test_callbacks_leave_the_trained_weights_unchanged(tmp_path):
     """The extra passes (EMA validation, BN check, precise BN) must not touch training."""
-    from callbacks.bn_stats import BNBufferSync
+    from callbacks.bn import BNBufferSync
     from callbacks.ema import WeightEMA
     from tests.test_callbacks import OrderedData
 
@@ -225,11 +225,11 @@ def test_fit_shorter_than_the_period_is_checked_once_at_its_end(tmp_path, capsys
 def test_the_one_check_of_a_short_fit_shrinks_to_the_budget(tmp_path, capsys, monkeypatch):
     """A fit too short for the period: num_samples and val_samples scaled by one factor so the
     check fits max_overhead of the fit, floored at min_samples; the choice survives a checkpoint."""
-    import callbacks.bn_stats as bn_stats
+    import callbacks.bn.stats_check as stats_check
 
     asked = []
-    real = bn_stats.estimate_population_stats
-    monkeypatch.setattr(bn_stats, "estimate_population_stats",
+    real = stats_check.estimate_population_stats
+    monkeypatch.setattr(stats_check, "estimate_population_stats",
                         lambda net, inputs, num_samples, **kw: asked.append(num_samples) or real(net, inputs, num_samples, **kw))
     # mean_tol 2: min_samples (4 / 2)^2 = 4. A 10% budget: period ceil(0.75 / 0.1) = 8 > 3 epochs, so
     # 0.3 of an epoch for the one check; the held-out batch takes 32 / 192, the rest scales 112 / 192

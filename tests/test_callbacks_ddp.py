@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.bn_stats import BNBufferSync, BNStatsCheck, rank_max_diff
+from callbacks.bn import BNBufferSync, BNStatsCheck, rank_max_diff
 from callbacks.ema import WeightEMA
 from tests.test_base import NUM_CLASSES, TinyData
 from zoo.base import ImageClassifier

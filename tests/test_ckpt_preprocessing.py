@@ -282,7 +282,7 @@ def test_every_loading_path_evaluates_as_trained(tmp_path, capsys, caplog):
     assert centre == pytest.approx(want, abs=1e-3)
 
     # gradcheck / init-stats on the checkpoint: its recorded size
-    from launch.diagnose import gradcheck_main, init_stats_main
+    from launch.model_checks_cmd import gradcheck_main, init_stats_main
 
     assert gradcheck_main([str(ckpt), "--per_tensor", "1", "--out_dir", str(tmp_path / "gc")]) == 0
     assert "input (3, 32, 32)" in capsys.readouterr().out

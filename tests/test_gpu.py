@@ -44,7 +44,7 @@ def test_compile_on_gpu_keeps_state_dict_keys():
 
 def test_ffcv_fit_with_ema_and_bn_check_on_gpu(tiny_imagenet, tmp_path, monkeypatch):
     """The FFCV loader, the weight EMA and the BN-statistics check (with recalibration) on a CUDA device."""
-    from callbacks.bn_stats import BNStatsCheck
+    from callbacks.bn import BNStatsCheck
     from callbacks.ema import WeightEMA
     from datamodules.imagenet import ImageNetDataModule
 

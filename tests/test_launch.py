@@ -251,9 +251,10 @@ def test_preempted_sweep_trial_stays_running_for_the_requeued_task(tiny_imagenet
     """A trial whose job was preempted (saved, requeued: `_train` exits 75) is neither failed nor
     retried: it stays RUNNING under this worker, which the requeued task finds and resumes."""
     from launch import sweep as zsweep
+    from launch.sweep import train as sweep_train
     from tests.test_workflow import _tiny_spec
 
-    monkeypatch.setattr(zsweep, "_train_in_process", lambda argv, env: zsweep.PREEMPTED_EXIT)
+    monkeypatch.setattr(sweep_train, "train_in_process", lambda argv, env: zsweep.PREEMPTED_EXIT)
     spec, root = _tiny_spec(tmp_path, tiny_imagenet), tmp_path / "sweeps"
     main(["sweep", spec, "--run.root", str(root), "--in_process", "--wandb", "false"])
     assert "round 1 trial 0: preempted; the requeued task resumes it" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def test_fit_diagnosis_fine_and_diverged():
 
 # ----------------------------------------------------------------------------- gradcheck
 from launch.cli import main  # noqa: E402
-from zoo import diagnostics  # noqa: E402
+from zoo import model_checks  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["logreg", "mlp", "convnet"])
@@ -185,8 +185,8 @@ def test_gradcheck_passes_on_the_zoo_small_models(arch, tmp_path, capsys):
 
 
 def test_gradcheck_passes_with_skips_and_batchnorm():
-    net, shape = diagnostics.small_instance("convnet", num_classes=3, skip=True, widths=(4, 4), depths=2)
-    rows = diagnostics.gradcheck(net, shape, 3, per_tensor=2)
+    net, shape = model_checks.small_instance("convnet", num_classes=3, skip=True, widths=(4, 4), depths=2)
+    rows = model_checks.gradcheck(net, shape, 3, per_tensor=2)
     assert any("bn" in r.param for r in rows)
     assert max(r.rel_error for r in rows) < 1e-5
 
@@ -214,7 +214,7 @@ class _PlantedNet(torch.nn.Module):
 
 
 def test_gradcheck_catches_a_wrong_backward(tmp_path, capsys):
-    rows = diagnostics.gradcheck(_PlantedNet(), (3, 6, 6), 5)
+    rows = model_checks.gradcheck(_PlantedNet(), (3, 6, 6), 5)
     bad = [r for r in rows if r.rel_error > 1e-4]
     assert {r.param for r in bad} >= {"hidden.weight", "hidden.bias"}  # the layer below the bug
     assert all(r.rel_error < 1e-6 for r in rows if r.param.startswith("fc."))  # above it: right
@@ -240,13 +240,13 @@ def test_init_stats_default_keeps_scale_naive_blows_up_or_vanishes(arch, args, s
         net = create_network(arch, num_classes=10, **args)
         if scheme is not None:
             init_weights_(net, scheme)
-        return diagnostics.init_stats(net, (3, size, size), batch_size=16)
+        return model_checks.init_stats(net, (3, size, size), batch_size=16)
 
     default = stats()
     # every activation (and the MLP's logits) within x2 of the input's E[a^2] = 1; the ConvNet's
     # logits follow a global average pool, which shrinks E[a^2] by itself (not an init effect)
     rows = default if arch == "mlp" else default[:-1]
-    assert len(rows) >= 5 and diagnostics.max_scale_drift(rows) <= 2.0, [(s.layer, s.mean_square) for s in rows]
+    assert len(rows) >= 5 and model_checks.max_scale_drift(rows) <= 2.0, [(s.layer, s.mean_square) for s in rows]
     big, small = stats("normal")[-2], stats("small")[-2]  # the last activation
     assert big.mean_square > 1e3 and small.mean_square < 1e-3
 
@@ -260,7 +260,7 @@ def test_init_stats_shows_saturation_of_sigmoid_and_tanh(activation):
         torch.manual_seed(0)
         net = create_network("mlp", num_classes=10, activation=activation, input_size=16, depth=3, width=128)
         init_weights_(net, scheme)
-        return [s for s in diagnostics.init_stats(net, (3, 16, 16), batch_size=32) if s.layer.startswith("blocks.")]
+        return [s for s in model_checks.init_stats(net, (3, 16, 16), batch_size=32) if s.layer.startswith("blocks.")]
 
     bad, good = stats("normal"), stats("fan_in")
     assert len(bad) == 3 and all(s.saturated > 0.5 and s.flagged for s in bad), [(s.layer, s.saturated) for s in bad]
@@ -416,7 +416,7 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path):
     t = study.ask({"model.lr": spec.params["model.lr"].distribution()})
     t.set_user_attr("worker", "local:" + __import__("socket").gethostname() + ":999999999")  # no such pid
     alive = study.ask({"model.lr": spec.params["model.lr"].distribution()})
-    alive.set_user_attr("worker", zsweep._worker_key())
+    alive.set_user_attr("worker", zsweep.worker_key())
     assert zsweep.fail_stale(study, sweep) == [t.number]
     trials = study.get_trials()
     assert trials[t.number].state.name == "FAIL" and trials[alive.number].state.name == "RUNNING"

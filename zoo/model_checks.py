@@ -1,4 +1,5 @@
-"""Model-level diagnostics that need no data: gradient check and initialisation statistics.
+"""Checks of a model that need no data: gradient check and initialisation statistics
+(``zoo gradcheck`` and ``zoo init-stats``, launch/model_checks_cmd.py).
 
 **Gradient check** (:func:`gradcheck`): the backprop gradient of a cross-entropy loss against
 the central finite difference ``(L(w + h) - L(w - h)) / 2h`` on a few random entries of every

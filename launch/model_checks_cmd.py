@@ -1,4 +1,4 @@
-"""`zoo gradcheck MODEL` and `zoo init-stats MODEL`: the model-level checks of zoo/diagnostics.py
+"""`zoo gradcheck MODEL` and `zoo init-stats MODEL`: the model-level checks of zoo/model_checks.py
 as commands, with a table on stdout, a CSV and (init-stats) a PNG plot.
 
     zoo gradcheck mlp                       # small float64 instance, 3 entries per tensor
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zoo import diagnostics
+from zoo import model_checks
 from zoo.registry import UnknownModelError
 
 from launch.flags import deprecated
@@ -93,11 +93,11 @@ def _build(args, small: bool):
         return _from_checkpoint(args, small)
     arch_args = _arch_args(args.arch_args)
     from zoo.init import build
-    if args.input_size is not None and args.model in diagnostics.SMALL_INPUT_SIZE:
+    if args.input_size is not None and args.model in model_checks.SMALL_INPUT_SIZE:
         arch_args["input_size"] = args.input_size
     try:
         if small:
-            net, shape = diagnostics.small_instance(args.model, num_classes=args.num_classes, **arch_args)
+            net, shape = model_checks.small_instance(args.model, num_classes=args.num_classes, **arch_args)
         else:
             from zoo.registry import get_data_config, get_entry
 
@@ -106,7 +106,7 @@ def _build(args, small: bool):
             shape = (int(arch_args.get("in_chans", 3)), int(size), int(size))
     except (UnknownModelError, TypeError, ValueError) as e:
         raise SystemExit(f"error: cannot build {args.model} with {arch_args}: {e}")
-    if args.input_size is not None and args.model not in diagnostics.SMALL_INPUT_SIZE:
+    if args.input_size is not None and args.model not in model_checks.SMALL_INPUT_SIZE:
         shape = (shape[0], args.input_size, args.input_size)
     return net, shape
 
@@ -125,7 +125,7 @@ def gradcheck_main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)  # the instance's weights: the same table for the same seed
     net, shape = _build(args, small=True)
     print(f"gradcheck {getattr(args, 'arch', None) or args.model}: {sum(q.numel() for q in net.parameters()):,} parameters, input {shape}, float64, eval mode")
-    rows = diagnostics.gradcheck(
+    rows = model_checks.gradcheck(
         net, shape, args.num_classes, per_tensor=args.per_tensor, eps=args.eps, seed=args.seed,
         progress=lambda xs: tqdm(xs, desc="finite differences", unit="entry", file=sys.stderr),
     )
@@ -173,7 +173,7 @@ def init_stats_main(argv: list[str]) -> int:
         net, shape = _build(args, small=False)
         if scheme != "default":
             init_weights_(net, SCHEMES[scheme])
-        results[scheme] = diagnostics.init_stats(net, shape, batch_size=args.batch_size, seed=args.seed)
+        results[scheme] = model_checks.init_stats(net, shape, batch_size=args.batch_size, seed=args.seed)
     out = _out_dir(args, "init-stats")
     layers = [s.layer for s in results["default"]]
     head = f"{'layer':28s}" + "".join(f"{k:>30s}" for k in results)
@@ -183,9 +183,9 @@ def init_stats_main(argv: list[str]) -> int:
     for i, name in enumerate(layers):
         print(f"{name:28s}" + "".join(f"{results[k][i].mean_square:10.3g} ({results[k][i].mean:8.2g},{results[k][i].var:8.2g})" for k in results))
     if any(st.saturated is not None for st in results["default"]):
-        lo, hi = diagnostics.SATURATION[torch.nn.Sigmoid]
-        print(f"\nsaturated outputs, % of the layer's (sigmoid < {lo} or > {hi}, |tanh| > {diagnostics.SATURATION[torch.nn.Tanh][1]}: "
-              f"local gradient < 1/5 of its maximum); * = {100 * diagnostics.SATURATION_FLAG:.0f}% or more")
+        lo, hi = model_checks.SATURATION[torch.nn.Sigmoid]
+        print(f"\nsaturated outputs, % of the layer's (sigmoid < {lo} or > {hi}, |tanh| > {model_checks.SATURATION[torch.nn.Tanh][1]}: "
+              f"local gradient < 1/5 of its maximum); * = {100 * model_checks.SATURATION_FLAG:.0f}% or more")
         print(head)
         for i, name in enumerate(layers):
             if results["default"][i].saturated is None:
@@ -199,7 +199,7 @@ def init_stats_main(argv: list[str]) -> int:
     print()
     for k, stats in results.items():
         flagged = [st.layer for st in stats if st.flagged]
-        print(f"{k:14s} largest departure of E[a^2] from 1: x{diagnostics.max_scale_drift(stats):.3g}"
+        print(f"{k:14s} largest departure of E[a^2] from 1: x{model_checks.max_scale_drift(stats):.3g}"
               + (f"; saturated: {', '.join(flagged)}" if flagged else ""))
     with open(out / "init_stats.csv", "w", newline="") as f:
         w = csv.writer(f)
