@@ -145,7 +145,7 @@ def add_arguments(parser) -> None:
     """One section per default (``run.callbacks.<key>``) with its class and arguments as default."""
     for d in DEFAULTS:
         parser.add_subclass_arguments(import_class(d.kind), f"{PREFIX}.{d.key}", required=False, fail_untyped=False,
-                                      help=f"{d.help}; null: not added")
+                                      help=f"{d.help}{'' if d.stages == ALL_STAGES else ' (fit only)'}; null: not added")
         parser.set_defaults({f"{PREFIX}.{d.key}": {"class_path": d.class_path, "init_args": dict(d.init_args)}})
 
 
