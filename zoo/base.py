@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from . import heads, init, registry
 from .augment import DeviceAugment
+from .weights import Weights, WeightsError, ema_state_dict, load_weights
 
 Schedule = Literal["cosine", "step", "cyclic", "constant"]
 
@@ -122,7 +123,8 @@ class ImageClassifier(L.LightningModule):
         arch: registry name (``zoo models`` lists them; ``timm/<name>`` for any timm model).
         num_classes: output classes; the CLI fills it from the data.
         arch_args: architecture arguments passed to the builder (e.g. ``{"depth": 3}``).
-        weights: checkpoint / state_dict / safetensors / hub id to initialise from; the
+        weights: checkpoint / state_dict / safetensors / hub id to initialise from (or what
+            :func:`zoo.weights.read_weights` read from one; its name is recorded); the
             preprocessing that travels with them (safetensors metadata, config.json, a .ckpt's
             data config) replaces the architecture's (see :meth:`load_pretrained`).
         use_ema: a checkpoint holding EMA weights (the WeightEMA callback) gives them on every
@@ -197,7 +199,10 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        self.save_hyperparameters()
+        source = weights
+        if isinstance(weights, Weights):  # read already (zoo.create): record where they came from
+            weights = weights.name
+        self.save_hyperparameters()  # reads the arguments' current values, ``weights`` as just set
         entry = registry.get_entry(arch)
         self.net = init.build(entry.builder, num_classes=num_classes, arch_args=arch_args)  # arch_args["init"]: zoo/init.py
         data_config = entry.data_config
@@ -207,8 +212,8 @@ class ImageClassifier(L.LightningModule):
         self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1), persistent=False)
         self._set_data_config(data_config.as_dict())
         self.weights_report = None  # zoo.weights.LoadReport of the initial weights
-        if weights:
-            self.load_pretrained(weights)
+        if source:
+            self.load_pretrained(source)
         self.augment = DeviceAugment(
             num_classes=num_classes,
             mixup_alpha=mixup_alpha,
@@ -247,8 +252,6 @@ class ImageClassifier(L.LightningModule):
         give the same tensors and the same data config. EMA weights per ``hparams.use_ema``.
         Returns the :class:`zoo.weights.LoadReport` (also kept as ``self.weights_report``).
         """
-        from .weights import load_weights
-
         report = load_weights(
             self.net, source, arch=self.hparams.arch, strict=strict, use_ema=self.hparams.get("use_ema", True)
         )
@@ -278,8 +281,6 @@ class ImageClassifier(L.LightningModule):
                 "to finish the original schedule")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from .weights import ema_state_dict
-
         # The state_dict holds the trained weights: rebuilding from this checkpoint must not
         # re-read the initial weights (the file may have moved, the hub may be offline).
         hp = checkpoint.get("hyper_parameters")
@@ -308,8 +309,6 @@ class ImageClassifier(L.LightningModule):
         # Runs before Lightning copies checkpoint["state_dict"] into the model, both in
         # load_from_checkpoint and in the trainer's restore (--ckpt_path).
         from lightning.pytorch.trainer.states import TrainerFn
-
-        from .weights import WeightsError, ema_state_dict
 
         if checkpoint.get("zoo_data_config"):
             self._set_data_config(checkpoint["zoo_data_config"])
