@@ -28,6 +28,11 @@ class ThrottledProgressBar(TQDMProgressBar):
         self.min_interval_s = min_interval_s
         self._drawn_at: dict[int, float] = {}  # bar id -> monotonic time of its last redraw
 
+    def get_metrics(self, trainer, pl_module):
+        # and what the model adds when the bar redraws (ImageClassifier.progress_bar_values: the loss, read here only)
+        values = getattr(pl_module, "progress_bar_values", None)
+        return {**super().get_metrics(trainer, pl_module), **(values() if callable(values) else {})}
+
     def _should_update(self, current: int, total) -> bool:
         if not super()._should_update(current, total):
             return False

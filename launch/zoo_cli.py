@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.fit_diagnosis import FitDiagnosis
+from callbacks.nonfinite import NonFiniteLossCheck
 from datamodules.imagenet import DataError, count_classes
 from launch.config_fixes import arch_from_weights, fixed_input_size, limit_batches_int_first
 from launch.run_dir import check_slurm_launch, git_revision, resumed_run_dir, run_id, save_wandb_run_id, wandb_run_id
@@ -211,6 +212,7 @@ class ZooCLI(LightningCLI):
                 ]
             if not any(isinstance(c, FitDiagnosis) for c in callbacks):
                 callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
+            callbacks += [] if any(isinstance(c, NonFiniteLossCheck) for c in callbacks) else [NonFiniteLossCheck()]
             from callbacks.preemption import SlurmRequeue
 
             if not any(isinstance(c, SlurmRequeue) for c in callbacks):
