@@ -10,12 +10,13 @@ channels_last, torch.compile, horizontal-flip test-time augmentation and fine-tu
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal, Optional, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -23,6 +24,9 @@ from . import heads, init, optim, registry
 from .augment import DeviceAugment
 from .optim import Schedule
 from .weights import Weights, WeightsError, ema_state_dict, load_weights
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)  # every process builds the model: one line, from rank zero
 
 class BatchWeightedMean(Metric):
     """Epoch mean of a per-batch scalar weighted by batch size: what ``self.log(..., on_epoch=True,
@@ -193,7 +197,7 @@ class ImageClassifier(L.LightningModule):
         if report.data_config is not None:  # a timm/HF tag or an export may differ from the entry
             self._set_data_config(report.data_config.as_dict())
         self.weights_report = report
-        rank_zero_info(f"loaded weights from {report.source}: {report}")
+        _info(f"loaded weights from {report.source}: {report}")
         return report
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -250,7 +254,7 @@ class ImageClassifier(L.LightningModule):
             cb_key, ema = found
             for k, v in ema.items():
                 sd["net." + k] = v
-            rank_zero_info(f"evaluating the EMA weights of the checkpoint ({cb_key}); use_ema=False for the trained ones")
+            _info(f"evaluating the EMA weights of the checkpoint ({cb_key}); use_ema=False for the trained ones")
 
     def _set_data_config(self, data_config: dict) -> None:
         self.data_config = dict(data_config)
@@ -344,7 +348,7 @@ class ImageClassifier(L.LightningModule):
             if v is not None:
                 pretrained_cfg[k] = (3, int(v), int(v)) if k == "input_size" else tuple(v) if k in ("mean", "std") else v
         if differ:
-            rank_zero_info(f"eval_transform: {', '.join(differ)} instead of the recorded {', '.join(f'{k}={self.data_config.get(k)}' for k in (d.split('=')[0] for d in differ))}")
+            _info(f"eval_transform: {', '.join(differ)} instead of the recorded {', '.join(f'{k}={self.data_config.get(k)}' for k in (d.split('=')[0] for d in differ))}")
         cfg = resolve_data_config(pretrained_cfg=pretrained_cfg)
         tf = create_transform(**cfg, is_training=False)
         to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -554,7 +558,7 @@ class ImageClassifier(L.LightningModule):
         gb = self._global_batch
         groups = self.param_groups(lr)
         frozen = sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
-        rank_zero_info(
+        _info(
             f"optimizer {hp.optimizer}: peak lr {lr:.4g}"
             + (f" (= {hp.lr} x {gb}/{hp.lr_reference_batch} global batch)" if hp.lr_reference_batch and gb else "")
             + optim.describe_param_groups(groups, frozen)
@@ -572,7 +576,7 @@ class ImageClassifier(L.LightningModule):
         self._resumed_schedule = (None, None)
         note = optim.schedule_change_note(hp, old, step, max_epochs, lr, fn)
         if note:
-            rank_zero_info(note)
+            _info(note)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
