@@ -112,6 +112,8 @@ DEFAULTS: tuple[Default, ...] = (
             help="last.ckpt, the newest epoch, to resume from; dirpath null: RUN/checkpoints"),
     Default("fit_diagnosis", "callbacks.fit_diagnosis.FitDiagnosis", "callbacks.fit_diagnosis.FitDiagnosis",
             help="under/overfitting, stuck or diverging, from the logged metrics"),
+    Default("nonfinite_loss", "callbacks.nonfinite.NonFiniteLossCheck", "callbacks.nonfinite.NonFiniteLossCheck",
+            help="stop a fit whose training loss became NaN/inf, naming the step, its LR and the first bad layer"),
     # Slurm's SIGUSR1: all ranks save at one agreed step, then main() requeues (no save inside
     # Lightning's signal handler, which can deadlock DDP); a no-op outside Slurm
     Default("slurm_requeue", "callbacks.preemption.SlurmRequeue", "callbacks.preemption.SlurmRequeue",
