@@ -102,26 +102,28 @@ class _Clock:
         return Clock()
 
 
+def zoo_fit_callbacks(log_dir: str) -> list:
+    """The callbacks `zoo fit` adds by default (callbacks/defaults.py, the source the CLI builds
+    from), less the checkpoints (this loop saves none), the model summary (printed once, before the
+    timed steps) and the run report's HTML (written after them; its metric log stays); the
+    dashboard's plots go to ``log_dir``."""
+    from callbacks.defaults import default_callbacks
+
+    return default_callbacks("fit", exclude=("best_checkpoint", "last_checkpoint", "model_summary"),
+                             init_args={"dashboard": {"plots_dir": log_dir}, "run_report": {"report": False}})
+
+
 def trainer_loop(arch: str, data, warmup: int, steps: int, log_dir: str) -> tuple[float, float]:
-    """Images/s (wall, CPU time) of a Trainer with the callbacks `zoo fit` adds (launch/zoo_cli.py:
-    LR monitor, fit diagnosis, dashboard + throughput monitor, BN buffer sync; demo recipe's
-    logging interval), a CSV logger in place of W&B, no checkpoints or validation."""
+    """Images/s (wall, CPU time) of a Trainer with the callbacks `zoo fit` adds (zoo_fit_callbacks;
+    demo recipe's logging interval), a CSV logger in place of W&B, no checkpoints or validation."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
     from lightning.pytorch.loggers import CSVLogger
 
-    from callbacks._batches import batch_size_of
-    from callbacks.bn import BNBufferSync
-    from callbacks.dashboard import Dashboard
-    from callbacks.fit_diagnosis import FitDiagnosis
-    from callbacks.progress import ThrottledProgressBar
-
     clock = _Clock(warmup)
-    zoo_fit = [LearningRateMonitor(logging_interval="step"), FitDiagnosis(), Dashboard(plots_dir=log_dir),
-               ThroughputMonitor(batch_size_fn=batch_size_of, window_size=50), BNBufferSync(),
-               ThrottledProgressBar()]  # zoo_cli.py defaults
+    zoo_fit = zoo_fit_callbacks(log_dir)
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=CSVLogger(log_dir),
+        default_root_dir=log_dir,  # the run report's metric log (metrics.jsonl) goes here
         log_every_n_steps=10,  # demo recipe
         callbacks=[clock, *zoo_fit], enable_checkpointing=False,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=True,

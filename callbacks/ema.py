@@ -34,15 +34,19 @@ also offers the decay warm-up and torchvision's warm-up reset, which the recipes
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ._batches import all_reduce, as_list, iterate, precision_context
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)
 
 
 class WeightEMA(L.Callback):
@@ -188,7 +192,7 @@ class WeightEMA(L.Callback):
                 )
             self.ema = {k: self._loaded[k].to(v.device, v.dtype) for k, v in current.items()}
             self._loaded = None
-            rank_zero_info(f"WeightEMA: resumed after {self.num_updates} updates (step {self.last_step})")
+            _info(f"WeightEMA: resumed after {self.num_updates} updates (step {self.last_step})")
         elif self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in current.items()}
         self._locate(pl_module)

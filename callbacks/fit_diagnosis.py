@@ -54,12 +54,16 @@ logged scalars ``diagnosis/*`` (``diagnosis/verdict``: 0 fine, 1 underfitting, 2
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)
 
 VERDICTS = ("fine", "underfitting", "overfitting", "not learning")
 
@@ -200,7 +204,7 @@ class FitDiagnosis(L.Callback):
         if d is None:
             return
         self.history.append(asdict(d))
-        rank_zero_info(d.line())
+        _info(d.line())
         finite = lambda v: v if math.isfinite(v) else float("nan")
         pl_module.log_dict(
             {
@@ -217,7 +221,7 @@ class FitDiagnosis(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.history and trainer.is_global_zero:
-            rank_zero_info("final " + self.last.line())
+            _info("final " + self.last.line())
 
     # ---------------------------------------------------------------- the rule
     def _classes(self, pl_module) -> int:

@@ -25,6 +25,7 @@ follows the requeue finds nothing half-done::
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -36,7 +37,10 @@ from typing import Any, Optional
 
 import lightning.pytorch as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)
 
 
 class Preempted(SystemExit):
@@ -90,7 +94,7 @@ def _stop_wandb_service() -> None:
     try:
         sys.modules["wandb"].teardown()
     except Exception as e:  # never let W&B keep the job from being requeued
-        print(f"zoo: W&B teardown before the requeue failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        log.warning(f"zoo: W&B teardown before the requeue failed ({type(e).__name__}: {e})")
 
 
 def slurm_job_id(env: dict[str, str]) -> Optional[str]:
@@ -158,7 +162,7 @@ class SlurmRequeue(L.Callback):
         self._previous = signal.signal(self._signum, self._on_signal)
         # in place of Lightning's "SLURM auto-requeueing enabled" (launch/output.py hides it):
         # its handler is not the one that runs
-        rank_zero_info(f"zoo: Slurm preemption: {signal.Signals(self._signum).name} saves a checkpoint at a step "
+        _info(f"zoo: Slurm preemption: {signal.Signals(self._signum).name} saves a checkpoint at a step "
                        f"every rank agrees on (checked every {self.check_every_n_steps} steps), then the job is requeued")
 
     def _restore(self) -> None:
@@ -195,8 +199,8 @@ class SlurmRequeue(L.Callback):
         self.saved = Preempted(path, step, trainer.is_global_zero, int(signum))
         if trainer.is_global_zero:
             waited = f" ({time.monotonic() - self.signalled[1]:.1f} s after it)" if self.signalled else ""
-            print(f"zoo: {signal.Signals(signum).name} (Slurm preemption or time limit): every rank stopped at step "
-                  f"{step}{waited}; saved {path}", flush=True)
+            log.info(f"zoo: {signal.Signals(signum).name} (Slurm preemption or time limit): every rank stopped at step "
+                     f"{step}{waited}; saved {path}")
 
     # This batch's metrics are logged after on_train_batch_end; stop before the next one starts.
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:

@@ -66,6 +66,11 @@ class ThrottledProgressBar(TQDMProgressBar):
         self._drawn_at: dict[int, float] = {}  # bar id -> monotonic time of its last redraw
         self._lines: Optional[_Lines] = None
 
+    def get_metrics(self, trainer, pl_module):
+        # and what the model adds when the bar redraws (ImageClassifier.progress_bar_values: the loss, read here only)
+        values = getattr(pl_module, "progress_bar_values", None)
+        return {**super().get_metrics(trainer, pl_module), **(values() if callable(values) else {})}
+
     @property
     def plain_output(self) -> bool:
         """True where this bar prints lines (decided on first use, from standard output)."""

@@ -10,8 +10,12 @@ exactly, so by default the ramp is derived from ``trainer.max_epochs`` and one r
 
 from __future__ import annotations
 
+import logging
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)
 
 
 def default_ramp(max_epochs: int) -> tuple[int, int]:
@@ -88,11 +92,11 @@ class ProgressiveResize(L.Callback):
                     f"({default_ramp(trainer.max_epochs)})"
                 )
             else:
-                rank_zero_info(f"ProgressiveResize: {self.min_res} -> {self.max_res} px from epoch {self._ramp[0]} to {self._ramp[1]}")
+                _info(f"ProgressiveResize: {self.min_res} -> {self.max_res} px from epoch {self._ramp[0]} to {self._ramp[1]}")
         res = resolution_at(trainer.current_epoch, self.min_res, self.max_res, *self._ramp, self.step)
         if res != self.current:
             dm.set_train_resolution(res)
-            rank_zero_info(f"ProgressiveResize: epoch {trainer.current_epoch}: train resolution {res}")
+            _info(f"ProgressiveResize: epoch {trainer.current_epoch}: train resolution {res}")
             self.current = res
 
     # The first epoch's train iterator is created before on_train_epoch_start (Lightning's

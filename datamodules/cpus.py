@@ -14,8 +14,11 @@ torchvision workers than CPUs only time-share them. So:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+log = logging.getLogger(__name__)
 
 
 def usable_cpus() -> int:
@@ -37,9 +40,9 @@ def loader_workers(requested: int | None, *, local_processes: int = 1, what: str
         share = cpus if _bound() else cpus // max(1, local_processes)
         return max(1, share)
     if requested > cpus:
-        from lightning.pytorch.utilities import rank_zero_info
+        from lightning.pytorch.utilities import rank_zero_only
 
-        rank_zero_info(
+        rank_zero_only(log.info)(
             f"{what}={requested} lowered to {cpus}: this process may use {cpus} CPU(s) (its affinity, e.g. "
             f"Slurm's --cpus-per-task); ask for more CPUs or set {what} <= {cpus}"
         )

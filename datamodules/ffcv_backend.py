@@ -8,15 +8,19 @@ the last batch with duplicates that would be counted twice in the metrics.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .backends import Backend, eval_indices
 from .folder import DataError, corrupt_error
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)
 
 
 class FFCVBackend(Backend):
@@ -52,7 +56,7 @@ class FFCVBackend(Backend):
                     continue
                 _remove_unfinished(path)
                 source = dm.sample_list(split)
-                rank_zero_info(f"writing {path} from {source.source} ({dm.write_params})")
+                _info(f"writing {path} from {source.source} ({dm.write_params})")
                 workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
                 write_beton(
                     source, path, **{k: v for k, v in dm.write_params.as_dict().items() if k != "write_mode"},
@@ -194,4 +198,4 @@ def _remove_unfinished(path: Path) -> None:
     for p in stale:
         p.unlink(missing_ok=True)
     if stale:
-        rank_zero_info(f"removed {len(stale)} unfinished file(s) of an earlier writer of {path} that did not finish")
+        _info(f"removed {len(stale)} unfinished file(s) of an earlier writer of {path} that did not finish")

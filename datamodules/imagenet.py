@@ -7,6 +7,7 @@ normalises on the device. ``batch_size`` is global: each of the ``world_size`` p
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from .ffcv_io import (
     WriteParams,
     read_sidecar,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DataError", "ImageNetDataModule", "count_classes"]
 
@@ -313,7 +316,7 @@ class ImageNetDataModule(L.LightningDataModule):
         n = self.hparams.train_per_class
         if n is None:
             return None
-        from lightning.pytorch.utilities import rank_zero_info
+        from lightning.pytorch.utilities import rank_zero_only
 
         from .samplers import per_class_subset
 
@@ -324,7 +327,7 @@ class ImageNetDataModule(L.LightningDataModule):
                 f"train_per_class={n} keeps {len(idx)} train images, fewer than one batch of {self.per_device_batch_size} "
                 f"per process: lower data.batch_size (at most {per_rank}) or set data.drop_last false"
             )
-        rank_zero_info(f"training on a subset: {len(idx)} of {len(labels)} train images, {n} per class (seed {self.seed})")
+        rank_zero_only(log.info)(f"training on a subset: {len(idx)} of {len(labels)} train images, {n} per class (seed {self.seed})")
         return idx
 
     def sample_list(self, split: str) -> SampleList:

@@ -24,14 +24,11 @@ def weights_num_classes(weights: Optional[str], arch: Optional[str] = None) -> O
     if not weights:
         return None
     try:
-        from zoo.weights.api import _infer_num_classes
-        from zoo.weights.sources import _read
+        from zoo import weights_num_classes
+        from zoo.weights import read_weights
 
-        w = _read(weights, True)
-        if w.num_classes:
-            return int(w.num_classes)
-        name = w.arch or arch
-        return _infer_num_classes(name, w.arch_args or {}, w) if name else None
+        w = read_weights(weights)
+        return weights_num_classes(w, w.arch or arch, w.arch_args)
     except Exception:  # unreadable or unknown: the model's own load reports it in one line
         return None
 
@@ -84,9 +81,9 @@ def weights_arch(weights: Optional[str]) -> tuple[Optional[str], Optional[dict]]
     if not weights:
         return None, None
     try:
-        from zoo.weights.sources import _read
+        from zoo.weights import read_weights
 
-        w = _read(weights, True)
+        w = read_weights(weights)
         return w.arch, (dict(w.arch_args) if w.arch_args else None)
     except Exception:  # unreadable or unknown: the model's own load reports it in one line
         return None, None

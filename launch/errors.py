@@ -24,7 +24,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from launch.safety import ConfigError
 
-    # FloatingPointError: the model's non-finite loss check (step, LR, first bad layer)
+    # FloatingPointError: callbacks.nonfinite.NonFiniteLossCheck (step, LR, first bad layer)
     return (DataError, UnknownModelError, WeightsError, FileNotFoundError, LaunchError, ConfigError, FloatingPointError)
 
 

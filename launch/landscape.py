@@ -219,7 +219,8 @@ def main(argv: list[str]) -> int:
         return 2
     from tqdm import tqdm
 
-    from zoo.weights import WeightsError, load
+    from zoo import load
+    from zoo.weights import WeightsError
 
     ckpt = Path(args.ckpt)
     try:

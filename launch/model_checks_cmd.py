@@ -70,8 +70,9 @@ def _from_checkpoint(args, small: bool):
     """``args.model`` is a checkpoint: its architecture (arch_args, classes) at the eval size it
     records (``zoo_data_config``: what it was trained and evaluated at); gradcheck checks its
     trained weights, init-stats a fresh initialisation of the same network."""
+    from zoo import load
     from zoo.registry import create_network
-    from zoo.weights import WeightsError, load
+    from zoo.weights import WeightsError
 
     try:
         model = load(weights=args.model)

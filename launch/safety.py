@@ -134,17 +134,17 @@ def _umask() -> int:
 def safe_load(path, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; a ``WeightsError`` in one line if the
     file is missing, truncated, or holds pickled objects that could run code."""
-    from zoo.weights.sources import WeightsError, _torch_load
+    from zoo.weights.sources import WeightsError, torch_load
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist: pass a .ckpt file (e.g. <run dir>/checkpoints/last.ckpt)")
     if mmap:
         try:
-            return _torch_load(path, mmap=True)
+            return torch_load(path, mmap=True)
         except WeightsError:  # legacy (non-zip) files cannot be mmapped: the plain load says what is wrong
             pass
-    return _torch_load(path)
+    return torch_load(path)
 
 
 # --------------------------------------------------------------------------- secrets

@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.fit_diagnosis import FitDiagnosis
 from datamodules.imagenet import DataError, count_classes
 from launch.config_fixes import arch_from_weights, fixed_input_size, limit_batches_int_first
 from launch.run_dir import check_slurm_launch, git_revision, resumed_run_dir, run_id, save_wandb_run_id, wandb_run_id
@@ -38,6 +37,48 @@ def num_classes_or_placeholder(root: Optional[str], weights: Optional[str] = Non
     return weights_num_classes(weights, arch) or 2  # 2: the smallest a classifier takes; never trained
 
 
+# run.* options of earlier versions: now arguments of the default callbacks' sections
+# (callbacks/defaults.py). Still accepted; before anything is built they are moved into the
+# sections, so that the run's config.yaml says it in one place.
+DEPRECATED_RUN_KEYS = {
+    "checkpoint_every_n_epochs": (int, "run.callbacks.best_checkpoint.every_n_epochs and "
+                                       "run.callbacks.last_checkpoint.every_n_epochs"),
+    "dashboard": (bool, "run.callbacks.dashboard null and run.callbacks.throughput null (false)"),
+    "throughput_window": (int, "run.callbacks.throughput.window_size"),
+    "monitor": (str, "run.callbacks.best_checkpoint.monitor"),
+}
+
+
+def move_deprecated_run_keys(cfg) -> Optional[str]:
+    """Move the run.* values of DEPRECATED_RUN_KEYS into the callback sections of ``cfg`` (a
+    subcommand's parsed config, changed in place); returns the one deprecation line, or None."""
+    given = [k for k in DEPRECATED_RUN_KEYS if cfg.get(f"run.{k}") is not None]
+
+    def set_arg(section: str, **values) -> None:
+        spec = cfg.get(f"run.callbacks.{section}")
+        if spec is not None:  # a section set to null stays null
+            for k, v in values.items():
+                spec.init_args[k] = v
+
+    for key in given:
+        value = cfg[f"run.{key}"]
+        if key == "checkpoint_every_n_epochs":
+            set_arg("best_checkpoint", every_n_epochs=value)
+            set_arg("last_checkpoint", every_n_epochs=value)
+        elif key == "monitor":
+            set_arg("best_checkpoint", monitor=value)
+        elif key == "throughput_window":
+            set_arg("throughput", window_size=value)
+        elif key == "dashboard" and not value:
+            cfg["run.callbacks.dashboard"] = None
+            cfg["run.callbacks.throughput"] = None
+        cfg[f"run.{key}"] = None
+    if not given:
+        return None
+    return "deprecated: " + "; ".join(f"run.{k} is now {DEPRECATED_RUN_KEYS[k][1]}" for k in given) + \
+        " (the run's config.yaml says it there)"
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run.root", type=str, default="runs", help="parent of all run directories")
@@ -50,20 +91,23 @@ class ZooCLI(LightningCLI):
             help="wandb runs offline unless WANDB_MODE=online",
         )
         parser.add_argument("--run.project", type=str, default="lightning-zoo", help="W&B project")
-        parser.add_argument("--run.checkpoint_every_n_epochs", type=int, default=1)
-        parser.add_argument("--run.dashboard", type=bool, default=True,
-                            help="throughput/MFU, augmented-image grid, confusion matrix, confident mistakes")
-        # Lightning's ThroughputMonitor default is 100 batches; 50 gives a first figure sooner
-        parser.add_argument("--run.throughput_window", type=int, default=50, help="batches per throughput figure")
-        parser.add_argument(
-            "--run.monitor", type=str, default="val/acc1",
-            help="metric (max) that picks the best checkpoint; val_ema/acc1 with callbacks.ema.WeightEMA",
-        )
+        # The default callbacks, one section each (callbacks/defaults.py): run.callbacks.<name>
+        from callbacks import defaults
+
+        defaults.add_arguments(parser)
+        for key, (typ, target) in DEPRECATED_RUN_KEYS.items():
+            parser.add_argument(f"--run.{key}", type=Optional[typ], default=None, help=f"deprecated: use {target}")
         # Classes come from the data; preprocessing comes from the model (DESIGN.md).
         limit_batches_int_first(parser)
         parser.link_arguments(("data.root", "model.weights", "model.arch"), "model.num_classes",
                               compute_fn=num_classes_or_placeholder)
         parser.link_arguments("model.data_config", "data.data_config", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        line = move_deprecated_run_keys(self.config[self.subcommand] if self.subcommand else self.config)
+        if line:
+            rank_zero_info(f"zoo: {line}")
 
     def instantiate_classes(self) -> None:
         """A constructor's own argument check (a ValueError or TypeError while the model, data,
@@ -185,43 +229,8 @@ class ZooCLI(LightningCLI):
         else:
             run_dir = resumed_run_dir(raw.get("ckpt_path")) or Path(run["root"]).expanduser().resolve() / name / run_id()
         self.run_dir = run_dir
-        callbacks = list(trainer_cfg.get("callbacks") or [])
-        if self.subcommand == "fit":
-            if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-                every = run["checkpoint_every_n_epochs"]
-                monitor = run.get("monitor") or "val/acc1"
-                callbacks += [
-                    ModelCheckpoint(  # the best epoch by the monitored metric (val/acc1)
-                        dirpath=run_dir / "checkpoints",
-                        # no "/" in file names: the metric is val/acc1
-                        filename=f"epoch={{epoch:03d}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}",
-                        auto_insert_metric_name=False,
-                        monitor=monitor,
-                        mode="max",
-                        every_n_epochs=every,
-                    ),
-                    # The newest epoch, to resume from. Not save_last=True: Lightning 2.6 writes
-                    # last.ckpt only when the monitored checkpoint is saved, i.e. on improvement.
-                    # No version counter: after a resume (requeue, --ckpt_path) last.ckpt is overwritten
-                    # instead of a last-v1.ckpt appearing beside a stale last.ckpt.
-                    ModelCheckpoint(
-                        dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=every,
-                        enable_version_counter=False,
-                    ),
-                ]
-            if not any(isinstance(c, FitDiagnosis) for c in callbacks):
-                callbacks.append(FitDiagnosis())  # reads logged metrics only: on by default
-            from callbacks.preemption import SlurmRequeue
-
-            if not any(isinstance(c, SlurmRequeue) for c in callbacks):
-                # Slurm's SIGUSR1: all ranks save at one agreed step, then main() requeues (no
-                # save inside Lightning's signal handler, which can deadlock DDP); no-op elsewhere
-                callbacks.append(SlurmRequeue())
-            from callbacks.metric_log import MetricLog
-            from callbacks.run_report import RunReport
-
-            if not any(isinstance(c, MetricLog) for c in callbacks):
-                callbacks.append(RunReport())  # RUN/metrics.jsonl whatever the logger; RUN/report/ at the end
+        own = list(trainer_cfg.get("callbacks") or [])  # the recipe's and the command line's trainer.callbacks
+        callbacks = list(own)
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             from callbacks.prediction_writer import PredictionWriter
 
@@ -229,32 +238,19 @@ class ZooCLI(LightningCLI):
         logger = trainer_cfg.get("logger")
         if logger in (None, True):
             logger = self._make_logger(run["logger"], run_dir, name, run["project"])
-            if logger is not False and self.subcommand == "fit":
-                callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if self.subcommand == "fit" and run["dashboard"]:
-            from lightning.pytorch.callbacks import ThroughputMonitor
+        from callbacks import defaults
 
-            from callbacks._batches import batch_size_of
-            from callbacks.dashboard import Dashboard
-
-            callbacks.append(Dashboard())  # its plots/ feed the run report, with or without a logger
-            if logger is not False:  # ThroughputMonitor logs through the logger only
-                callbacks.append(ThroughputMonitor(batch_size_fn=batch_size_of, window_size=run["throughput_window"]))
-        if self.subcommand == "fit" and not trainer_cfg.get("sync_batchnorm"):
-            from callbacks.bn import BNBufferSync
-
-            if not any(isinstance(c, BNBufferSync) for c in callbacks):
-                # DDP without SyncBN: average BN buffers across ranks before validation and saving
-                # (timm's --dist-bn reduce default); a no-op on one process
-                callbacks.append(BNBufferSync())
-        if trainer_cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
-            from callbacks.model_summary import ModelSummary as ZooModelSummary
-
-            callbacks.append(ZooModelSummary())  # Lightning's, without a FLOPs total it did not count
-        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            from callbacks.progress import ThrottledProgressBar
-
-            callbacks.append(ThrottledProgressBar())  # Lightning's bar, redrawn at most every 0.1 s
+        sections = cfg.get(defaults.PREFIX)
+        callbacks += defaults.select(
+            {d.key: sections.get(d.key) for d in defaults.DEFAULTS} if sections is not None else {},
+            self.subcommand or "fit",
+            has_logger=logger not in (None, False),
+            trainer_callbacks=own,
+            sync_batchnorm=bool(trainer_cfg.get("sync_batchnorm")),
+            enable_progress_bar=trainer_cfg.get("enable_progress_bar") is not False,
+            enable_model_summary=trainer_cfg.get("enable_model_summary") is not False,
+            run_dir=run_dir,
+        )
         trainer_cfg["callbacks"] = callbacks
         trainer_cfg["default_root_dir"] = str(run_dir)  # Lightning's hpc checkpoints go here
         kwargs.setdefault("logger", logger)

@@ -259,13 +259,14 @@ def test_nan_loss_names_step_lr_and_first_layer(tmp_path, capsys, monkeypatch):
 
 def test_nan_in_bn_statistics_is_named():
     """Finite weights, NaN running_var: the BN layer is named, not the loss."""
+    from callbacks.nonfinite import first_nonfinite
     from zoo.base import ImageClassifier
 
     m = ImageClassifier(arch="convnet", num_classes=3)
     bn = next((n, mod) for n, mod in m.net.named_modules() if isinstance(mod, torch.nn.BatchNorm2d))
     bn[1].running_var[0] = float("nan")
-    assert m._first_nonfinite(None) == f"buffer {bn[0]}.running_var (BatchNorm2d)"
+    assert first_nonfinite(m.net, None) == f"buffer {bn[0]}.running_var (BatchNorm2d)"
     bn[1].running_var[0] = 1.0
     x = torch.randn(2, 3, 16, 16)
     x[0, 0, 0, 0] = float("inf")
-    assert m._first_nonfinite(x) == "the input batch"
+    assert first_nonfinite(m.net, x) == "the input batch"

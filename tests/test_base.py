@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from zoo import heads
 from zoo.augment import DeviceAugment, random_erase
-from zoo.base import ImageClassifier, lr_factor
+from zoo.base import ImageClassifier
+from zoo.optim import lr_factor
 
 NUM_CLASSES = 4
 
@@ -70,6 +71,21 @@ def test_step_schedule_milestones():
     f = lambda e: lr_factor(e * 5, steps_per_epoch=5, max_epochs=90, schedule="step",
                             milestones=(30, 60, 80), gamma=0.1)
     assert [f(0), f(29), f(30), f(61), f(85)] == pytest.approx([1, 1, 0.1, 0.01, 0.001])
+
+
+def test_cosine_with_warmup_is_timms_for_one_group():
+    """For one parameter group, the cosine factor is what timm's CosineLRScheduler (warm-up as a
+    prefix, per step) gives; zoo/optim.py says why the zoo keeps its own LambdaLR."""
+    from timm.scheduler import CosineLRScheduler
+
+    spe, epochs, warm = 10, 12, 2
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = CosineLRScheduler(opt, t_initial=(epochs - warm) * spe, lr_min=0.01, warmup_t=warm * spe,
+                            warmup_lr_init=0.1, warmup_prefix=True, t_in_epochs=False)
+    for step in range(0, epochs * spe + 5):
+        ref.step_update(step)
+        assert lr_factor(step, steps_per_epoch=spe, max_epochs=epochs, schedule="cosine", warmup_epochs=warm,
+                         warmup_start=0.1, min_factor=0.01) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
 
 
 def test_unknown_schedule_is_one_clear_line():
@@ -149,12 +165,13 @@ def test_freeze_backbone_trains_only_the_head_and_keeps_bn_stats():
 @pytest.mark.parametrize("rate", [1, 3])
 def test_loss_is_read_only_when_the_progress_bar_redraws(rate):
     """Lightning turns progress-bar metrics into Python numbers (a host-device sync) at each batch end:
-    the loss is not one of them; the bar reads it when it redraws (every ``rate`` batches and the last)."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    the loss is not one of them; the bar reads it (``ImageClassifier.progress_bar_values``) when it
+    redraws (every ``rate`` batches and the last)."""
+    from callbacks.progress import ThrottledProgressBar
 
     pbar_metrics, shown = [], []
 
-    class Bar(TQDMProgressBar):
+    class Bar(ThrottledProgressBar):
         def init_train_tqdm(self):
             tq = super().init_train_tqdm()
             set_postfix = tq.set_postfix
@@ -170,23 +187,37 @@ def test_loss_is_read_only_when_the_progress_bar_redraws(rate):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             pbar_metrics.append(dict(trainer.progress_bar_metrics))
 
-    bar = Bar(refresh_rate=rate)
-    real = bar.get_metrics
+    bar = Bar(refresh_rate=rate, min_interval_s=0)  # Lightning's TQDMProgressBar redraws, + the model's values
 
     t = trainer(max_epochs=1, limit_val_batches=0, enable_progress_bar=True, callbacks=[Spy(), bar])
     m = model()
     t.fit(m, datamodule=TinyData())
     assert all(not any("loss" in k for k in d) for d in pbar_metrics), pbar_metrics  # nothing converted per step
-    assert bar.get_metrics is not real  # the bar reads the loss itself
     # 4 batches: a redraw every `rate` batches, at the last one, and at the epoch's end, each with the loss
     assert len(shown) == {1: 5, 3: 3}[rate] and all("loss" in d for d in shown), shown
     assert "loss" not in bar.get_metrics(t, m)  # fit is over: no stale training loss in an evaluation bar
 
 
 def test_nonfinite_loss_names_the_fix():
+    from callbacks.nonfinite import NonFiniteLossCheck
+
     m = model(lr=1e30, lr_reference_batch=None, schedule="constant")
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
-        trainer(max_steps=20, limit_val_batches=0).fit(m, datamodule=TinyData())
+        trainer(max_steps=20, limit_val_batches=0, callbacks=[NonFiniteLossCheck()]).fit(m, datamodule=TinyData())
+
+
+def test_the_model_reads_no_private_attribute_of_lightning():
+    """The model uses Lightning's public API only: no ``trainer._logger_connector`` or ``self._trainer``
+    (they change between Lightning releases without notice)."""
+    import re
+    from pathlib import Path
+
+    import zoo
+
+    found = [f"{f.name}:{i}: {line.strip()}" for f in sorted(Path(zoo.__file__).parent.rglob("*.py"))
+             for i, line in enumerate(f.read_text().splitlines(), 1)
+             if re.search(r"trainer\._[a-z]|\._trainer\b|_logger_connector|\._results\b", line)]
+    assert not found, found
 
 
 # ----------------------------------------------------------------------------- augmentation

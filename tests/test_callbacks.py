@@ -300,3 +300,55 @@ def test_dashboard_every_n_epochs_must_be_positive():
 
     with pytest.raises(ValueError, match="every_n_epochs must be >= 1"):
         Dashboard(every_n_epochs=0)
+
+
+class _LossAt(L.LightningModule):
+    """A linear model whose training loss is NaN from batch ``bad`` on (``None``: never)."""
+
+    def __init__(self, bad=None):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+        self.bad = bad
+
+    def training_step(self, batch, batch_idx):
+        loss = self.net(batch[0]).square().mean()
+        if self.bad is not None and batch_idx >= self.bad:
+            loss = loss + float("nan")  # the gradient stays finite: the weights too
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _loader(n=12):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(torch.randn(n, 4), torch.zeros(n)), batch_size=1)
+
+
+@pytest.mark.parametrize("every,bad,stops_at", [(5, 3, 5), (1, 3, 3), (5, 6, 10), (20, 2, 12)])
+def test_nonfinite_loss_check_stops_within_n_steps_and_names_the_first(every, bad, stops_at):
+    """The flag is read every ``check_every_n_steps`` batches (and at the epoch's end, batch 12 here):
+    the run stops at the first check after the loss went NaN, naming the first NaN step and its LR."""
+    from callbacks.nonfinite import NonFiniteLossCheck
+
+    seen = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch_idx)
+
+    t = trainer(max_epochs=1, callbacks=[NonFiniteLossCheck(check_every_n_steps=every), Count()])
+    with pytest.raises(FloatingPointError, match=rf"non-finite \(NaN or inf\) at step {bad}, lr 0; first non-finite: no "):
+        t.fit(_LossAt(bad), train_dataloaders=_loader())
+    assert len(seen) == min(stops_at + 1, 12)
+
+
+def test_nonfinite_loss_check_lets_a_finite_run_finish():
+    from callbacks.nonfinite import NonFiniteLossCheck
+
+    t = trainer(max_epochs=2, callbacks=[NonFiniteLossCheck(check_every_n_steps=1)])
+    t.fit(_LossAt(None), train_dataloaders=_loader())
+    assert t.global_step == 24
+    with pytest.raises(ValueError, match="check_every_n_steps must be >= 1"):
+        NonFiniteLossCheck(check_every_n_steps=0)

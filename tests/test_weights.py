@@ -542,23 +542,42 @@ def test_torch_hub_load_from_a_local_checkout(base, tmp_path):
         torch.testing.assert_close(model.net.state_dict()[k], v)
 
 
-def test_a_reused_read_answers_only_its_own_thread(tmp_path):
-    """``zoo.create(weights=...)`` reads the file once and lets the model reuse that read; a read
-    of the same source in another thread meanwhile reads the file itself."""
-    import threading
+def test_create_records_its_weights_as_the_constructor_does(base, tmp_path):
+    """``zoo.create(weights=...)`` loads from its one read and keeps the source as the ``weights``
+    hyper-parameter (a fit's checkpoint says where its initial weights came from), as
+    ``ImageClassifier(weights=...)`` does; ``zoo.load`` records none."""
+    import zoo
 
-    from zoo.weights import sources
+    src = registry.create_network("convnet", num_classes=3)
+    path = tmp_path / "c.pth"
+    torch.save(src.state_dict(), path)
+    made = zoo.create("convnet", weights=str(path))
+    built = base.ImageClassifier(arch="convnet", num_classes=3, weights=str(path))
+    for model in (made, built):
+        assert model.hparams.weights == model.hparams_initial["weights"] == str(path)
+        torch.testing.assert_close(model.net.state_dict(), src.state_dict())
+    assert zoo.load("convnet", weights=str(path)).hparams.weights is None
 
-    path = tmp_path / "w.pt"
-    torch.save({"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3)}, path)
-    spec = str(path)
-    first = sources._read(spec)
-    with sources.reuse_read(spec, True, first):
-        assert sources._read(spec) is first
-        assert sources._read(spec, use_ema=False) is not first
-        other: list = []
-        thread = threading.Thread(target=lambda: other.append(sources._read(spec)))
-        thread.start()
-        thread.join()
-        assert other and other[0] is not first
-    assert sources._read(spec) is not first
+
+def test_weights_package_imports_nothing_of_the_model():
+    """``zoo.weights`` is state-dict I/O on bare networks: no import of the model (``zoo.base``),
+    of the layer that builds models from weights (``zoo.factory``) or of Lightning."""
+    import ast
+
+    import zoo
+
+    pkg = pathlib.Path(zoo.__file__).parent / "weights"
+    found = []
+    for f in sorted(pkg.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):  # from ..base import X: "zoo.base"; from .. import base: "zoo.base"
+                parent = ["zoo", "weights"][: max(0, 3 - node.level)] if node.level else []
+                mod = ".".join(parent + ([node.module] if node.module else []))
+                names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [f"{f.name}: {n}" for n in names if n.split(".")[:2] in (["zoo", "base"], ["zoo", "factory"])
+                      or n.split(".")[0] == "lightning"]
+    assert not found, found

@@ -10,21 +10,23 @@ channels_last, torch.compile, horizontal-flip test-time augmentation and fine-tu
 from __future__ import annotations
 
 import dataclasses
-import math
+import logging
 from typing import Literal, Optional, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from . import heads, init, registry
+from . import heads, init, optim, registry
 from .augment import DeviceAugment
+from .optim import Schedule
+from .weights import Weights, WeightsError, ema_state_dict, load_weights
 
-Schedule = Literal["cosine", "step", "cyclic", "constant"]
-
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)  # every process builds the model: one line, from rank zero
 
 class BatchWeightedMean(Metric):
     """Epoch mean of a per-batch scalar weighted by batch size: what ``self.log(..., on_epoch=True,
@@ -53,68 +55,6 @@ class BatchWeightedMean(Metric):
         return self.total / self.weight
 
 
-def lr_factor(
-    step: int,
-    *,
-    steps_per_epoch: float,
-    max_epochs: float,
-    schedule: Schedule,
-    warmup_epochs: float = 0.0,
-    warmup_start: float = 0.0,
-    peak_epoch: float = 2.0,
-    milestones: Sequence[float] = (30, 60, 80),
-    gamma: float = 0.1,
-    min_factor: float = 0.0,
-) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (per-step, fractional epochs).
-
-    - ``cosine``: linear warmup from ``warmup_start`` to 1 over ``warmup_epochs``, then a
-      half cosine down to ``min_factor`` at ``max_epochs`` (Loshchilov & Hutter 2017).
-    - ``step``: warmup, then ``gamma`` per milestone epoch passed (He et al. 2016: /10 at 30, 60, 80).
-    - ``cyclic``: ffcv-imagenet's triangle: linear 1e-4 -> 1 at ``peak_epoch``, linear -> 0
-      at ``max_epochs``, interpolated per step (get_cyclic_lr: np.interp([epoch],
-      [0, lr_peak_epoch, epochs], [1e-4 * lr, lr, 0]) in libffcv/ffcv-imagenet train_imagenet.py).
-    - ``constant``: warmup, then 1.
-    """
-    epoch = step / max(steps_per_epoch, 1e-12)
-    if schedule == "cyclic":
-        # starts at 1e-4 of the peak, as ffcv-imagenet's get_cyclic_lr
-        if epoch <= peak_epoch:
-            return 1e-4 + (1.0 - 1e-4) * epoch / peak_epoch if peak_epoch > 0 else 1.0
-        return max(0.0, (max_epochs - epoch) / max(max_epochs - peak_epoch, 1e-12))
-    if warmup_epochs > 0 and epoch < warmup_epochs:
-        return warmup_start + (1.0 - warmup_start) * epoch / warmup_epochs
-    if schedule == "cosine":
-        span = max(max_epochs - warmup_epochs, 1e-12)
-        progress = min(1.0, (epoch - warmup_epochs) / span)
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "step":
-        return gamma ** sum(epoch >= m for m in milestones)
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}; choose cosine, step, cyclic or constant")
-
-
-def _loader_batch_size(loader) -> Optional[int]:
-    """Per-device batch size of a train dataloader (torch DataLoader, FFCV Loader, ...)."""
-    if isinstance(loader, (list, tuple)) and len(loader) == 1:
-        loader = loader[0]
-    bs = getattr(loader, "batch_size", None)
-    if bs is None:  # DataLoader(batch_sampler=...) reports batch_size=None
-        bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    return int(bs) if isinstance(bs, int) and bs > 0 else None
-
-
-def describe_param_groups(groups: list[dict], frozen: int = 0) -> str:
-    """One line per optimizer parameter group (name, peak LR, weight decay, parameter count), and
-    the frozen parameters: what a backbone LR scale or a frozen backbone changed."""
-    lines = [f"\n  {g.get('name', i):18s} peak lr {g['lr']:<10.4g} weight decay {g.get('weight_decay', 0):<8.3g} "
-             f"{sum(p.numel() for p in g['params']):>12,} parameters" for i, g in enumerate(groups)]
-    if frozen:
-        lines.append(f"\n  {'frozen':18s} {'(not trained)':41s}{frozen:>12,} parameters")
-    return "".join(lines)
-
-
 class ImageClassifier(L.LightningModule):
     """A classifier over any registered architecture.
 
@@ -122,7 +62,8 @@ class ImageClassifier(L.LightningModule):
         arch: registry name (``zoo models`` lists them; ``timm/<name>`` for any timm model).
         num_classes: output classes; the CLI fills it from the data.
         arch_args: architecture arguments passed to the builder (e.g. ``{"depth": 3}``).
-        weights: checkpoint / state_dict / safetensors / hub id to initialise from; the
+        weights: checkpoint / state_dict / safetensors / hub id to initialise from (or what
+            :func:`zoo.weights.read_weights` read from one; its name is recorded); the
             preprocessing that travels with them (safetensors metadata, config.json, a .ckpt's
             data config) replaces the architecture's (see :meth:`load_pretrained`).
         use_ema: a checkpoint holding EMA weights (the WeightEMA callback) gives them on every
@@ -138,7 +79,7 @@ class ImageClassifier(L.LightningModule):
         weight_decay: decay of weights with ndim > 1; norm weights and biases get
             ``norm_weight_decay`` (0: no decay on BN/LN, as ffcv-imagenet and torchvision's recipes).
         schedule, warmup_epochs, warmup_start, peak_epoch, milestones, gamma, min_lr_ratio:
-            per-step LR schedule, see :func:`lr_factor`.
+            per-step LR schedule, see :func:`zoo.optim.lr_factor`.
         label_smoothing: cross-entropy label smoothing (Szegedy et al. 2016: 0.1).
         mixup_alpha, cutmix_alpha, random_erasing, random_erasing_mode, auto_augment,
             auto_augment_magnitude: train-time augmentation applied on the device after transfer
@@ -197,7 +138,10 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        self.save_hyperparameters()
+        source = weights
+        if isinstance(weights, Weights):  # read already (zoo.create): record where they came from
+            weights = weights.name
+        self.save_hyperparameters()  # reads the arguments' current values, ``weights`` as just set
         entry = registry.get_entry(arch)
         self.net = init.build(entry.builder, num_classes=num_classes, arch_args=arch_args)  # arch_args["init"]: zoo/init.py
         data_config = entry.data_config
@@ -207,8 +151,8 @@ class ImageClassifier(L.LightningModule):
         self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1), persistent=False)
         self._set_data_config(data_config.as_dict())
         self.weights_report = None  # zoo.weights.LoadReport of the initial weights
-        if weights:
-            self.load_pretrained(weights)
+        if source:
+            self.load_pretrained(source)
         self.augment = DeviceAugment(
             num_classes=num_classes,
             mixup_alpha=mixup_alpha,
@@ -247,39 +191,16 @@ class ImageClassifier(L.LightningModule):
         give the same tensors and the same data config. EMA weights per ``hparams.use_ema``.
         Returns the :class:`zoo.weights.LoadReport` (also kept as ``self.weights_report``).
         """
-        from .weights import load_weights
-
         report = load_weights(
             self.net, source, arch=self.hparams.arch, strict=strict, use_ema=self.hparams.get("use_ema", True)
         )
         if report.data_config is not None:  # a timm/HF tag or an export may differ from the entry
             self._set_data_config(report.data_config.as_dict())
         self.weights_report = report
-        rank_zero_info(f"loaded weights from {report.source}: {report}")
+        _info(f"loaded weights from {report.source}: {report}")
         return report
 
-    def _schedule_change_note(self, lr: float, fn) -> Optional[str]:
-        """One line when a resumed fit's trainer.max_epochs differs from the checkpoint's: the LR
-        schedule is recomputed over the new length (no new warmup), so the LR at the resumed step
-        jumps from the old schedule's value to the new one's."""
-        old, step = getattr(self, "_resumed_schedule", (None, None))
-        self._resumed_schedule = (None, None)
-        new_epochs = self._schedule["max_epochs"]
-        if not old or step is None or old.get("max_epochs") == new_epochs:
-            return None
-        hp = self.hparams
-        before = lr * lr_factor(step, steps_per_epoch=old["steps_per_epoch"], max_epochs=old["max_epochs"],
-                                schedule=hp.schedule, warmup_epochs=hp.warmup_epochs, warmup_start=hp.warmup_start,
-                                peak_epoch=hp.peak_epoch, milestones=hp.milestones, gamma=hp.gamma,
-                                min_factor=hp.min_lr_ratio)
-        return (f"resume at step {step}: trainer.max_epochs {old['max_epochs']} -> {new_epochs} recomputes the "
-                f"{hp.schedule} LR schedule over {new_epochs} epochs (no new warmup): the LR goes from "
-                f"{before:.4g} to {lr * fn(step):.4g} here; keep --trainer.max_epochs {old['max_epochs']} "
-                "to finish the original schedule")
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from .weights import ema_state_dict
-
         # The state_dict holds the trained weights: rebuilding from this checkpoint must not
         # re-read the initial weights (the file may have moved, the hub may be offline).
         hp = checkpoint.get("hyper_parameters")
@@ -309,8 +230,6 @@ class ImageClassifier(L.LightningModule):
         # load_from_checkpoint and in the trainer's restore (--ckpt_path).
         from lightning.pytorch.trainer.states import TrainerFn
 
-        from .weights import WeightsError, ema_state_dict
-
         if checkpoint.get("zoo_data_config"):
             self._set_data_config(checkpoint["zoo_data_config"])
         sd = checkpoint.get("state_dict") or {}
@@ -326,7 +245,8 @@ class ImageClassifier(L.LightningModule):
                     f"it on data with {have} classes, or fine-tune it with `zoo fit --model.weights CKPT` "
                     "(which resets the head) instead of --ckpt_path"
                 )
-        resuming = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        trainer = self._attached_trainer()
+        resuming = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         if resuming:  # read by configure_optimizers, which runs after this
             self._resumed_schedule = (checkpoint.get("zoo_schedule"), checkpoint.get("global_step"))
         found = ema_state_dict(checkpoint)
@@ -334,7 +254,7 @@ class ImageClassifier(L.LightningModule):
             cb_key, ema = found
             for k, v in ema.items():
                 sd["net." + k] = v
-            rank_zero_info(f"evaluating the EMA weights of the checkpoint ({cb_key}); use_ema=False for the trained ones")
+            _info(f"evaluating the EMA weights of the checkpoint ({cb_key}); use_ema=False for the trained ones")
 
     def _set_data_config(self, data_config: dict) -> None:
         self.data_config = dict(data_config)
@@ -357,8 +277,9 @@ class ImageClassifier(L.LightningModule):
         checkpoint restored the old record); a no-op without a DataModule.
         """
         dm = datamodule
-        if dm is None and self._trainer is not None:
-            dm = getattr(self._trainer, "datamodule", None)
+        trainer = self._attached_trainer()
+        if dm is None and trainer is not None:
+            dm = getattr(trainer, "datamodule", None)
         if dm is None:
             return
         dc = dict(self.data_config)
@@ -427,7 +348,7 @@ class ImageClassifier(L.LightningModule):
             if v is not None:
                 pretrained_cfg[k] = (3, int(v), int(v)) if k == "input_size" else tuple(v) if k in ("mean", "std") else v
         if differ:
-            rank_zero_info(f"eval_transform: {', '.join(differ)} instead of the recorded {', '.join(f'{k}={self.data_config.get(k)}' for k in (d.split('=')[0] for d in differ))}")
+            _info(f"eval_transform: {', '.join(differ)} instead of the recorded {', '.join(f'{k}={self.data_config.get(k)}' for k in (d.split('=')[0] for d in differ))}")
         cfg = resolve_data_config(pretrained_cfg=pretrained_cfg)
         tf = create_transform(**cfg, is_training=False)
         to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -482,7 +403,8 @@ class ImageClassifier(L.LightningModule):
             return self.preprocess(batch) if batch.dtype == torch.uint8 else batch
         images, labels = batch[0], batch[1]
         labels = labels.reshape(-1).long()
-        if self._trainer is not None and self._trainer.training and images.dtype == torch.uint8:
+        trainer = self._attached_trainer()
+        if trainer is not None and trainer.training and images.dtype == torch.uint8:
             images = self.augment.pre_normalise(images)
         if images.dtype == torch.uint8:
             images = self.preprocess(images)
@@ -499,14 +421,13 @@ class ImageClassifier(L.LightningModule):
     # ----------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
         self.record_data_preprocessing()  # again: a resumed checkpoint restored its own record
-        self._show_loss_in_bar()
+        self._bar_loss = None
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch
         x, targets = self.augment.post_normalise(x, y)
         logits = self(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        self._check_finite(loss, batch_idx, x)
         self._log_train_loss(loss, len(y))
         self._bar_loss = loss.detach()
         if targets.ndim == 1:  # hard labels: accuracy is meaningful
@@ -527,109 +448,38 @@ class ImageClassifier(L.LightningModule):
 
         The epoch mean is a metric object Lightning computes at the epoch's end
         (:class:`BatchWeightedMean`); the step value is logged only when the logger will write it
-        (Lightning's own ``LearningRateMonitor`` asks the same ``should_update_logs``). Not
-        ``prog_bar``: see :meth:`_show_loss_in_bar`."""
+        (:func:`_logger_writes_this_step`, as Lightning's own ``LearningRateMonitor`` asks). Not
+        ``prog_bar``: see :meth:`progress_bar_values`."""
         self.train_loss.update(loss, n)
         if not self._train_loss_logged:
             self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
             self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, logger=False)
             self._train_loss_logged = True
-        trainer = self._trainer
-        if trainer is None or trainer.fast_dev_run or trainer._logger_connector.should_update_logs:
+        trainer = self._attached_trainer()
+        if trainer is None or _logger_writes_this_step(trainer):
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=n)
 
-    def _show_loss_in_bar(self) -> None:
-        """Put the training loss in the progress bar when the bar redraws, not at every step.
+    def progress_bar_values(self) -> dict[str, str]:
+        """What the progress bar adds when it redraws (callbacks/progress.py reads it): the last
+        training loss, while training.
 
         A metric logged with ``prog_bar=True`` is turned into a Python number by Lightning at
         every batch end: a host-device sync per step, even with the bar off (benchmarks/gpu.py's
-        sync audit found it). The bar's own ``get_metrics`` runs only when it redraws (every
-        ``refresh_rate`` batches), so the loss is read there.
+        sync audit found it). The bar redraws every ``refresh_rate`` batches at most, so the loss
+        is read there.
         """
-        bar = self.trainer.progress_bar_callback
-        if bar is None or getattr(bar, "_zoo_shows_loss", False):
-            return
-        get_metrics = bar.get_metrics
+        trainer = self._attached_trainer()
+        loss = getattr(self, "_bar_loss", None)
+        if loss is None or trainer is None or not trainer.training:
+            return {}
+        return {"loss": f"{float(loss):.3f}"}
 
-        def with_loss(trainer, pl_module):
-            items = get_metrics(trainer, pl_module)
-            loss = getattr(pl_module, "_bar_loss", None)
-            if loss is not None and trainer.training:
-                items["loss"] = f"{float(loss):.3f}"
-            return items
-
-        bar.get_metrics, bar._zoo_shows_loss = with_loss, True
-
-    # A diverged loss stays non-finite (its NaN/inf reaches the weights), so remembering it on the
-    # device and reading the flag every FINITE_CHECK_EVERY steps stops the run within that many
-    # steps while the host waits for the device once per check, not at every step
-    # (benchmarks/overhead.py measures the per-step sync).
-    FINITE_CHECK_EVERY = 25
-
-    def _check_finite(self, loss: torch.Tensor | None = None, batch_idx: int = 0, x: torch.Tensor | None = None) -> None:
-        """Remember a non-finite ``loss`` on the device; raise every FINITE_CHECK_EVERY steps
-        (and at the end of each epoch, ``loss=None``) if one was seen, naming the step, the
-        learning rate and the first layer that went non-finite (:meth:`_first_nonfinite`)."""
-        flag = getattr(self, "_nonfinite", None)
-        if loss is not None:
-            bad = ~torch.isfinite(loss.detach())
-            # the first bad step, kept on the device (torch.where with a Python int: no sync)
-            first = torch.where(bad, self.global_step, -1) if flag is None else torch.where(bad & ~flag, self.global_step, self._nonfinite_step)
-            flag = self._nonfinite = bad if flag is None else flag | bad
-            self._nonfinite_step = first
-            if batch_idx % self.FINITE_CHECK_EVERY:
-                return
-        if flag is not None and bool(flag):
-            self._nonfinite = None
-            step = int(self._nonfinite_step)
-            raise FloatingPointError(
-                f"training loss became non-finite (NaN or inf) at step {step}{self._lr_at(step)}; first non-finite: "
-                f"{self._first_nonfinite(x)}; lower the learning rate or enable warmup (--model.warmup_epochs)"
-            )
-
-    def _lr_at(self, step: int) -> str:
-        """``, lr X``: the largest learning rate of the step (LambdaLR: base LR x factor(step))."""
-        trainer = self._trainer
-        if trainer is None or not trainer.optimizers:
-            return ""
-        lrs = [g.get("initial_lr", g["lr"]) for g in trainer.optimizers[0].param_groups]
-        configs = trainer.lr_scheduler_configs
-        sched = configs[0].scheduler if configs else None
-        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-            lrs = [lr * fn(step) for lr, fn in zip(lrs, sched.lr_lambdas)]
-        else:
-            lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
-        return f", lr {max(lrs):.3g}"
-
-    @torch.no_grad()
-    def _first_nonfinite(self, x: torch.Tensor | None) -> str:
-        """The first module (in registration order, which follows the forward pass in the zoo's
-        networks) whose parameters or buffers (BN running statistics) are non-finite; else, with
-        a batch, the first module whose output is (forward hooks, set only here, once)."""
-        for name, module in self.net.named_modules():
-            for kind, tensors in (("parameter", module.named_parameters(recurse=False)), ("buffer", module.named_buffers(recurse=False))):
-                for tname, t in tensors:
-                    if t.is_floating_point() and not torch.isfinite(t).all():
-                        return f"{kind} {name}.{tname} ({type(module).__name__})".replace("net..", "")
-        if x is None:
-            return "no parameter or buffer (the loss or its input)"
-        if not torch.isfinite(x).all():
-            return "the input batch"
-        found: list[str] = []
-
-        def hook(name):
-            def fn(module, args, out):
-                if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
-                    found.append(f"output of {name} ({type(module).__name__})")
-            return fn
-
-        handles = [m.register_forward_hook(hook(n)) for n, m in self.net.named_modules() if n]
+    def _attached_trainer(self):
+        """The Trainer running this module, None outside one (``self.trainer`` raises there)."""
         try:
-            self.net(x)  # in the training mode that failed; the run stops after this anyway
-        finally:
-            for h in handles:
-                h.remove()
-        return found[0] if found else "no layer output (the loss: check labels and label smoothing)"
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self(x)
@@ -670,27 +520,14 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.freeze_backbone:
             self.train()
 
-    def on_train_epoch_end(self) -> None:
-        self._check_finite()
-
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> Optional[int]:
-        """Images per optimizer step over all processes, read from the trainer.
-
-        Per-device batch of the train dataloader x ``trainer.world_size`` (devices x nodes) x
-        ``accumulate_grad_batches``: right for any DataModule, whether its own ``batch_size``
-        means the global batch (this project's) or the per-device one (Lightning's
-        convention). ``None`` when the loader does not say its batch size.
-        """
+        """Images per optimizer step over all processes (:func:`zoo.optim.global_batch_size`), read
+        from the trainer; kept once ``configure_optimizers`` has run (the loader may be gone after fit)."""
         if self._global_batch is not None:
             return self._global_batch
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        per_device = _loader_batch_size(trainer.train_dataloader)
-        if per_device is None:
-            return None
-        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+        trainer = self._attached_trainer()
+        return optim.global_batch_size(trainer) if trainer is not None else None
 
     def effective_lr(self) -> float:
         """``lr x global batch / lr_reference_batch`` (Goyal et al. 2017); ``lr`` when no reference."""
@@ -698,7 +535,7 @@ class ImageClassifier(L.LightningModule):
         gb = self.global_batch_size() if ref else None
         if ref and gb:
             return lr * gb / ref
-        if ref and self._trainer is not None:
+        if ref and self._attached_trainer() is not None:
             rank_zero_warn(
                 f"cannot read the batch size of the train dataloader: lr {lr} is used as given, not scaled "
                 f"from lr_reference_batch={ref}; set model.lr_reference_batch=null to say so"
@@ -706,27 +543,10 @@ class ImageClassifier(L.LightningModule):
         return lr
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Decay / no-decay x backbone / head groups; frozen parameters are left out."""
-        head_ids = {id(p) for p in heads.get_classifier(self.net).parameters()}
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, p in self.net.named_parameters():
-            if not p.requires_grad:
-                continue
-            no_decay = p.ndim <= 1  # biases, BN/LN weights, layer-scale gammas
-            groups.setdefault((no_decay, id(p) in head_ids), []).append(p)
-        out = []
-        for (no_decay, is_head), params in sorted(groups.items()):
-            scale = 1.0 if is_head else self.hparams.backbone_lr_scale
-            out.append(
-                {
-                    # LearningRateMonitor logs lr/<name> (W&B: lr/backbone, lr/head_no_decay, ...)
-                    "name": ("head" if is_head else "backbone") + ("_no_decay" if no_decay else ""),
-                    "params": params,
-                    "weight_decay": self.hparams.norm_weight_decay if no_decay else self.hparams.weight_decay,
-                    "lr": lr * scale,
-                }
-            )
-        return out
+        """Decay / no-decay x backbone / head groups (:func:`zoo.optim.param_groups`)."""
+        hp = self.hparams
+        return optim.param_groups(self.net, lr, weight_decay=hp.weight_decay, norm_weight_decay=hp.norm_weight_decay,
+                                  backbone_lr_scale=hp.backbone_lr_scale)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -738,39 +558,36 @@ class ImageClassifier(L.LightningModule):
         gb = self._global_batch
         groups = self.param_groups(lr)
         frozen = sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
-        rank_zero_info(
+        _info(
             f"optimizer {hp.optimizer}: peak lr {lr:.4g}"
             + (f" (= {hp.lr} x {gb}/{hp.lr_reference_batch} global batch)" if hp.lr_reference_batch and gb else "")
-            + describe_param_groups(groups, frozen)
+            + optim.describe_param_groups(groups, frozen)
         )
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        else:
-            opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        opt = optim.build_optimizer(hp.optimizer, groups, lr, momentum=hp.momentum, nesterov=hp.nesterov, betas=hp.betas)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps_per_epoch = total / max_epochs
         if hp.schedule == "cyclic" and hp.peak_epoch >= max_epochs:
             rank_zero_warn(
                 f"peak_epoch {hp.peak_epoch} >= max_epochs {max_epochs}: the cyclic LR never comes down"
             )
-
-        def fn(step: int) -> float:
-            return lr_factor(
-                step,
-                steps_per_epoch=steps_per_epoch,
-                max_epochs=max_epochs,
-                schedule=hp.schedule,
-                warmup_epochs=hp.warmup_epochs,
-                warmup_start=hp.warmup_start,
-                peak_epoch=hp.peak_epoch,
-                milestones=hp.milestones,
-                gamma=hp.gamma,
-                min_factor=hp.min_lr_ratio,
-            )
-
+        fn = optim.schedule_from_hparams(hp, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
         self._schedule = {"max_epochs": max_epochs, "steps_per_epoch": steps_per_epoch}
-        note = self._schedule_change_note(lr, fn)
+        old, step = getattr(self, "_resumed_schedule", (None, None))
+        self._resumed_schedule = (None, None)
+        note = optim.schedule_change_note(hp, old, step, max_epochs, lr, fn)
         if note:
-            rank_zero_info(note)
+            _info(note)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+
+def _logger_writes_this_step(trainer) -> bool:
+    """Whether the loggers write step values at the optimizer step this batch makes: Lightning's
+    ``LoggerConnector.should_update_logs`` during fit, from public attributes (every
+    ``log_every_n_steps`` optimizer steps, counting this one, when the run stops, and under
+    ``fast_dev_run``). ``global_step`` counts what Lightning's ``_batches_that_stepped`` counts
+    there with one optimizer under automatic optimization, ImageClassifier's case."""
+    if trainer.fast_dev_run:
+        return True
+    every = trainer.log_every_n_steps
+    return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)

@@ -1,12 +1,12 @@
-"""Loading weights into zoo networks, from wherever they were published or trained.
+"""State-dict I/O for zoo networks: read weights from wherever they were published or trained,
+fit their keys to a network, convert key layouts, export.
 
-A small package split by concern: ``sources`` reads a file / folder / hub id into memory,
-``matching`` fits its keys to a network (wrapper prefixes, the families' registered key
-layouts, the head) and copies them in, ``api`` builds a model (``zoo.load``), ``export``
-writes safetensors / Hugging Face folders.
-
-One entry for users, :func:`load` (``zoo.load``), and one for code, :func:`load_weights`.
-Sources:
+A small package split by concern: ``sources`` reads a file / folder / hub id into memory
+(:func:`read_weights`), ``matching`` fits its keys to a network (wrapper prefixes, the families'
+registered key layouts, the head) and copies them in (:func:`load_weights`), ``export`` writes
+safetensors / Hugging Face folders. It works on bare networks and imports nothing of the model
+(``zoo.base``): building an ImageClassifier from weights is ``zoo.load`` / ``zoo.create``
+(``zoo/factory.py``), one layer up. Sources:
 
 - this project's Lightning ``.ckpt`` (``state_dict`` under ``net.``; the ``WeightEMA``
   callback's EMA weights are used when present and ``use_ema=True``); its
@@ -31,9 +31,11 @@ other mismatch raises :class:`WeightsError`. Files are read with
 to unpickle is refused.
 """
 
-from .api import load
 from .export import export_safetensors
-from .matching import LoadReport, load_weights
-from .sources import WeightsError, ema_state_dict
+from .matching import LoadReport, head_classes, load_weights
+from .sources import Source, Weights, WeightsError, ema_state_dict, read_weights
 
-__all__ = ["LoadReport", "WeightsError", "ema_state_dict", "export_safetensors", "load", "load_weights"]
+__all__ = [
+    "LoadReport", "Source", "Weights", "WeightsError", "ema_state_dict", "export_safetensors", "head_classes",
+    "load_weights", "read_weights",
+]

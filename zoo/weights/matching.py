@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import heads, registry
 from ..registry import DataConfig
-from .sources import Source, WeightsError, _read, _Weights
+from .sources import Source, Weights, WeightsError, read_weights
 
 # Wrapper prefixes, stripped while every key has them and the model's keys do not.
 _PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
@@ -103,11 +103,27 @@ def _match_layout(sd: dict[str, torch.Tensor], net: nn.Module) -> tuple[dict, Op
     return best, best_name
 
 
-def _prepare(w: _Weights, net: nn.Module) -> tuple[dict, tuple[str, ...], Optional[str]]:
+def _prepare(w: Weights, net: nn.Module) -> tuple[dict, tuple[str, ...], Optional[str]]:
     target = net.state_dict()
     sd, stripped = _strip_prefixes(dict(w.state_dict), target)
     sd, layout = _match_layout(sd, net)
     return sd, stripped, layout
+
+
+def head_classes(weights: Source, net: nn.Module) -> Optional[int]:
+    """Class count of the classifier in ``weights`` once their keys are fitted to ``net`` (its
+    layout and wrapper prefixes), None when ``net`` has no classifier or the weights none for it.
+
+    ``net`` only gives the key names and shapes: a network built on the meta device will do.
+    """
+    w = read_weights(weights)
+    try:
+        prefix = heads.classifier_prefix(net)
+        sd, _, _ = _prepare(w, net)
+    except Exception:  # a network without a classifier layer, or keys no layout fits
+        return None
+    v = sd.get(prefix + ".weight")
+    return int(v.shape[0]) if v is not None else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -144,7 +160,7 @@ def load_weights(
             when its class count differs); ``False`` loads what fits and lists the rest.
         use_ema: prefer EMA weights when the checkpoint holds them.
     """
-    w = _read(source, use_ema)
+    w = read_weights(source, use_ema)
     net = _target_net(net)
     what = arch or type(net).__name__
     sd, stripped, layout = _prepare(w, net)
@@ -183,7 +199,7 @@ def load_weights(
     )
 
 
-def _mismatch_message(w: _Weights, what: str, missing, unexpected, wrong, sd, target) -> str:
+def _mismatch_message(w: Weights, what: str, missing, unexpected, wrong, sd, target) -> str:
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import contextvars
 import dataclasses
 import json
 import os
@@ -32,8 +30,8 @@ class WeightsError(ValueError):
 
 
 @dataclass
-class _Weights:
-    """A source read into memory: tensors plus what it says about itself."""
+class Weights:
+    """A source read into memory (:func:`read_weights`): tensors plus what it says about itself."""
 
     name: str
     state_dict: dict[str, torch.Tensor]
@@ -49,7 +47,7 @@ class _Weights:
 # --------------------------------------------------------------------------- reading
 
 
-def _torch_load(path: pathlib.Path, mmap: bool = False) -> Any:
+def torch_load(path: pathlib.Path, mmap: bool = False) -> Any:
     # Plain-data classes that training scripts put next to the tensors: paths in
     # hyper-parameters (data roots), argparse.Namespace in timm's train.py and the
     # facebookresearch main.py checkpoints ("args"). Building them runs no user code.
@@ -126,7 +124,7 @@ def ema_state_dict(checkpoint: Mapping) -> Optional[tuple[str, dict[str, torch.T
     return None
 
 
-def _from_container(obj: Any, name: str, use_ema: bool) -> _Weights:
+def _from_container(obj: Any, name: str, use_ema: bool) -> Weights:
     """Find the model's tensors in whatever dict a training script saved."""
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{name} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
@@ -138,7 +136,7 @@ def _from_container(obj: Any, name: str, use_ema: bool) -> _Weights:
         if any(k.startswith("net.") for k in sd):  # ImageClassifier keeps the network as self.net
             sd = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
         hp = dict(obj.get("hyper_parameters") or {})
-        w = _Weights(
+        w = Weights(
             name, sd, "lightning", arch=hp.get("arch"), num_classes=hp.get("num_classes"),
             arch_args=hp.get("arch_args"), hparams=hp,
             data_config=_data_config_from_dict(obj.get("zoo_data_config")),
@@ -155,33 +153,33 @@ def _from_container(obj: Any, name: str, use_ema: bool) -> _Weights:
     # timm train.py checkpoint
     if isinstance(obj.get("state_dict"), Mapping):
         if use_ema and _is_state_dict(obj.get("state_dict_ema")):
-            return _Weights(name, _tensors_only(obj["state_dict_ema"]), "checkpoint", ema=True)
-        return _Weights(name, _tensors_only(obj["state_dict"]), "checkpoint")
+            return Weights(name, _tensors_only(obj["state_dict_ema"]), "checkpoint", ema=True)
+        return Weights(name, _tensors_only(obj["state_dict"]), "checkpoint")
     # facebookresearch (ConvNeXt, DeiT, MAE ...) main.py checkpoints: {"model": ..., "model_ema": ...}
     if isinstance(obj.get("model"), Mapping):
         if use_ema and _is_state_dict(obj.get("model_ema")):
-            return _Weights(name, _tensors_only(obj["model_ema"]), "checkpoint", ema=True)
-        return _Weights(name, _tensors_only(obj["model"]), "checkpoint")
+            return Weights(name, _tensors_only(obj["model_ema"]), "checkpoint", ema=True)
+        return Weights(name, _tensors_only(obj["model"]), "checkpoint")
     sd = _tensors_only(obj)
     if not sd:
         raise WeightsError(f"{name} holds no tensors (keys: {', '.join(map(str, list(obj)[:5]))})")
-    return _Weights(name, sd, "state_dict")
+    return Weights(name, sd, "state_dict")
 
 
-def _read_file(path: pathlib.Path, name: str, use_ema: bool) -> _Weights:
+def _read_file(path: pathlib.Path, name: str, use_ema: bool) -> Weights:
     if path.suffix == ".safetensors":
         tensors, meta = _read_safetensors(path)
         nc = meta.get("num_classes")
-        return _Weights(
+        return Weights(
             name, tensors, "safetensors", arch=meta.get("arch") or None,
             num_classes=int(nc) if nc and nc.isdigit() else None,
             arch_args=_json_or_none(meta.get("arch_args")),
             data_config=_data_config_from_dict(_json_or_none(meta.get("data_config"))),
         )
-    return _from_container(_torch_load(path), name, use_ema)
+    return _from_container(torch_load(path), name, use_ema)
 
 
-def _read_folder(folder: pathlib.Path, name: str, use_ema: bool, fmt: str = "hf-folder") -> _Weights:
+def _read_folder(folder: pathlib.Path, name: str, use_ema: bool, fmt: str = "hf-folder") -> Weights:
     """A Hugging Face snapshot: model.safetensors | pytorch_model.bin (or sharded) + config.json."""
     files = [folder / f for f in _HF_WEIGHT_FILES if (folder / f).is_file()]
     for index in _HF_INDEX_FILES:
@@ -198,7 +196,7 @@ def _read_folder(folder: pathlib.Path, name: str, use_ema: bool, fmt: str = "hf-
         sd: dict[str, torch.Tensor] = {}
         for f in files:
             sd.update(_read_file(f, name, use_ema).state_dict)
-        w = _Weights(name, sd, fmt)
+        w = Weights(name, sd, fmt)
     w.format = fmt
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
@@ -216,7 +214,7 @@ def _read_folder(folder: pathlib.Path, name: str, use_ema: bool, fmt: str = "hf-
     return w
 
 
-def _read_hf_hub(spec: str, use_ema: bool) -> _Weights:
+def _read_hf_hub(spec: str, use_ema: bool) -> Weights:
     import huggingface_hub as hfh
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
@@ -264,7 +262,7 @@ def _torchvision_builder_name(weights_enum) -> Optional[str]:
     return None
 
 
-def _read_torchvision_hub(spec: str) -> _Weights:
+def _read_torchvision_hub(spec: str) -> Weights:
     import urllib.error
 
     import torchvision.models as tvm
@@ -274,7 +272,7 @@ def _read_torchvision_hub(spec: str) -> _Weights:
         w = tvm.get_weight(enum_name)
     except (ValueError, KeyError, AttributeError):
         raise WeightsError(
-            f"{spec}: torchvision has no such weights; use 'torchvision:<Model>_Weights.<NAME>', "
+            f"{spec}: torchvision has no such weights; use 'torchvision:<Model>Weights.<NAME>', "
             "e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2"
         ) from None
     t = w.transforms()  # ImageClassification: crop_size, resize_size, interpolation, mean, std
@@ -296,36 +294,20 @@ def _read_torchvision_hub(spec: str) -> _Weights:
             f"cannot download {spec} from {w.url} ({why}); fetch the file where the network is "
             f"reachable and put it at {cache}, or pass its path as weights="
         ) from None
-    return _Weights(
+    return Weights(
         spec, _tensors_only(sd), "torchvision-hub", arch=_torchvision_builder_name(w),
         num_classes=len(w.meta.get("categories") or []) or None, data_config=data_config,
     )
 
 
-# see reuse_read; a context variable, not a module global: another thread's (or asyncio task's)
-# read of the same object is not answered from this one's block
-_REUSE: contextvars.ContextVar[Optional[tuple[Any, bool, _Weights]]] = contextvars.ContextVar("zoo_reuse_read", default=None)
+def read_weights(source: Any, use_ema: bool = True) -> Weights:
+    """Read any supported source into memory: the tensors and what the source says about itself.
 
-
-@contextlib.contextmanager
-def reuse_read(source: Any, use_ema: bool, weights: _Weights):
-    """Within the block, :func:`_read` of this very ``source`` object (and ``use_ema``) returns
-    ``weights`` instead of reading it again: ``zoo.create(weights=...)`` reads the file to count
-    its classes, then ``ImageClassifier(weights=...)`` loads the same file."""
-    token = _REUSE.set((source, use_ema, weights))
-    try:
-        yield
-    finally:
-        _REUSE.reset(token)
-
-
-def _read(source: Any, use_ema: bool = True) -> _Weights:
-    """Read any supported source into memory (once; load() and load_weights() share it)."""
-    if isinstance(source, _Weights):
+    A :class:`Weights` passes through unchanged, so a caller reads once and hands the result
+    to :func:`~zoo.weights.load_weights` (``zoo.create`` counts the classes and loads from one read).
+    """
+    if isinstance(source, Weights):
         return source
-    reuse = _REUSE.get()
-    if reuse is not None and reuse[0] is source and reuse[1] == use_ema:
-        return reuse[2]
     if isinstance(source, Mapping):
         return _from_container(source, "the given state_dict", use_ema)
     if not isinstance(source, (str, os.PathLike)):
