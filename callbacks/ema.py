@@ -8,7 +8,7 @@ EMA moves once per 4 batches (Lightning's ``WeightAveraging`` guard,
 
 Validation runs on the trained weights (``val/acc1``) as usual; then this callback evaluates
 the EMA weights over the same val dataloaders and logs ``val_ema/loss|acc1|acc5`` (timm's
-train.py validates both). ``run.monitor`` in a recipe says which one picks the best checkpoint.
+train.py validates both). ``run.callbacks.best_checkpoint.monitor`` in a recipe says which one picks the best checkpoint.
 Test likewise logs ``test_ema/*``.
 
 Checkpoint format (the loading contract of ``zoo.load``/``zoo.weights``):
