@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest_plugins = ["tests.exit_guard"]  # tests/exit_guard.py: a stuck exit cannot hang CI
+# tests/exit_guard.py: a stuck exit cannot hang CI; tests/time_limit.py: an unmarked test over
+# 10 s fails (ZOO_TEST_TIME_LIMIT=<seconds> changes the limit, 0 turns it off).
+pytest_plugins = ["tests.exit_guard", "tests.time_limit", "pytester"]  # pytester: tests/test_time_limit.py
 
 
 def ramp_image(h: int, w: int, label: int) -> np.ndarray:

@@ -20,8 +20,8 @@ from PIL import Image
 
 from datamodules.imagenet import ImageNetDataModule
 from tests.conftest import make_image_folder
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "launch/recipes/demo.yaml"
 CLASSES = ("ant", "bee", "cat")
 

@@ -5,35 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from launch.cli import main
+from tests.helpers import CPU_TINY, REPO, ZOO, run_zoo, tiny_data  # noqa: F401  (re-exported)
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))
-ZOO = str(Path(sys.executable).with_name("zoo"))
-
-# Small, fast overrides that keep everything else the recipe says.
-CPU_TINY = [
-    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-    "--trainer.strategy", "auto", "--trainer.num_nodes", "1",
-]
-
-
-def tiny_data(root: Path, backend: str = "torchvision", res: int = 32, batch: int = 4) -> list[str]:
-    return [
-        "--data.root", str(root), "--data.backend", backend, "--data.batch_size", str(batch),
-        "--data.num_workers", "0" if backend == "torchvision" else "1",
-        "--data.train_res", str(res), "--data.val_res", str(res),
-    ]
-
-
-def run_zoo(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([ZOO, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_models_lists_the_registry(capsys):
@@ -83,9 +62,11 @@ def test_evaluate_subcommands_with_weights(subcommand, tiny_imagenet, tmp_path, 
         assert f"{'val' if subcommand == 'validate' else 'test'}/acc1: " in out
 
 
-@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
-def test_evaluating_weights_of_another_class_count_is_an_error(subcommand, tiny_imagenet, tmp_path, capsys):
-    """Not a silently reset head (the accuracy of a random classifier): one line, both counts."""
+def test_evaluating_weights_of_another_class_count_is_an_error(tiny_imagenet, tmp_path, capsys):
+    """Not a silently reset head (the accuracy of a random classifier): one line, both counts.
+    One check (ZooCLI, every subcommand but fit) serves validate, test and predict; a checkpoint's
+    head: tests/test_loading_paths.py; ensemble members: tests/test_ensemble.py."""
+    subcommand = "validate"
     import torch
 
     from zoo import create_network
@@ -143,9 +124,6 @@ def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_pat
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--model.arch", "resnet5"], "unknown model 'resnet5'. Did you mean"),
-        (["--model.arch", "timm/resnet5x"], "unknown timm architecture"),
-        (["--data.root", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
         (["--model.weights", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
         (["--model.arch_args", '{"init": "he"}'], "unknown init 'he'; choose one of fan_in, xavier, normal, small"),
         (["--model.arch", "mlp", "--data.train_res", "null", "--data.val_res", "null"],
@@ -156,6 +134,7 @@ def test_last_checkpoint_is_the_newest_epoch_not_the_best(tiny_imagenet, tmp_pat
     ],
 )
 def test_user_mistakes_end_in_one_line(args, expected, tmp_path, capsys, tiny_imagenet):
+    """(An unknown architecture or timm name, a missing data root: tests/test_bad_input.py.)"""
     base = ["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
             "--trainer.fast_dev_run", "1", "--run.root", str(tmp_path), "--run.logger", "none"]
     rc = main(base + args)

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from launch.cli import main
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "launch" / "recipes" / "demo.yaml")
 TINY = ["--trainer.accelerator", "cpu", "--data.backend", "torchvision", "--data.num_workers", "0",
         "--data.batch_size", "4", "--data.train_res", "32", "--data.val_res", "32"]

@@ -10,7 +10,7 @@ import pytest
 from datamodules.imagenet import DataError, ImageNetDataModule
 from launch.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 # ----------------------------------------------------------------------------- a split smaller than a batch
@@ -133,7 +133,8 @@ def test_sbatch_one_cpu_per_task_with_ffcv_trains(tiny_imagenet, tmp_path):
     import os
     import subprocess
 
-    from tests.test_cli import _slurm_ready, tiny_data
+    from tests.helpers import tiny_data
+    from tests.test_cli import _slurm_ready
 
     if not _slurm_ready():
         pytest.fail("local Slurm is not up: run launch/slurm/local_cluster.sh start (make test does)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from tests.test_cli import REPO, tiny_data
+from tests.helpers import REPO, tiny_data
 
 DEMO = str(REPO / "launch/recipes/demo.yaml")
 

@@ -72,7 +72,7 @@ def test_ffcv_fit_with_ema_and_bn_check_on_gpu(tiny_imagenet, tmp_path, monkeypa
 def test_cli_fit_on_gpu(tiny_imagenet, tmp_path, monkeypatch):
     """`zoo fit` with the demo recipe and the FFCV backend on one GPU, end to end."""
     from launch.cli import main
-    from tests.test_cli import REPO, tiny_data
+    from tests.helpers import REPO, tiny_data
 
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "cache"))
     rc = main(["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet, "ffcv"),
@@ -240,7 +240,7 @@ def test_preemption_handler_with_nccl_on_one_gpu(tiny_imagenet, tmp_path):
     import subprocess
     import sys
 
-    from tests.test_cli import tiny_data
+    from tests.helpers import tiny_data
     from tests.test_launch import DEMO, REPO, _free_port, _srun_task_env, _wait
 
     bin_dir = tmp_path / "bin"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 PACKAGES = ("zoo", "datamodules", "callbacks", "launch")
 SPEC = re.compile(r"^((?:%s)(?:\.\w+)*):\w+$" % "|".join(PACKAGES))  # "launch.sweep:main"
 

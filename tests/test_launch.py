@@ -12,7 +12,7 @@ import torch
 
 from launch.run_dir import WANDB_ID_FILE, run_id
 from launch.cli import main
-from tests.test_cli import REPO, ZOO, tiny_data
+from tests.helpers import REPO, ZOO, tiny_data
 from tests.wandb_records import history, wait_complete
 from tests.wandb_records import run_id as wandb_file_run_id
 

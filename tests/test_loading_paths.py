@@ -24,11 +24,11 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import REPO
 from tests.test_weights import randomize  # random values in every float tensor, BN statistics too
 from zoo import registry
 from zoo.registry import DataConfig
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3  # tiny_imagenet's classes: the CLI paths evaluate on it
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(123))
 # preprocessing unlike any architecture's default: a path that drops it cannot pass

@@ -5,12 +5,9 @@ redirected with the standard logging configuration."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import run
 
 SCRIPT = """
 import logging, sys
@@ -26,9 +23,7 @@ zoo.load("convnet", weights=path)
 
 
 def test_info_lines_show_on_stderr_and_the_zoo_logger_silences_them(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "w.pt")], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=120)
+    r = run([sys.executable, "-c", SCRIPT, tmp_path / "w.pt"], cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     said = [line for line in r.stderr.splitlines() if "loaded weights from" in line]
     assert len(said) == 1 and said[0].startswith("loaded weights from "), r.stderr[-2000:]  # the plain line, once

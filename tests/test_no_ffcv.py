@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-ZOO = str(Path(sys.executable).with_name("zoo"))
+from tests.helpers import REPO, ZOO, run
+
 BLOCKER = "import sys\nfor _m in ('ffcv', 'cv2'):\n    sys.modules[_m] = None  # as if not installed\n"
 
 
@@ -23,12 +23,11 @@ def _env(tmp_path: Path) -> dict:
     block = tmp_path / "block"
     block.mkdir(exist_ok=True)
     (block / "sitecustomize.py").write_text(BLOCKER)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(REPO)]), "WANDB_SILENT": "true",
-            "ZOO_DATA_DIR": str(tmp_path / "zoo-data")}
+    return {"PYTHONPATH": os.pathsep.join([str(block), str(REPO)]), "ZOO_DATA_DIR": str(tmp_path / "zoo-data")}
 
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    return run(args, cwd=tmp_path, timeout=timeout, env=_env(tmp_path))
 
 
 def test_blocker_hides_ffcv_and_cv2(tmp_path):

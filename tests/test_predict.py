@@ -16,8 +16,8 @@ from callbacks.prediction_writer import PredictionWriter
 from datamodules.imagenet import ImageNetDataModule
 from launch.cli import main
 from tests.conftest import ramp_image
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "launch/recipes/demo.yaml")
 RES = 32
 

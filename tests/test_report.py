@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +179,7 @@ def test_every_image_of_the_report_loads_in_chromium(run_dir, tmp_path):
 # ---------------------------------------------------------------------- through `zoo fit`
 def test_zoo_fit_writes_the_report_without_a_logger(tiny_imagenet, tmp_path, capsys):
     from launch.cli import main
-    from tests.test_cli import REPO, tiny_data
+    from tests.helpers import REPO, tiny_data
 
     rc = main(["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet),
                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -199,12 +198,12 @@ def test_zoo_fit_writes_the_report_without_a_logger(tiny_imagenet, tmp_path, cap
 def test_zoo_fit_off_a_terminal_writes_lines_not_redrawn_bars(tiny_imagenet, tmp_path):
     """`zoo fit > log 2>&1` as under Slurm or nohup, on FFCV (its .beton writer's bar too): no
     carriage return, a few lines per epoch, and the report at the end."""
-    from tests.test_cli import CPU_TINY, REPO, tiny_data
+    from tests.helpers import CPU_TINY, REPO, ZOO, tiny_data
 
     log = tmp_path / "fit.log"
     with open(log, "w") as f:
         r = subprocess.run(
-            [str(Path(sys.executable).with_name("zoo")), "fit", "--config", str(REPO / "launch/recipes/demo.yaml"),
+            [ZOO, "fit", "--config", str(REPO / "launch/recipes/demo.yaml"),
              *CPU_TINY, *tiny_data(tiny_imagenet, "ffcv", batch=2), "--trainer.max_epochs", "3",
              "--run.root", str(tmp_path / "runs"), "--run.logger", "csv"],
             cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, timeout=600)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from launch.cli import main
+from tests.helpers import REPO
 from tests.test_bad_input import MARKER, _tiny, evil_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 REFUSED = "contains pickled Python objects"
 
 
@@ -27,11 +25,16 @@ def evil(tmp_path):
 
 
 def test_zoo_load_refuses_code(evil):
+    """zoo.load -> zoo.weights.load_weights: one line naming the file and the two safe formats."""
     import zoo
     from zoo.weights import WeightsError
 
-    with pytest.raises(WeightsError, match=REFUSED):
+    with pytest.raises(WeightsError) as e:
         zoo.load("convnet", weights=str(evil[0]))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{evil[0]} {REFUSED}")
+    assert "torch.save(model.state_dict())" in msg and "safetensors" in msg
 
 
 def test_torch_hub_local_refuses_code(evil):
@@ -51,7 +54,9 @@ def test_lightning_resume_io_refuses_code(evil):
         SafeCheckpointIO().load_checkpoint(evil[0], weights_only=False)
 
 
-@pytest.mark.parametrize("how", ["fit --ckpt_path", "test --ckpt_path", "validate --model.weights", "ensemble"])
+# --ckpt_path is read by ZooCLI._parse_ckpt_path for every subcommand (fit stands for test/validate);
+# --model.weights by zoo.weights through the model, the same for fit/validate/test/predict.
+@pytest.mark.parametrize("how", ["fit --ckpt_path", "validate --model.weights", "ensemble"])
 def test_cli_paths_refuse_code(how, evil, tiny_imagenet, tmp_path, capsys):
     sub, _, flag = how.partition(" ")
     if sub == "ensemble":
