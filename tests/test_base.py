@@ -187,7 +187,7 @@ def test_loss_is_read_only_when_the_progress_bar_redraws(rate):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             pbar_metrics.append(dict(trainer.progress_bar_metrics))
 
-    bar = Bar(refresh_rate=rate, min_interval_s=0)  # Lightning's TQDMProgressBar redraws, + the model's values
+    bar = Bar(refresh_rate=rate, min_interval_s=0, plain=False)  # Lightning's TQDMProgressBar redraws, + the model's values
 
     t = trainer(max_epochs=1, limit_val_batches=0, enable_progress_bar=True, callbacks=[Spy(), bar])
     m = model()
