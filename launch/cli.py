@@ -87,7 +87,7 @@ def _check_configs(argv: list[str]) -> list[str]:
 # shows the first line of that function's docstring.
 LIGHTNING = "lightning"
 COMMANDS: dict[str, tuple[str, str] | str] = {
-    "fit": (LIGHTNING, "train a model (no --config: the demo recipe on the embedded dataset)"),
+    "fit": (LIGHTNING, "train a model (no --config: the demo on the embedded dataset; with --data.root, the class defaults)"),
     "validate": (LIGHTNING, "one pass over the val split with --model.weights or --ckpt_path"),
     "test": (LIGHTNING, "the same pass as validate, logged as test/ metrics (ImageNet's labelled test split is val)"),
     "predict": (LIGHTNING, "class probabilities for a folder of images (predictions.csv in the run directory)"),
