@@ -595,7 +595,7 @@ def test_make_setup_without_root_never_calls_apt_get():
     r = _make_setup(d, "nobody")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (d / "apt-calls").exists()
-    assert '-e .[ffcv,dev]' in (d / "pip-calls").read_text()
+    assert '-e .[ffcv,dev,docs]' in (d / "pip-calls").read_text()
     shutil.rmtree(d)
     # libraries missing, no root: one line on what to install, no apt-get, install without ffcv
     d = _fake_machine(finds="")
@@ -604,7 +604,7 @@ def test_make_setup_without_root_never_calls_apt_get():
     assert not (d / "apt-calls").exists()
     hint = [line for line in r.stdout.splitlines() if line.startswith("ffcv needs")]
     assert len(hint) == 1 and "conda-forge opencv libjpeg-turbo pkg-config" in hint[0], r.stdout
-    assert '-e .[dev]' in (d / "pip-calls").read_text()
+    assert '-e .[dev,docs]' in (d / "pip-calls").read_text()
     shutil.rmtree(d)
     # root, one library missing: apt-get installs exactly that one
     d = _fake_machine(finds="libturbojpeg")
