@@ -201,6 +201,9 @@ class _Lines:
         self.bar, self.trainer = bar, trainer
         self.first = True
         self.last_epoch_s: Optional[float] = None
+        # a fit resumed inside an epoch (a requeued job's hpc checkpoint) gets no on_train_epoch_start
+        # before its first batch: start the epoch's counters here too
+        self.epoch_start()
 
     def epoch_start(self) -> None:
         now = time.monotonic()

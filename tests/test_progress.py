@@ -101,3 +101,24 @@ def test_a_terminal_keeps_the_bar(monkeypatch):
 def test_log_interval_below_one_is_refused():
     with pytest.raises(ValueError, match="log_interval"):
         ThrottledProgressBar(log_interval=0)
+
+
+def test_plain_lines_of_a_fit_resumed_inside_an_epoch(capsys):
+    """A requeued job resumes from an hpc checkpoint inside an epoch: Lightning calls no
+    on_train_epoch_start before its first batch, and the lines must still count it."""
+    import types
+
+    import torch
+
+    from callbacks.progress import _Lines
+
+    bar = ThrottledProgressBar(plain=True, log_interval=2)
+    bar.get_metrics = lambda trainer, pl_module: {"loss": 0.5}
+    fake_trainer = types.SimpleNamespace(max_epochs=3, current_epoch=1)
+    type(bar).total_train_batches = property(lambda self: 4)
+    try:
+        lines = _Lines(bar, fake_trainer)
+        lines.batch(None, (torch.zeros(8, 3, 4, 4), torch.zeros(8)), batch_idx=1)  # no epoch_start first
+    finally:
+        del type(bar).total_train_batches
+    assert capsys.readouterr().out.startswith("epoch 1 (2 of 3)  batch 2/4  loss 0.5")
