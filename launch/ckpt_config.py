@@ -19,17 +19,29 @@ from typing import Iterable, Optional
 EVAL_KEYS = {"val_res": ("input_size", "eval size {} px"), "val_crop_ratio": ("crop_pct", "crop ratio {:.4g}")}
 
 
-def weights_num_classes(weights: Optional[str], arch: Optional[str] = None) -> Optional[int]:
-    """Classes of ``weights`` (their head, or what the file says), None when they cannot tell."""
+def _read_or_none(weights: Optional[str]):
+    """``zoo.weights.read_weights(weights)``, or None when there are none or they cannot be read
+    (the model's own load then reports it in one line)."""
     if not weights:
         return None
     try:
-        from zoo import weights_num_classes
         from zoo.weights import read_weights
 
-        w = read_weights(weights)
+        return read_weights(weights)
+    except Exception:
+        return None
+
+
+def weights_num_classes(weights: Optional[str], arch: Optional[str] = None) -> Optional[int]:
+    """Classes of ``weights`` (their head, or what the file says), None when they cannot tell."""
+    w = _read_or_none(weights)
+    if w is None:
+        return None
+    try:
+        from zoo import weights_num_classes
+
         return weights_num_classes(w, w.arch or arch, w.arch_args)
-    except Exception:  # unreadable or unknown: the model's own load reports it in one line
+    except Exception:  # an unknown architecture: the model's own build reports it in one line
         return None
 
 
@@ -78,15 +90,10 @@ def explicit_data_keys(args: Iterable[str], implicit_configs: Iterable[str | Pat
 
 def weights_arch(weights: Optional[str]) -> tuple[Optional[str], Optional[dict]]:
     """The architecture (and its arguments) ``weights`` record, (None, None) when they say none."""
-    if not weights:
+    w = _read_or_none(weights)
+    if w is None:
         return None, None
-    try:
-        from zoo.weights import read_weights
-
-        w = read_weights(weights)
-        return w.arch, (dict(w.arch_args) if w.arch_args else None)
-    except Exception:  # unreadable or unknown: the model's own load reports it in one line
-        return None, None
+    return w.arch, (dict(w.arch_args) if w.arch_args else None)
 
 
 def eval_settings(recorded: dict, current: dict, explicit: set[str], source: str) -> tuple[dict, Optional[str]]:
