@@ -8,7 +8,7 @@ one worker per loader, W&B offline), 2 epochs, then the same run resumed from it
 to 4 epochs. A run that has not finished after `--timeout` seconds is a hang; the ranks and their
 workers are killed. The methods alternate run by run (fork, forkserver, fork, ...), so both see the
 same machine load. On CPython before 3.11.10 a forked worker could deadlock at birth
-(python/cpython#112275; see datamodules/torchvision_backend.worker_start_method). Not part of
+(python/cpython#112275; see datamodules/processes/workers.worker_start_method). Not part of
 `make test`: it runs for minutes by design.
 """
 

@@ -1,4 +1,4 @@
-"""Does a gloo DDP process abort at interpreter exit? (datamodules/process_exit.py)
+"""Does a gloo DDP process abort at interpreter exit? (datamodules/processes/exit_hooks.py)
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/gloo_exit.py --runs 16            # with the exit grace
     PYTHONPATH=$PWD .venv/bin/python benchmarks/gloo_exit.py --runs 16 --no-grace
@@ -25,7 +25,7 @@ def rank_main(rank: int, port: int, grace: bool, pending: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     if grace:
-        from datamodules.process_exit import settle_gloo_at_exit
+        from datamodules.processes.exit_hooks import settle_gloo_at_exit
 
         settle_gloo_at_exit()
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(64, 64))

@@ -381,7 +381,7 @@ class ImageNetDataModule(L.LightningDataModule):
         """Check the batch split and the prepared files on every process; loaders are built lazily."""
         ws = self._world_size()
         if ws > 1:
-            from .process_exit import settle_gloo_at_exit
+            from .processes.exit_hooks import settle_gloo_at_exit
 
             settle_gloo_at_exit()  # a gloo rank could otherwise abort at exit after a finished run
         bs = self.hparams.batch_size

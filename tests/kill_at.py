@@ -47,9 +47,9 @@ class KillAt(L.Callback):
         else:
             from datamodules import ffcv_io
 
-            real_os = ffcv_io.os
+            real_os = ffcv_io.beton.os
 
-            class _Os:  # ffcv_io's os, whose replace() of a .beton dies after the rename
+            class _Os:  # ffcv_io.beton's os, whose replace() of a .beton dies after the rename
                 def __getattr__(self, name):
                     return getattr(real_os, name)
 
@@ -60,7 +60,7 @@ class KillAt(L.Callback):
                         real_os.truncate(dst, real_os.path.getsize(dst) // 2)
                         _die()
 
-            ffcv_io.os = _Os()
+            ffcv_io.beton.os = _Os()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.point == "mid_epoch" and trainer.global_step >= self.step:

@@ -1,6 +1,8 @@
 """BN statistics: the estimator is exact, each planted fault fires naming its layer, a healthy
 model raises nothing, PreciseBN recomputes, and the cases without BN or with little data."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,18 @@ from tests.test_base import NUM_CLASSES, TinyData, trainer
 from zoo.base import ImageClassifier
 
 SMALL = {"widths": [8, 16]}
+
+
+@pytest.fixture(autouse=True)
+def _bn_lines_at_info(caplog):
+    caplog.set_level(logging.INFO, logger="callbacks.bn")
+
+
+def _said(caplog) -> str:
+    """The BN callbacks' lines (the ``callbacks.bn`` logger) since the last call."""
+    text = caplog.text
+    caplog.clear()
+    return text
 
 
 def small_model(**kw):
@@ -55,18 +69,18 @@ def test_estimator_matches_full_batch_statistics():
     torch.testing.assert_close(stats["4"][1], b.var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-5)
 
 
-def _check(m, data, capsys, tmp_path=None, **kw):
+def _check(m, data, caplog, tmp_path=None, **kw):
     import tempfile
 
     check = BNStatsCheck(**kw)
     root = tmp_path or tempfile.mkdtemp()
     trainer(callbacks=[check], limit_val_batches=2, default_root_dir=root).validate(m, datamodule=data)
-    out = capsys.readouterr().out
+    out = _said(caplog)
     return check, out
 
 
-def test_healthy_model_raises_nothing(healthy, capsys):
-    check, out = _check(healthy, TinyData(n=64), capsys, action="fail")
+def test_healthy_model_raises_nothing(healthy, caplog):
+    check, out = _check(healthy, TinyData(n=64), caplog, action="fail")
     assert check.last_findings == [], out
     assert "BN layers healthy" in out
     assert "train data gave 64 samples < 8192" in out  # fewer than K: uses what exists, says so
@@ -74,49 +88,49 @@ def test_healthy_model_raises_nothing(healthy, capsys):
     assert s["bn/mean_err_max"] < 0.25 and abs(s["bn/val_acc1_running"] - s["bn/val_acc1_recomputed"]) <= 0.05
 
 
-def test_nan_buffer_fires_naming_the_layer(healthy, capsys):
+def test_nan_buffer_fires_naming_the_layer(healthy, caplog):
     import copy
 
     m = copy.deepcopy(healthy)
     m.net.stages[1][0].bn.running_var[3] = float("nan")
-    check, out = _check(m, TinyData(n=64), capsys)
+    check, out = _check(m, TinyData(n=64), caplog)
     assert "BNStatsCheck: stages.1.0.bn: 1 NaN/Inf values" in out
     with pytest.raises(BNStatsError, match="stages.1.0.bn"):
-        _check(m, TinyData(n=64), capsys, action="fail")
+        _check(m, TinyData(n=64), caplog, action="fail")
 
 
-def test_collapsed_variance_fires(healthy, capsys):
+def test_collapsed_variance_fires(healthy, caplog):
     import copy
 
     m = copy.deepcopy(healthy)
     m.net.stages[0][0].bn.running_var[:5] = 1e-6  # eps 1e-5: below 10 x eps
-    check, out = _check(m, TinyData(n=64), capsys)
+    check, out = _check(m, TinyData(n=64), caplog)
     assert "stages.0.0.bn: 5/8 channels with running_var < 10 x eps" in out
     assert check.last_summary["bn/collapsed_channels"] == 5
 
 
-def test_stale_statistics_after_input_shift_fire_and_recalibrate(healthy, capsys):
+def test_stale_statistics_after_input_shift_fire_and_recalibrate(healthy, caplog):
     import copy
 
     m = copy.deepcopy(healthy)
-    check, out = _check(m, ShiftedData(n=64), capsys, action="recalibrate")
+    check, out = _check(m, ShiftedData(n=64), caplog, action="recalibrate")
     assert "stages.0.0.bn: running statistics differ from the population's" in out
     assert "recalibrated 2 BN layers" in out
     # after recalibration the running statistics are the population's: a second check is quiet
-    check2, out2 = _check(m, ShiftedData(n=64), capsys, action="fail")
+    check2, out2 = _check(m, ShiftedData(n=64), caplog, action="fail")
     assert check2.last_findings == []
 
 
-def test_model_without_bn_says_so_once(capsys, tmp_path):
+def test_model_without_bn_says_so_once(caplog, tmp_path):
     m = ImageClassifier(arch="logreg", num_classes=NUM_CLASSES, arch_args={"input_size": 24})
     check = BNStatsCheck()
     trainer(callbacks=[check], max_epochs=2, limit_val_batches=1, default_root_dir=tmp_path).fit(
         m, datamodule=TinyData(res=24))
-    out = capsys.readouterr().out
+    out = _said(caplog)
     assert out.count("no BatchNorm layers") == 1
 
 
-def test_check_during_fit_logs_and_writes_table(tmp_path, capsys):
+def test_check_during_fit_logs_and_writes_table(tmp_path, caplog):
     from lightning.pytorch.loggers import CSVLogger
 
     torch.manual_seed(0)
@@ -192,7 +206,7 @@ def epochs_checked(check: BNStatsCheck, max_epochs: int, tmp_path) -> list[int]:
     return ran
 
 
-def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
+def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, caplog):
     """every_n_epochs=None: the period comes from counted forward passes, counted back from
     the last epoch; it survives a checkpoint (a resumed partial epoch would count otherwise)."""
     torch.manual_seed(0)
@@ -203,7 +217,7 @@ def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
     ran = epochs_checked(check, 5, tmp_path)
     assert check.check_cost() == pytest.approx(144 / 192)
     assert check.auto_every == 4 and ran == [0, 4]
-    assert "one check costs 75% of a train epoch here (forward passes counted); it runs every 4 epoch(s)" in capsys.readouterr().out
+    assert "one check costs 75% of a train epoch here (forward passes counted); it runs every 4 epoch(s)" in _said(caplog)
     resumed = BNStatsCheck()
     resumed.load_state_dict(check.state_dict())
     assert resumed.auto_every == 4
@@ -211,7 +225,7 @@ def test_default_schedule_keeps_the_check_within_its_budget(tmp_path, capsys):
     assert epochs_checked(BNStatsCheck(num_samples=32, val_samples=8, every_n_epochs=2), 5, tmp_path) == [0, 2, 4]
 
 
-def test_fit_shorter_than_the_period_is_checked_once_at_its_end(tmp_path, capsys):
+def test_fit_shorter_than_the_period_is_checked_once_at_its_end(tmp_path, caplog):
     # the same counts as above with a 5% budget: a period of ceil(0.75 / 0.05) = 15 > 3 epochs
     check = BNStatsCheck(num_samples=32, val_samples=8, max_overhead=0.05)
     ran = epochs_checked(check, 3, tmp_path)
@@ -219,10 +233,10 @@ def test_fit_shorter_than_the_period_is_checked_once_at_its_end(tmp_path, capsys
     # fewer images than min_samples (256): the one check keeps them all
     assert check.short_fit_samples == (32, 8)
     assert ("this fit has 3 epoch(s): one check at its end, on 32 train and 8 val images (at least 256 each), "
-            "~25% of the fit") in capsys.readouterr().out
+            "~25% of the fit") in _said(caplog)
 
 
-def test_the_one_check_of_a_short_fit_shrinks_to_the_budget(tmp_path, capsys, monkeypatch):
+def test_the_one_check_of_a_short_fit_shrinks_to_the_budget(tmp_path, caplog, monkeypatch):
     """A fit too short for the period: num_samples and val_samples scaled by one factor so the
     check fits max_overhead of the fit, floored at min_samples; the choice survives a checkpoint."""
     import callbacks.bn.stats_check as stats_check
@@ -239,7 +253,7 @@ def test_the_one_check_of_a_short_fit_shrinks_to_the_budget(tmp_path, capsys, mo
     ran = epochs_checked(check, 3, tmp_path)
     assert check.auto_every == 8 and ran == [2] and check.short_fit_samples == (7, 4) and asked == [7]
     assert check.check_cost((7, 1)) / 3 <= 0.1 < check.check_cost((8, 1)) / 3  # before the floor: the budget's largest
-    assert "one check at its end, on 7 train and 4 val images (at least 4 each)" in capsys.readouterr().out
+    assert "one check at its end, on 7 train and 4 val images (at least 4 each)" in _said(caplog)
     resumed = BNStatsCheck()
     resumed.load_state_dict(check.state_dict())
     assert resumed.short_fit_samples == (7, 4)

@@ -209,6 +209,7 @@ def test_crop_only_decode_gives_the_full_decodes_pixels():
 
 
 @needs_ffcv
+@pytest.mark.slow  # a fresh process compiles the whole-image decode loop: 17 s alone on the 2-core machine
 def test_without_a_compiler_the_loader_warns_once_and_decodes_whole_images(tiny_imagenet, tmp_path):
     """No C compiler (a cluster node without one): one warning line, then the same batches from
     whole-image decoding (a fresh process: the decode loop links the stand-in symbol)."""
@@ -249,6 +250,7 @@ torch.save(got, {str(tmp_path / "got.pt")!r})
 
 
 @needs_ffcv
+@pytest.mark.slow  # compiles the crop-only decode loop in this process: 21 s alone on the 2-core machine
 def test_loader_with_crop_only_decode_gives_the_same_batches(tiny_imagenet, tmp_path, monkeypatch):
     """The train decoder (random crops, with and without DCT scaling) and the validation center
     crop give the same batches with crop-only decoding on and off (``ZOO_CROP_DECODE=0``)."""
@@ -503,7 +505,7 @@ def test_torchvision_resolution_reaches_persistent_workers(tiny_imagenet):
 
 def test_worker_start_method_avoids_fork_on_pythons_with_the_head_lock_deadlock(monkeypatch):
     """python/cpython#112275: fork children can deadlock before 3.11.10 / 3.10.15; 3.12 never did."""
-    from datamodules import torchvision_backend as tvb
+    from datamodules.processes import workers as tvb
 
     assert tvb.fork_may_deadlock((3, 11, 7)) and tvb.fork_may_deadlock((3, 10, 14)) and tvb.fork_may_deadlock((3, 9, 18))
     assert not any(tvb.fork_may_deadlock(v) for v in [(3, 11, 10), (3, 11, 14), (3, 10, 15), (3, 12, 1), (3, 13, 0)])

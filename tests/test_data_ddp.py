@@ -30,7 +30,7 @@ class RecordLabels(L.LightningModule):
         return self.net(x.float().mean((2, 3))).logsumexp(1).mean()
 
     def on_train_end(self):
-        from datamodules import process_exit
+        from datamodules.processes import exit_hooks as process_exit
 
         self.seen.append({"gloo_exit_settled": process_exit._registered})
         Path(self.out, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
@@ -52,7 +52,7 @@ def test_ddp_splits_the_global_batch_and_the_data(tiny_imagenet, tmp_path, backe
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(RecordLabels(str(tmp_path)), datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [seen.pop() for seen in ranks] == [{"gloo_exit_settled": True}] * 2  # datamodules/process_exit.py
+    assert [seen.pop() for seen in ranks] == [{"gloo_exit_settled": True}] * 2  # datamodules/processes/exit_hooks.py
     for seen in ranks:
         assert [s["shape"] for s in seen] == [[3, 3, RES, RES]] * 3  # 18 images / 2 ranks / 3 per device
         assert all(s["dtype"] == "torch.uint8" for s in seen)

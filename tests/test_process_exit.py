@@ -26,7 +26,7 @@ LIVE_WORKER = textwrap.dedent(f"""
 
 
 def test_live_persistent_workers_do_not_hold_the_exit(tmp_path):
-    # Before datamodules/torchvision_backend.WorkerLoader: multiprocessing's exit hook sent them
+    # Before datamodules/processes/workers.WorkerLoader: multiprocessing's exit hook sent them
     # SIGTERM, which they ignore, and joined them forever (a CI run hung after its last test).
     script = tmp_path / "live_worker.py"
     script.write_text(LIVE_WORKER)
@@ -148,6 +148,7 @@ DEAF_CHILD = textwrap.dedent(f"""
 """)
 
 
+@pytest.mark.slow  # its child imports torch, torchvision and the datamodules: 12-15 s on the 2-core machine
 def test_a_daemonic_child_that_ignores_sigterm_does_not_hold_the_exit(tmp_path):
     # The case the loader's own shutdown cannot reach: a worker whose iterator was collected
     # mid-run (it joins 5 s, then sends the SIGTERM the worker ignores); CI held on one.

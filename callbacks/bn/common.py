@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from lightning.pytorch.utilities import rank_zero_only
@@ -37,8 +38,12 @@ def extra_pass_allowed(trainer) -> bool:
     return bool(trainer.is_last_batch or done >= trainer.num_training_batches)
 
 
+log = logging.getLogger("callbacks.bn")
+
+
 def say(msg: str) -> None:
-    rank_zero_only(print)(msg, flush=True)
+    """One line on the ``callbacks.bn`` logger, from rank 0."""
+    rank_zero_only(log.info)(msg)
 
 
 class SayOnce:

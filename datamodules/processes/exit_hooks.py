@@ -1,7 +1,7 @@
 """What a training process needs at interpreter exit so that it neither aborts nor hangs.
 
-Daemonic children that ignore SIGTERM (DataLoader workers: torchvision_backend's
-``worker_ignores_job_signals``, or any child forked after something set SIGTERM to SIG_IGN):
+Daemonic children that ignore SIGTERM (DataLoader workers: :func:`.workers.worker_ignores_job_signals`,
+or any child forked after something set SIGTERM to SIG_IGN):
 at exit ``multiprocessing`` ends daemonic children with SIGTERM and then joins them, forever for
 one that ignores it. :func:`end_deaf_children` (registered at import, so before
 ``multiprocessing``'s own hook) ends those with SIGKILL first, which is what "daemonic" promises.
