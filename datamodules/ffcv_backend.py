@@ -94,9 +94,10 @@ class FFCVBackend(Backend):
 
     # ------------------------------------------------------------------ loaders
     def loader(self, split: str, *, train: bool, rank: int, world_size: int):
-        from .ffcv_io import beton_info, label_pipeline, make_loader, train_image_pipeline, val_image_pipeline
+        from .ffcv_io import beton_info, import_ffcv, label_pipeline, make_loader, train_image_pipeline, val_image_pipeline
         from .samplers import ffcv_ra_order
 
+        import_ffcv()  # before any path below imports ffcv (ffcv_io/_compat.py: 4.4 s less per process)
         dm, hp = self.dm, self.dm.hparams
         path = dm.beton_path(split)
         gpu = self._gpu_loader(split, train=train, rank=rank, world_size=world_size)

@@ -24,6 +24,7 @@ from .beton import (
     sidecar_path,
     write_beton,
 )
+from ._compat import import_ffcv
 from .loader import LOADER_POOL, ClosingLoader, LoaderPool, OrderName, make_loader
 from .pipelines import assert_pipeline_safe, label_pipeline, pipeline_jit_modes, train_image_pipeline, val_image_pipeline
 
@@ -42,6 +43,7 @@ __all__ = [
     "beton_labels",
     "beton_lock",
     "check_beton",
+    "import_ffcv",
     "label_pipeline",
     "make_loader",
     "pipeline_jit_modes",
