@@ -1,9 +1,8 @@
 """DataLoader worker processes: how they start, which job signals they ignore, how they end.
 
 Process lifecycle, not data: the torchvision backend's loaders use these (``make_dataloader``),
-and nothing here knows about images. With :mod:`.exit_hooks` (what a training process does at
-interpreter exit) and :mod:`.forkserver_preload` (the forkserver's one import), this package is
-every place the project manages processes it did not start itself.
+and nothing here knows about images. :mod:`.exit_hooks` (what a training process does at
+interpreter exit) and :mod:`.forkserver_preload` (the forkserver's one import) sit beside it.
 """
 
 from __future__ import annotations
