@@ -194,21 +194,57 @@ def tv_top1(log: str) -> float | None:
     return float(found[-1]) / 100 if found else None
 
 
-def run_one(cmd: list[str], out: Path, env: dict, timeout: float) -> tuple[float, float, str, int]:
+# Where each tool prints its first training batch and the end of each epoch (validation
+# included): the marks that split a run's wall time into start-up, per-epoch loop and tail.
+MARKS = {
+    "zoo": (r"^epoch 0 .*batch 1/", r"^epoch \d+ .*done in"),  # callbacks/progress.py's plain lines
+    "timm": (r"^Train: 0 \[\s*0/", r"^Test: \[\s*(\d+)/\1\]"),  # --log-interval lines; last eval batch
+    "torchvision": (r"^Epoch: \[0\]\s+\[\s*0/", r"Acc@1 [0-9.]+ Acc@5"),  # MetricLogger; the epoch's summary
+}
+
+
+def phases(tool: str, stamped: list[tuple[float, str]], wall: float) -> dict[str, float | None]:
+    """Seconds from process start to the first training batch's line, the mean seconds per epoch
+    after the first (epoch end to epoch end: training and validation), and seconds after the last
+    epoch's end (final checkpoint, reports, exit): None where a mark is missing."""
+    first_re, end_re = (re.compile(m) for m in MARKS[tool])
+    first = next((t for t, line in stamped if first_re.search(line)), None)
+    ends = [t for t, line in stamped if end_re.search(line)]
+    per_epoch = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else None
+    return {"first_batch": first, "per_epoch": per_epoch, "tail": wall - ends[-1] if ends else None}
+
+
+def run_one(cmd: list[str], out: Path, env: dict, timeout: float) -> tuple[float, float, str, int, list]:
     """Wall seconds, CPU seconds (user + system of the process and the children it waited for:
-    loader workers included; what the run cost the machine, less skewed by other work), output, rc."""
+    loader workers included; what the run cost the machine, less skewed by other work), output,
+    rc, and each output line with the seconds since start when it arrived (the tools run with
+    PYTHONUNBUFFERED, so a line arrives when it is printed). log.txt keeps the stamped lines."""
     import resource
+    import threading
 
     out.mkdir(parents=True, exist_ok=True)
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=timeout)
+    p = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stamped: list[tuple[float, str]] = []
+
+    def read() -> None:
+        for line in p.stdout:
+            stamped.append((time.perf_counter() - t0, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    reader.join(10)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    (out / "log.txt").write_text(p.stdout)
-    return wall, cpu, p.stdout, p.returncode
+    (out / "log.txt").write_text("".join(f"{t:8.2f}  {line}\n" for t, line in stamped))
+    return wall, cpu, "\n".join(line for _, line in stamped), p.returncode, stamped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,19 +312,25 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = timm_cmd(args.timm_train.resolve(), model, data, out)
                 else:
                     cmd = tv_cmd(launcher, args.torchvision_train.resolve(), model, data, out)
-                wall, cpu, log, rc = run_one(cmd, out, env, args.timeout)
+                wall, cpu, log, rc, stamped = run_one(cmd, out, env, args.timeout)
+                tool = "zoo" if label.startswith("zoo") else label.split()[0]
+                ph = phases(tool, stamped, wall)
                 if label.startswith("zoo"):
                     top1 = zoo_top1(log)
                 elif label.startswith("timm"):
                     top1 = timm_top1(out)
                 else:
                     top1 = tv_top1(log)
-                r = rows.setdefault((model, label), {"walls": [], "cpus": [], "top1": [], "cmd": cmd, "rc": []})
+                r = rows.setdefault((model, label), {"walls": [], "cpus": [], "top1": [], "cmd": cmd, "rc": [],
+                                                      "first_batch": [], "per_epoch": [], "tail": []})
+                for k, v in ph.items():
+                    r[k].append(v)
                 r["walls"].append(wall)
                 r["cpus"].append(cpu)
                 r["top1"].append(top1)
                 r["rc"].append(rc)
-                print(f"round {rnd} {model:14s} {label:24s} rc {rc} wall {wall:7.1f} s cpu {cpu:7.1f} s top-1 {top1}", flush=True)
+                print(f"round {rnd} {model:14s} {label:24s} rc {rc} wall {wall:7.1f} s cpu {cpu:7.1f} s top-1 {top1}  "
+                      + "  ".join(f"{k} {v:.1f} s" if v is not None else f"{k} n/a" for k, v in ph.items()), flush=True)
                 if rc:
                     print("\n".join(log.splitlines()[-15:]), file=sys.stderr)
                 if not args.keep:
@@ -297,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     def fmt_top1(vals):
         vals = [v for v in vals if v is not None]
         return f"{statistics.median(vals):.3f}" if vals else "n/a"
+
+    def fmt_s(vals, digits=0):
+        vals = [v for v in vals if v is not None]
+        return f"{statistics.median(vals):.{digits}f}" if vals else "n/a"
 
     lines = [
         "# zoo fit vs timm's and torchvision's training scripts (CPU)",
@@ -311,13 +357,18 @@ def main(argv: list[str] | None = None) -> int:
         f"val crop 1.0, {WORKERS} workers, seed {SEED}, no wd on norms/biases; resnet18: SGD nesterov lr 0.1 "
         "m 0.9 wd 5e-4; convnext_tiny: AdamW lr 1e-3 wd 0.05, no drop path.",
         "",
-        "| model | tool | val top-1 (final epoch, median) | wall s (whole process, median) | CPU s (median) | runs (wall s) |",
-        "|---|---|---:|---:|---:|---|",
+        "Wall time split by the lines each tool prints (`MARKS`): start to its first training batch, "
+        "seconds per epoch after the first (training and validation), and after the last epoch's end.",
+        "",
+        "| model | tool | val top-1 (final epoch, median) | wall s (whole process, median) | CPU s (median) "
+        "| start -> first batch s | s per epoch | after last epoch s | runs (wall s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for (model, label), r in rows.items():
         fails = sum(1 for c in r["rc"] if c)
         walls = ", ".join(f"{w:.0f}" for w in r["walls"])
-        lines.append(f"| {model} | {label} | {fmt_top1(r['top1'])} | {statistics.median(r['walls']):.0f} | {statistics.median(r['cpus']):.0f} | {walls}"
+        lines.append(f"| {model} | {label} | {fmt_top1(r['top1'])} | {statistics.median(r['walls']):.0f} | {statistics.median(r['cpus']):.0f} "
+                     f"| {fmt_s(r['first_batch'], 1)} | {fmt_s(r['per_epoch'], 1)} | {fmt_s(r['tail'], 1)} | {walls}"
                      + (f" ({fails} failed)" if fails else "") + " |")
     lines += ["", "Commands (round 0):", ""]
     for (model, label), r in rows.items():
