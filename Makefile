@@ -21,6 +21,11 @@ APT_TEST_PKGS := slurmctld slurmd slurm-client munge chromium
 # Tested here: torch 2.14.1 + torchvision 0.29.1 (pip takes both from this machine's disk).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` and `make test-fast`: one per CPU, at most 4 (a DDP test
+# starts two ranks of its own, so more workers only oversubscribe a small machine); none on one
+# CPU. TEST_WORKERS=0 runs the suite in one process. tests/conftest.py says how tests are grouped.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 2 ? 0 : (n < 4 ? n : 4) )))
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
 .PHONY: setup demo test test-fast bench docs clean
@@ -69,13 +74,13 @@ demo: setup
 test: setup $(STAMPS)/test-deps
 	@if [ "$(IS_ROOT)" = yes ] && command -v slurmctld >/dev/null 2>&1; then launch/slurm/local_cluster.sh start; \
 	 elif ! timeout 5 sinfo -h >/dev/null 2>&1; then echo "no Slurm here: pytest -m 'not slurm'"; \
-	   exec $(PY) -m pytest -m "not slurm" $(PYTEST_ARGS); fi; \
-	$(PY) -m pytest $(PYTEST_ARGS)
+	   exec $(PY) -m pytest $(XDIST) -m "not slurm" $(PYTEST_ARGS); fi; \
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Without the slow tests: the unmarked ones, each under 10 s (tests/time_limit.py fails one that is
 # not: mark it slow; on a loaded machine ZOO_TEST_TIME_LIMIT=<seconds> raises the limit, 0 = off).
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not ddp and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow and not ddp and not slurm" $(PYTEST_ARGS)
 
 # Every CPU benchmark table (augmentation, framework overhead, data- vs compute-bound, loader);
 # the GPU script is `$(PY) benchmarks/gpu.py` (benchmarks/README.md).

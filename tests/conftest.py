@@ -14,6 +14,49 @@ from PIL import Image
 pytest_plugins = ["tests.exit_guard", "tests.time_limit", "pytester"]  # pytester: tests/test_time_limit.py
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Import the heavy libraries once, before the first test (in each xdist worker): ~10 s on 2
+    cores for torch, Lightning, timm and ffcv (numba compiles at its import). Otherwise the first
+    test of a process to import them pays it, and tests/time_limit.py, which times each test's
+    call, fails whichever unmarked test happens to run first on a worker."""
+    import lightning.pytorch  # noqa: F401
+
+    import callbacks  # noqa: F401
+    import zoo  # noqa: F401
+    from datamodules import imagenet  # noqa: F401
+    from datamodules.ffcv_io import import_ffcv
+
+    try:
+        import_ffcv()
+    except ImportError:  # installed without the [ffcv] extra: its tests skip
+        pass
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs ``-n 2 --dist loadgroup``), the units a worker takes
+    whole: the Slurm tests together (the local cluster has one node, and a second test's job
+    would queue behind the first's), each slow or multi-process test alone, and the other tests
+    by module (their module-scoped fixtures are built once). The heavy units come first: a worker
+    takes the next unit when it is idle, so the short ones fill in at the end instead of one
+    worker running a 100 s test while the other waits. Runs without workers keep file order."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker: nothing to schedule
+        return
+
+    def unit(item: pytest.Item) -> tuple[int, str | None]:
+        if item.get_closest_marker("slurm"):
+            return 0, "slurm"
+        if item.get_closest_marker("ddp") or item.get_closest_marker("slow"):
+            return 1, None
+        return 2, item.nodeid.split("::")[0]
+
+    ranked = sorted(enumerate(items), key=lambda ix: (unit(ix[1])[0], ix[0]))  # stable within a rank
+    items[:] = [item for _, item in ranked]
+    for item in items:
+        group = unit(item)[1]
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def ramp_image(h: int, w: int, label: int) -> np.ndarray:
     """An asymmetric RGB image: R rises left -> right, G top -> bottom, B encodes the label.
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import pytest
+
 from tests.helpers import run
 
 SCRIPT = """
@@ -22,6 +24,7 @@ zoo.load("convnet", weights=path)
 """
 
 
+@pytest.mark.slow  # a fresh Python that imports torch and the zoo: 9-11 s on 2 cores
 def test_info_lines_show_on_stderr_and_the_zoo_logger_silences_them(tmp_path):
     r = run([sys.executable, "-c", SCRIPT, tmp_path / "w.pt"], cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
