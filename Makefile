@@ -71,7 +71,10 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/deps
 demo: setup
 	$(VENV)/bin/zoo fit
 
+# compileall: the suite starts many `zoo` and python processes; where PYTHONDONTWRITEBYTECODE
+# is set (some CI images and containers), each would compile this project's modules again (~0.7 s).
 test: setup $(STAMPS)/test-deps
+	@$(PY) -m compileall -q zoo datamodules callbacks launch tests benchmarks >/dev/null
 	@if [ "$(IS_ROOT)" = yes ] && command -v slurmctld >/dev/null 2>&1; then launch/slurm/local_cluster.sh start; \
 	 elif ! timeout 5 sinfo -h >/dev/null 2>&1; then echo "no Slurm here: pytest -m 'not slurm'"; \
 	   exec $(PY) -m pytest $(XDIST) -m "not slurm" $(PYTEST_ARGS); fi; \
@@ -80,6 +83,7 @@ test: setup $(STAMPS)/test-deps
 # Without the slow tests: the unmarked ones, each under 10 s (tests/time_limit.py fails one that is
 # not: mark it slow; on a loaded machine ZOO_TEST_TIME_LIMIT=<seconds> raises the limit, 0 = off).
 test-fast: setup
+	@$(PY) -m compileall -q zoo datamodules callbacks launch tests benchmarks >/dev/null
 	$(PY) -m pytest $(XDIST) -m "not slow and not ddp and not slurm" $(PYTEST_ARGS)
 
 # Every CPU benchmark table (augmentation, framework overhead, data- vs compute-bound, loader);
