@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 # starts two ranks of its own, so more workers only oversubscribe a small machine); none on one
 # CPU. TEST_WORKERS=0 runs the suite in one process. tests/conftest.py says how tests are grouped.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 2 ? 0 : (n < 4 ? n : 4) )))
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
 .PHONY: setup demo test test-fast bench docs clean

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 # tests/exit_guard.py: a stuck exit cannot hang CI; tests/time_limit.py: an unmarked test over
-# 10 s fails (ZOO_TEST_TIME_LIMIT=<seconds> changes the limit, 0 turns it off).
-pytest_plugins = ["tests.exit_guard", "tests.time_limit", "pytester"]  # pytester: tests/test_time_limit.py
+# 10 s fails (ZOO_TEST_TIME_LIMIT=<seconds> changes the limit, 0 turns it off);
+# tests/xdist_units.py: how pytest-xdist workers share the tests.
+pytest_plugins = ["tests.exit_guard", "tests.time_limit", "tests.xdist_units", "pytester"]  # pytester: tests/test_time_limit.py
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -30,31 +31,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         import_ffcv()
     except ImportError:  # installed without the [ffcv] extra: its tests skip
         pass
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs ``-n 2 --dist loadgroup``), the units a worker takes
-    whole: the Slurm tests together (the local cluster has one node, and a second test's job
-    would queue behind the first's), each slow or multi-process test alone, and the other tests
-    by module (their module-scoped fixtures are built once). The heavy units come first: a worker
-    takes the next unit when it is idle, so the short ones fill in at the end instead of one
-    worker running a 100 s test while the other waits. Runs without workers keep file order."""
-    if not hasattr(config, "workerinput"):  # not an xdist worker: nothing to schedule
-        return
-
-    def unit(item: pytest.Item) -> tuple[int, str | None]:
-        if item.get_closest_marker("slurm"):
-            return 0, "slurm"
-        if item.get_closest_marker("ddp") or item.get_closest_marker("slow"):
-            return 1, None
-        return 2, item.nodeid.split("::")[0]
-
-    ranked = sorted(enumerate(items), key=lambda ix: (unit(ix[1])[0], ix[0]))  # stable within a rank
-    items[:] = [item for _, item in ranked]
-    for item in items:
-        group = unit(item)[1]
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def ramp_image(h: int, w: int, label: int) -> np.ndarray:
