@@ -23,9 +23,12 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` and `make test-fast`: one per CPU, at most 4 (a DDP test
 # starts two ranks of its own, so more workers only oversubscribe a small machine); none on one
-# CPU. TEST_WORKERS=0 runs the suite in one process. tests/conftest.py says how tests are grouped.
+# CPU. TEST_WORKERS=0 runs the suite in one process. tests/xdist_units.py says how tests are grouped.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 2 ? 0 : (n < 4 ? n : 4) )))
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+# The suite starts many `zoo` and python processes; where PYTHONDONTWRITEBYTECODE is set (some CI
+# images and containers), each would compile this project's modules again (~0.7 s): compile once.
+PRECOMPILE := $(PY) -m compileall -q zoo datamodules callbacks launch tests benchmarks >/dev/null
 IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
 .PHONY: setup demo test test-fast bench docs clean
@@ -71,10 +74,8 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/deps
 demo: setup
 	$(VENV)/bin/zoo fit
 
-# compileall: the suite starts many `zoo` and python processes; where PYTHONDONTWRITEBYTECODE
-# is set (some CI images and containers), each would compile this project's modules again (~0.7 s).
 test: setup $(STAMPS)/test-deps
-	@$(PY) -m compileall -q zoo datamodules callbacks launch tests benchmarks >/dev/null
+	@$(PRECOMPILE)
 	@if [ "$(IS_ROOT)" = yes ] && command -v slurmctld >/dev/null 2>&1; then launch/slurm/local_cluster.sh start; \
 	 elif ! timeout 5 sinfo -h >/dev/null 2>&1; then echo "no Slurm here: pytest -m 'not slurm'"; \
 	   exec $(PY) -m pytest $(XDIST) -m "not slurm" $(PYTEST_ARGS); fi; \
@@ -83,7 +84,7 @@ test: setup $(STAMPS)/test-deps
 # Without the slow tests: the unmarked ones, each under 10 s (tests/time_limit.py fails one that is
 # not: mark it slow; on a loaded machine ZOO_TEST_TIME_LIMIT=<seconds> raises the limit, 0 = off).
 test-fast: setup
-	@$(PY) -m compileall -q zoo datamodules callbacks launch tests benchmarks >/dev/null
+	@$(PRECOMPILE)
 	$(PY) -m pytest $(XDIST) -m "not slow and not ddp and not slurm" $(PYTEST_ARGS)
 
 # Every CPU benchmark table (augmentation, framework overhead, data- vs compute-bound, loader);

@@ -306,18 +306,18 @@ def main(argv: list[str] | None = None) -> int:
             entries = entries[k:] + entries[:k]  # rotate the order between rounds
             for label, extra in entries:
                 out = work / f"{model}-{label.replace(' ', '_')}-{rnd}"
-                if label.startswith("zoo"):
+                tool = label.split()[0]  # zoo (and its variants), timm or torchvision
+                if tool == "zoo":
                     cmd = zoo_cmd(model, data, out, extra)
-                elif label.startswith("timm"):
+                elif tool == "timm":
                     cmd = timm_cmd(args.timm_train.resolve(), model, data, out)
                 else:
                     cmd = tv_cmd(launcher, args.torchvision_train.resolve(), model, data, out)
                 wall, cpu, log, rc, stamped = run_one(cmd, out, env, args.timeout)
-                tool = "zoo" if label.startswith("zoo") else label.split()[0]
                 ph = phases(tool, stamped, wall)
-                if label.startswith("zoo"):
+                if tool == "zoo":
                     top1 = zoo_top1(log)
-                elif label.startswith("timm"):
+                elif tool == "timm":
                     top1 = timm_top1(out)
                 else:
                     top1 = tv_top1(log)
@@ -336,11 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
 
-    def fmt_top1(vals):
-        vals = [v for v in vals if v is not None]
-        return f"{statistics.median(vals):.3f}" if vals else "n/a"
-
-    def fmt_s(vals, digits=0):
+    def fmt_median(vals, digits):
         vals = [v for v in vals if v is not None]
         return f"{statistics.median(vals):.{digits}f}" if vals else "n/a"
 
@@ -367,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     for (model, label), r in rows.items():
         fails = sum(1 for c in r["rc"] if c)
         walls = ", ".join(f"{w:.0f}" for w in r["walls"])
-        lines.append(f"| {model} | {label} | {fmt_top1(r['top1'])} | {statistics.median(r['walls']):.0f} | {statistics.median(r['cpus']):.0f} "
-                     f"| {fmt_s(r['first_batch'], 1)} | {fmt_s(r['per_epoch'], 1)} | {fmt_s(r['tail'], 1)} | {walls}"
+        lines.append(f"| {model} | {label} | {fmt_median(r['top1'], 3)} | {statistics.median(r['walls']):.0f} | {statistics.median(r['cpus']):.0f} "
+                     f"| {fmt_median(r['first_batch'], 1)} | {fmt_median(r['per_epoch'], 1)} | {fmt_median(r['tail'], 1)} | {walls}"
                      + (f" ({fails} failed)" if fails else "") + " |")
     lines += ["", "Commands (round 0):", ""]
     for (model, label), r in rows.items():

@@ -20,6 +20,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     cores for torch, Lightning, timm and ffcv (numba compiles at its import). Otherwise the first
     test of a process to import them pays it, and tests/time_limit.py, which times each test's
     call, fails whichever unmarked test happens to run first on a worker."""
+    if session.config.getoption("numprocesses", None):  # the xdist controller: it runs no test
+        return
     import lightning.pytorch  # noqa: F401
 
     import callbacks  # noqa: F401

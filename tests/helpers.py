@@ -30,6 +30,11 @@ def tiny_data(root: Path, backend: str = "torchvision", res: int = 32, batch: in
     ]
 
 
+def pythonpath() -> str:
+    """PYTHONPATH with this checkout first, for a subprocess that must import its modules."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def run(
     argv: Sequence[str | Path],
     cwd: Path | str = REPO,
@@ -42,8 +47,7 @@ def run(
     PYTHONPATH (so a worktree's `zoo` runs the worktree's modules); ``env`` overrides any of it,
     PYTHONPATH included.
     """
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    full = {**os.environ, "PYTHONPATH": path, "WANDB_SILENT": "true", **(env or {})}
+    full = {**os.environ, "PYTHONPATH": pythonpath(), "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([str(a) for a in argv], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 

@@ -3,12 +3,9 @@ tests are units of their own and run first, the rest go by module."""
 
 from __future__ import annotations
 
-import re
-
-import os
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import pythonpath
 
 pytest.importorskip("xdist")
 
@@ -51,7 +48,7 @@ def test_slurm_3():
 def test_slurm_tests_share_a_worker_and_heavy_units_start_first(pytester: pytest.Pytester, tmp_path, monkeypatch):
     log = tmp_path / "units.log"
     monkeypatch.setenv("UNITS_LOG", str(log))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    monkeypatch.setenv("PYTHONPATH", pythonpath())  # the subprocess imports tests.xdist_units
     pytester.makeini("[pytest]\nmarkers =\n    slurm\n    slow\n    ddp\n")
     pytester.makepyfile(test_inner=INNER)
     r = pytester.runpytest_subprocess("-p", "tests.xdist_units", "-p", "no:cacheprovider", "-n", "2",
@@ -65,5 +62,5 @@ def test_slurm_tests_share_a_worker_and_heavy_units_start_first(pytester: pytest
     for w, name in runs:
         per_worker.setdefault(w, []).append(name)
     for names in per_worker.values():  # on each worker, every heavy test before any plain one
-        kinds = [re.sub(r"_\w+$", "", n) if n.startswith("plain") else "heavy" for n in names]
-        assert kinds == sorted(kinds, key=lambda k: k == "plain"), runs
+        plain = [n.startswith("plain") for n in names]
+        assert plain == sorted(plain), runs

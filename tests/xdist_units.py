@@ -34,9 +34,9 @@ def unit(item: pytest.Item) -> tuple[int, str | None]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not hasattr(config, "workerinput"):  # not an xdist worker: nothing to schedule
         return
-    ranked = sorted(enumerate(items), key=lambda ix: (unit(ix[1])[0], ix[0]))  # stable within a rank
-    items[:] = [item for _, item in ranked]
+    units = {id(item): unit(item) for item in items}
+    items.sort(key=lambda item: units[id(item)][0])  # stable: file order within a rank
     for item in items:
-        group = unit(item)[1]
+        group = units[id(item)][1]
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
