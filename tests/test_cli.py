@@ -27,7 +27,7 @@ def test_fit_end_to_end_ffcv_wandb_offline(tiny_imagenet, tmp_path):
     r = run_zoo(
         ["fit", "--config", str(REPO / "launch/recipes/demo.yaml"), *tiny_data(tiny_imagenet, "ffcv"),
          "--trainer.max_epochs", "1", "--run.root", str(tmp_path / "runs"), "--run.name", "e2e"],
-        cwd=tmp_path,
+        cwd=tmp_path, fresh=True,  # a fresh interpreter: what a user's shell starts
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
