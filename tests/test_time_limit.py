@@ -53,7 +53,12 @@ def test_limit_zero_turns_it_off(pytester, monkeypatch):
 
 def test_default_limit_and_a_bad_value(monkeypatch):
     monkeypatch.delenv("ZOO_TEST_TIME_LIMIT", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
     assert time_limit.time_limit() == time_limit.DEFAULT_LIMIT_S == 10.0
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")  # two workers share the CPUs: 10 s alone
+    assert time_limit.time_limit() == 20.0
+    monkeypatch.setenv("ZOO_TEST_TIME_LIMIT", "30")  # a value given is the limit, workers or not
+    assert time_limit.time_limit() == 30.0
     monkeypatch.setenv("ZOO_TEST_TIME_LIMIT", "ten")
     with pytest.raises(pytest.UsageError, match="ZOO_TEST_TIME_LIMIT='ten' is not a number"):
         time_limit.time_limit()
