@@ -396,7 +396,7 @@ def test_sweep_as_slurm_array_completes_every_trial(tiny_imagenet, tmp_path, cap
         q = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True)
         if q.returncode == 0 and not q.stdout.strip():
             break
-        time.sleep(3)
+        time.sleep(1)
     sweep = zsweep.Sweep(zsweep.load_spec(spec), root)
     study = optuna.load_study(study_name=sweep.study_name(1), storage=sweep.storage())
     states = [t.state.name for t in study.get_trials()]

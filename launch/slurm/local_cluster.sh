@@ -28,6 +28,9 @@ mkdir -p "$conf_dir" "$state/ctld" "$state/d" /var/log/slurm /run/munge
 # Containers have no systemd and often no cgroup v2 delegation: track processes through
 # /proc (no cgroup.conf: Slurm 22.05 has no CgroupPlugin=disabled). task/affinity binds each
 # task to its --cpus-per-task cores with sched_setaffinity, no cgroups needed, as clusters do.
+# sbatch --wait polls the job every 2 s, then 8, then 32 s, unless 2 s is already a third of
+# MinJobAge (Slurm's sbatch.c _job_wait): at the default 300 s a 12 s job returned after 42 s.
+# 6 s keeps the 2 s poll; a finished job's record still lives >= 6 s for the tests' scontrol.
 cat > "$conf_dir/slurm.conf" <<CONF
 ClusterName=zoo-local
 SlurmctldHost=$host
@@ -49,6 +52,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill
+MinJobAge=6
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF

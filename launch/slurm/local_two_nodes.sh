@@ -21,6 +21,9 @@ if ready; then exit 0; fi
 host=$(hostname -s)
 mkdir -p "$dir/ctld" "$dir/log"
 # Each node offers all of this host's CPUs (the nodes share them).
+# sbatch --wait polls the job every 2 s, then 8, then 32 s, unless 2 s is already a third of
+# MinJobAge (Slurm's sbatch.c _job_wait): at the default 300 s a 12 s job returned after 42 s.
+# 6 s keeps the 2 s poll; a finished job's record still lives >= 6 s for the tests' scontrol.
 cat > "$SLURM_CONF" <<CONF
 ClusterName=zoo-two
 SlurmctldHost=$host
@@ -42,6 +45,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
+MinJobAge=6
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=7821 CPUs=$(nproc) RealMemory=2000
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=7822 CPUs=$(nproc) RealMemory=2000
 PartitionName=two Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
