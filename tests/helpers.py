@@ -90,8 +90,8 @@ _FORKSERVER_PYTHONPATH = pythonpath()
 
 
 def forkserver_enabled() -> bool:
-    """False when ZOO_TEST_FORKSERVER=0: every `zoo` of the tests is a fresh interpreter."""
-    return os.environ.get("ZOO_TEST_FORKSERVER", "1").strip() != "0"
+    """False when ZOO_TEST_FORKSERVER=0 or the OS has no fork: every `zoo` of the tests is a fresh interpreter."""
+    return hasattr(os, "fork") and hasattr(socket, "send_fds") and os.environ.get("ZOO_TEST_FORKSERVER", "1").strip() != "0"
 
 
 class ForkServer:

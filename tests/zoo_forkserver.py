@@ -13,10 +13,12 @@ per request. Each child is a process of its own, as `subprocess.run([zoo, ...])`
   or dies of its signal; the return code is subprocess's (-9 for SIGKILL), and a timeout kills it
   as ``subprocess.run`` would.
 
-What a fork cannot show: import-time behaviour under the request's environment. The project reads
-no environment at import (tests/test_forkserver.py checks it), and ``tests.helpers.run_zoo``
-starts a fresh process when a request changes PYTHONPATH or sets PYTHON*/import-time variables,
-or when ZOO_TEST_FORKSERVER=0.
+What a fork cannot show: import-time behaviour under the request's environment, and what the
+imports print (a warning raised at import goes to the server's log, not to the child's stderr).
+The project reads no environment at import (tests/test_forkserver.py checks it);
+``tests.helpers.run_zoo`` starts a fresh process when a request changes PYTHONPATH or sets
+PYTHON*/import-time variables, when asked (``fresh=True``: the console-script test does), or
+when ZOO_TEST_FORKSERVER=0.
 
 Protocol (AF_UNIX stream socket, one request per connection): the client sends a 4-byte length,
 a JSON object {argv, cwd, env, timeout} and, with it, the write ends of two pipes (SCM_RIGHTS);
