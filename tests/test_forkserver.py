@@ -10,9 +10,10 @@ import pytest
 
 from tests.helpers import DEMO, REPO, _forkserver, forkserver_enabled, run_zoo, tiny_data
 
-pytestmark = pytest.mark.skipif(not forkserver_enabled(), reason="ZOO_TEST_FORKSERVER=0")
+needs_server = pytest.mark.skipif(not forkserver_enabled(), reason="ZOO_TEST_FORKSERVER=0 or no fork")
 
 
+@needs_server
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["models", "res*"], ["fit", "--config", "no/such/recipe.yaml"], ["--help"]])
 def test_a_forked_zoo_answers_as_a_fresh_one(args):
@@ -21,6 +22,7 @@ def test_a_forked_zoo_answers_as_a_fresh_one(args):
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
 
 
+@needs_server
 @pytest.mark.slow
 def test_a_forked_zoo_runs_in_the_requests_directory_and_environment(tiny_imagenet, tmp_path):
     r = run_zoo(["fit", "--config", DEMO, *tiny_data(tiny_imagenet), "--trainer.fast_dev_run", "1",
@@ -30,6 +32,7 @@ def test_a_forked_zoo_runs_in_the_requests_directory_and_environment(tiny_imagen
     assert f"run directory: {tmp_path / 'runs' / 'here' / 'from-env'}" in r.stdout
 
 
+@needs_server
 @pytest.mark.slow
 def test_a_timeout_kills_the_forked_zoo_and_the_server_goes_on(tiny_imagenet, tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
