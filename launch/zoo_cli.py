@@ -79,6 +79,20 @@ def move_deprecated_run_keys(cfg) -> Optional[str]:
         " (the run's config.yaml says it there)"
 
 
+def strategy_start_method(strategy) -> str | None:
+    """The process start method a ``--trainer.strategy`` value asks for: a registered name (ddp_spawn,
+    ddp_fork, ...) through Lightning's public ``StrategyRegistry``, or a class_path's
+    ``init_args.start_method``; None when it names none (an instance, or the class default)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if isinstance(strategy, str):
+        return StrategyRegistry[strategy].get("init_params", {}).get("start_method") if strategy in StrategyRegistry else None
+    init_args = strategy.get("init_args") if isinstance(strategy, dict) else getattr(strategy, "init_args", None)
+    if init_args is None:
+        return None
+    return (init_args if isinstance(init_args, dict) else vars(init_args)).get("start_method")
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run.root", type=str, default="runs", help="parent of all run directories")
@@ -318,9 +332,10 @@ class ZooCLI(LightningCLI):
                 f"data.batch_size={bs} does not divide by {ws} processes (devices x num_nodes): use a multiple "
                 f"of {ws}, e.g. {max(ws, bs // ws * ws)}; batch_size is the global batch"
             )
-        if getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver") and trainer.world_size > 1:
+        method = strategy_start_method(self.config[sub]["trainer"].get("strategy"))
+        if method in ("spawn", "forkserver") and trainer.world_size > 1:
             raise ConfigError(
-                f"--trainer.strategy with start method {trainer.strategy._start_method!r} cannot start zoo's processes "
+                f"--trainer.strategy with start method {method!r} cannot start zoo's processes "
                 "(the parsed config holds objects that do not pickle): use --trainer.strategy ddp, which starts the "
                 "same processes by running this command again"
             )

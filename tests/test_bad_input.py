@@ -148,6 +148,9 @@ ROWS = {
     "dist-batch-not-divisible": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.devices", "3", "--trainer.strategy", "ddp_spawn", "--data.batch_size", "4"], {}), r"data.batch_size=4 does not divide by 3 processes"),
     "dist-ddp-spawn": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"], {}),
                        r"start method 'spawn' cannot start zoo's processes .*: use --trainer.strategy ddp"),
+    "dist-ddp-forkserver-class": (lambda t, d: ("fit", ["--data.root", str(d), "--trainer.strategy.class_path", "lightning.pytorch.strategies.DDPStrategy",
+                                                        "--trainer.strategy.init_args.start_method", "forkserver", "--trainer.devices", "2"], {}),
+                                  r"start method 'forkserver' cannot start zoo's processes .*: use --trainer.strategy ddp"),
     "dist-ntasks-not-devices": (_slurm_tasks, r"--ntasks-per-node=4 but --trainer.devices=2: Slurm starts one task per device, so set both to the same number"),
 }
 

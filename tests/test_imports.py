@@ -182,3 +182,37 @@ def test_no_private_name_crosses_packages(graph):
     """A name another package needs is public (or the code moves): ``from zoo.x import _y`` across
     packages is refused."""
     assert _private_crossings(graph) == []
+
+
+LIGHTNING_OBJECTS = ("trainer", "strategy", "launcher", "accelerator")  # pl_module is the project's own model
+
+
+def _lightning_private_uses(path: Path, root: Path = REPO) -> list[str]:
+    """``<trainer|strategy|...>._name``: a private attribute of a Lightning object (by the name it is
+    reached through), read or written; dunders and the project's own objects' names aside."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+            continue
+        owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", None)
+        if owner in LIGHTNING_OBJECTS:
+            hits.append(f"{path.relative_to(root)}:{node.lineno} {owner}.{node.attr}")
+    text = path.read_text()  # getattr(trainer.strategy, "_x"): the same through a string
+    hits += [f"{path.relative_to(root)} getattr(.., {m!r})" for m in
+             re.findall(r"getattr\([\w.]*(?:%s), \"(_[a-z]\w*)\"" % "|".join(LIGHTNING_OBJECTS), text)]
+    return hits
+
+
+def test_no_private_lightning_attribute_is_used():
+    """Lightning's private attributes (``trainer._logger_connector``, ``strategy._start_method``)
+    change without notice between releases: the project reads public ones."""
+    found = [h for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py")) for h in _lightning_private_uses(p)]
+    assert found == []
+
+
+def test_the_private_lightning_scan_finds_one(tmp_path):
+    (tmp_path / "m.py").write_text("def f(trainer, self):\n    trainer._logger_connector.x = 1\n"
+                                   "    y = getattr(trainer.strategy, \"_start_method\", None)\n"
+                                   "    return self.trainer.strategy._launcher, self._own, trainer.__class__\n")
+    assert _lightning_private_uses(tmp_path / "m.py", tmp_path) == [
+        "m.py:2 trainer._logger_connector", "m.py:4 strategy._launcher", "m.py getattr(.., '_start_method')"]
