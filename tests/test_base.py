@@ -25,6 +25,16 @@ class TinyData(L.LightningDataModule):
         self.y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
         self.batch_size = batch_size
 
+    def setup(self, stage=None):
+        # as ImageNetDataModule.setup does: a gloo rank can abort at interpreter exit after a finished
+        # run without this grace (datamodules/processes/exit_hooks.py; seen in CI on a 2-process fit here)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from datamodules.processes.exit_hooks import settle_gloo_at_exit
+
+            settle_gloo_at_exit()
+
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)
 

@@ -43,8 +43,11 @@ class PlantAndRecord(L.Callback):
             return
         self.sync.sync(trainer, pl_module)
         after = max(rank_max_diff(pl_module.net).values())
+        from datamodules.processes import exit_hooks
+
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"findings": self.check.last_findings, "removed": self.sync.last_diff, "after": after}))
+            {"findings": self.check.last_findings, "removed": self.sync.last_diff, "after": after,
+             "gloo_exit_settled": exit_hooks._registered}))  # TinyData.setup: no SIGABRT at exit
 
 
 def test_rank_disagreement_is_found_and_reduced(tmp_path):
@@ -56,6 +59,7 @@ def test_rank_disagreement_is_found_and_reduced(tmp_path):
         rec = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert any(f.startswith("stages.0.0.bn: BN buffers differ across ranks by up to 0.5") for f in rec["findings"])
         assert rec["removed"] == pytest.approx(0.5, abs=1e-5) and rec["after"] == 0.0
+        assert rec["gloo_exit_settled"]
 
 
 class SaveEMA(L.Callback):
