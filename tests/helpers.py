@@ -43,6 +43,12 @@ def pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def subprocess_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A test subprocess's environment: the test's own, ``WANDB_SILENT=true``, this checkout first on
+    PYTHONPATH, then ``env`` over all of it."""
+    return {**os.environ, "PYTHONPATH": pythonpath(), "WANDB_SILENT": "true", **(env or {})}
+
+
 def run(
     argv: Sequence[str | Path],
     cwd: Path | str = REPO,
@@ -55,8 +61,8 @@ def run(
     PYTHONPATH (so a worktree's `zoo` runs the worktree's modules); ``env`` overrides any of it,
     PYTHONPATH included.
     """
-    full = {**os.environ, "PYTHONPATH": pythonpath(), "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([str(a) for a in argv], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env=subprocess_env(env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def run_zoo(
@@ -74,7 +80,7 @@ def run_zoo(
     without the 7-11 s of imports. Keep ``fresh=True`` for what tests the console script itself.
     """
     argv = [ZOO, *map(str, args)]
-    full = {**os.environ, "PYTHONPATH": pythonpath(), "WANDB_SILENT": "true", **(env or {})}
+    full = subprocess_env(env)
     if fresh or not forkserver_enabled() or any(k in (env or {}) for k in FRESH_ENV) or (
         full["PYTHONPATH"] != _FORKSERVER_PYTHONPATH
     ):
@@ -101,7 +107,7 @@ class ForkServer:
         self.dir = tempfile.mkdtemp(prefix="zoo-forkserver-")
         self.path = os.path.join(self.dir, "sock")
         self.log = open(os.path.join(self.dir, "server.log"), "w+b")
-        env = {**os.environ, "PYTHONPATH": _FORKSERVER_PYTHONPATH, "WANDB_SILENT": "true"}
+        env = subprocess_env()  # run_zoo asks only while its PYTHONPATH is _FORKSERVER_PYTHONPATH
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zoo_forkserver.py"), self.path],
                                      cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
         atexit.register(self.close)

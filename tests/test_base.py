@@ -27,13 +27,11 @@ class TinyData(L.LightningDataModule):
 
     def setup(self, stage=None):
         # as ImageNetDataModule.setup does: a gloo rank can abort at interpreter exit after a finished
-        # run without this grace (datamodules/processes/exit_hooks.py; seen in CI on a 2-process fit here)
-        import torch.distributed as dist
+        # run without this grace (datamodules/processes/exit_hooks.py; seen in CI on a 2-process fit
+        # here). It does nothing outside a gloo process group.
+        from datamodules.processes.exit_hooks import settle_gloo_at_exit
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from datamodules.processes.exit_hooks import settle_gloo_at_exit
-
-            settle_gloo_at_exit()
+        settle_gloo_at_exit()
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)

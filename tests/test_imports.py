@@ -190,14 +190,14 @@ LIGHTNING_OBJECTS = ("trainer", "strategy", "launcher", "accelerator")  # pl_mod
 def _lightning_private_uses(path: Path, root: Path = REPO) -> list[str]:
     """``<trainer|strategy|...>._name``: a private attribute of a Lightning object (by the name it is
     reached through), read or written; dunders and the project's own objects' names aside."""
-    hits = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    hits, text = [], path.read_text()
+    for node in ast.walk(ast.parse(text, str(path))):
         if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
             continue
         owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", None)
         if owner in LIGHTNING_OBJECTS:
             hits.append(f"{path.relative_to(root)}:{node.lineno} {owner}.{node.attr}")
-    text = path.read_text()  # getattr(trainer.strategy, "_x"): the same through a string
+    # getattr(trainer.strategy, "_x"): the same through a string
     hits += [f"{path.relative_to(root)} getattr(.., {m!r})" for m in
              re.findall(r"getattr\([\w.]*(?:%s), \"(_[a-z]\w*)\"" % "|".join(LIGHTNING_OBJECTS), text)]
     return hits
